@@ -1,0 +1,56 @@
+"""tokensieve: training-free visual-token pruning for vision-language models.
+
+    import tokensieve
+    engine = tokensieve.load("llava-hf/llava-1.5-7b-hf", plan="fastv:layer=2,keep=0.25")
+    result = engine.generate("What is in the image?", images=["photo.jpg"])
+    print(result.text, result.stats["kept_tokens"])
+"""
+from __future__ import annotations
+
+from .engine import (Engine, InputError, Plan, PlanError, Request, Result, Stage, TokenSieveError,
+                     UnsupportedModelError)
+
+__version__ = "0.1.0"
+
+
+def default_model() -> str:
+    """Path of the embedded default model (written on first use, no download)."""
+    import os
+
+    from .testing import make_tiny
+
+    path = os.path.join(os.path.expanduser(os.environ.get("TOKENSIEVE_HOME", "~/.cache/tokensieve")), "tiny-llava")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        make_tiny("llava", path)
+    return path
+
+
+def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, max_new_tokens: int = 32) -> Engine:
+    """Load a supported VLM (hub id or local directory) with its processor and wrap it in an Engine.
+
+    model: None loads the embedded default model. plan: the default plan for every call
+    (string, list of dicts, YAML/JSON path or Plan). dtype: a torch dtype or its name.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from .engine import attention
+    from .engine.adapters import ADAPTERS
+
+    plan = Plan.parse(plan)  # bad plans fail before any loading
+    model = model or default_model()
+    model_type = AutoConfig.from_pretrained(model).model_type
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(ADAPTERS))}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    name = attention.register()
+    hf = AutoModelForImageTextToText.from_pretrained(
+        model, dtype=dtype or "auto", attn_implementation={"text_config": name, "vision_config": "sdpa", "": "sdpa"})
+    processor = AutoProcessor.from_pretrained(model)
+    return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens)
+
+
+__all__ = ["load", "Engine", "Result", "Plan", "Stage", "Request", "TokenSieveError", "PlanError", "InputError",
+           "UnsupportedModelError", "default_model"]

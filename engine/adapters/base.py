@@ -1,0 +1,80 @@
+"""What the engine needs to know about a model family, behind one small class.
+
+An adapter never copies a transformers forward: it calls the model's own public pieces
+(``get_image_features``, ``get_rope_index``, the input embeddings) and names the modules
+the engine hooks (decoder layers, vision encoder layers).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class Adapter:
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    vision_prefix: ClassVar[int | None] = None  # tokens before the patches in the tower (CLS); None: no vision stages
+
+    def __init__(self, model: nn.Module, processor):
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+
+    # ---- modules --------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+    @property
+    def llm_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def vision_layers(self) -> nn.ModuleList | None:
+        return None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, D]"""
+        return self.model.get_input_embeddings()(input_ids)
+
+    # ---- prompts ----------------------------------------------------------------------------
+    @property
+    def image_token(self) -> str:
+        return self.processor.image_token
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids that the processor expands into visual tokens (images, then video)."""
+        return (self.config.image_token_id,)
+
+    # ---- vision -----------------------------------------------------------------------------
+    def encode_images(self, inputs, **kwargs) -> list[torch.Tensor]:
+        """Processor output -> one [N_i, D] feature tensor per image, in the order given."""
+        raise NotImplementedError
+
+    def image_coords(self, inputs) -> list[torch.Tensor]:
+        """One [N_i, 3] tensor (item, row, col) per image: each LLM-side token's place in its grid.
+
+        Tokens that are not patches (e.g. row-end newline tokens) get col = grid width.
+        """
+        raise NotImplementedError
+
+    def vision_patch_coords(self, inputs) -> list[torch.Tensor]:
+        """[P, 3] per image: coords of the patches inside the vision tower (vision stages only)."""
+        return self.image_coords(inputs)
+
+    # ---- positions --------------------------------------------------------------------------
+    def position_ids(self, inputs) -> torch.Tensor:
+        """Prefill position ids exactly as ``generate`` builds them: [B, L], or [P, B, L] for M-RoPE."""
+        mask = inputs["attention_mask"]
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def grid_coords(h: int, w: int, item: int = 0, newline: bool = False) -> torch.Tensor:
+    """Raster coords [h*w (+h), 3] of an h x w grid; with ``newline`` one extra token ends each row."""
+    cols = w + 1 if newline else w
+    r = torch.arange(h).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(h)
+    return torch.stack([torch.full_like(r, item), r, c], dim=1)

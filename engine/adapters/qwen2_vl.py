@@ -1,0 +1,30 @@
+"""Qwen2-VL: no CLS token, 2x2 patch merger, 3-D M-RoPE positions from ``get_rope_index``."""
+import torch
+
+from .base import Adapter, grid_coords
+
+
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+    @property
+    def visual_token_ids(self):
+        return (self.config.image_token_id, self.config.video_token_id)
+
+    def encode_images(self, inputs, **kwargs) -> list[torch.Tensor]:
+        out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], **kwargs)
+        return list(out.pooler_output)
+
+    def image_coords(self, inputs) -> list[torch.Tensor]:
+        m = self.config.vision_config.spatial_merge_size
+        return [torch.cat([grid_coords(int(h) // m, int(w) // m, item=f) for f in range(int(t))])
+                for t, h, w in inputs["image_grid_thw"].tolist()]
+
+    def position_ids(self, inputs) -> torch.Tensor:
+        """[4, B, L]: text positions (row 0, used for masks) and the three M-RoPE axes, as ``generate`` does."""
+        text = super().position_ids(inputs)
+        rope, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
+            attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs.get("mm_token_type_ids"))
+        return torch.cat([text[None], rope], dim=0)

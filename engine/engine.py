@@ -1,0 +1,355 @@
+"""The Engine: one loaded model, its adapter, its hooks, and the generate path.
+
+    engine = tokensieve.load("path/or/hub-id", plan="fastv:layer=2,keep=0.25")
+    result = engine.generate("what colour is the circle?", images=["scene.png"])
+    result.text, result.kept, result.scores, result.stats
+
+A call runs: check inputs -> processor -> vision tower (vision stages hook its layers)
+-> pre-LLM stages -> rebuild the LLM inputs -> prefill (LLM stages hook decoder layers)
+-> decode. Every stage records, per request, the kept indices in the request's original
+visual-token coordinates.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..pruners import get_pruner
+from . import attention, hooks, metering
+from .adapters import Adapter, adapter_for
+from .errors import InputError, PlanError
+from .generation import Sampling, decode_one_token, next_positions, prefill, sample
+from .plan import Plan
+from .request import CheckedRequest, Request, check_request
+from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
+
+
+@dataclass
+class Result:
+    """One request's answer.
+
+    kept:   per stage, sorted original visual-token indices that survive it (LongTensor [k])
+    scores: per stage, the importance of each token entering it ([N_in]) or None
+    stats:  visual_tokens, kept_tokens, per_layer_kv_len, kv_cache_bytes, prefill_flops,
+            vision_flops, prefill_s, decode_s, new_tokens
+    """
+
+    text: str
+    token_ids: list[int]
+    kept: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor | None] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    plan: Plan = field(default_factory=Plan)
+    coords: torch.Tensor | None = None  # [N_vis, 3] (item, row, col) of every original visual token
+    n_images: int = 0
+
+
+@dataclass
+class _Batch:
+    """A padded batch on its way through the model."""
+
+    reqs: list[CheckedRequest]
+    inputs: dict
+    n_visual: list[int]
+    images_of: list[list[int]]  # request -> its image indices in the processor's image order
+    coords: list[torch.Tensor]  # request -> [N_vis, 3]
+
+
+class Engine:
+    def __init__(self, model, processor, plan: Plan | str | None = None, max_new_tokens: int = 32):
+        self.model = model.eval()
+        self.processor = processor
+        self.adapter: Adapter = adapter_for(model, processor)
+        self.plan = Plan.parse(plan)
+        self.max_new_tokens = max_new_tokens
+        self._check_plan(self.plan)
+        tok = processor.tokenizer
+        tok.padding_side = "left"
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
+        prefix = self.adapter.vision_prefix
+        self._handles = hooks.install(self.adapter.llm_layers, self.adapter.vision_layers if prefix is not None else None,
+                                      prefix or 0)
+
+    # ---- public API -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook this engine installed; the model is plain transformers again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def prepare(self, prompt: str, images=None, video=None) -> dict:
+        """The exact model inputs (processor output, chat template applied) that ``generate`` uses."""
+        req = self._check(Request(prompt=prompt, images=images or [], video=video), Plan())
+        return self._process([req])
+
+    def generate(self, prompt: str, images=None, video=None, plan=None, max_new_tokens: int | None = None,
+                 **generation_kwargs) -> Result:
+        req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens)
+        return self.generate_batch([req], **generation_kwargs)[0]
+
+    def generate_batch(self, requests: list, batch_size: int = 8, **generation_kwargs) -> list[Result]:
+        """Requests (Request or dicts) -> Results in the same order, run as padded batches.
+
+        Requests that share a plan and max_new_tokens share a batch. Every request is
+        checked before any model work starts.
+        """
+        sampling = Sampling.from_kwargs(generation_kwargs)
+        checked = [self._check(Request.of(r), self.plan) for r in requests]
+        batches = [self._make_batch(group) for group in self._group(checked, batch_size)]
+        results: dict[int, Result] = {}
+        for idx, batch in batches:
+            for i, res in zip(idx, self._run(batch, sampling)):
+                results[i] = res
+        return [results[i] for i in range(len(checked))]
+
+    # ---- checking -------------------------------------------------------------------------------
+    def _check_plan(self, plan: Plan) -> None:
+        vision_layers = self.adapter.vision_layers
+        plan.check(self.adapter.text_config.num_hidden_layers, len(vision_layers) if vision_layers is not None else 0,
+                   self.adapter.vision_prefix is not None)
+
+    def _check(self, req: Request, default_plan: Plan) -> CheckedRequest:
+        checked = check_request(req, self.processor, self.adapter.image_token, default_plan, self.max_new_tokens)
+        self._check_plan(checked.plan)
+        return checked
+
+    def _group(self, reqs: list[CheckedRequest], batch_size: int):
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault((str(r.plan), r.max_new_tokens), []).append(i)
+        for idx in groups.values():
+            for s in range(0, len(idx), batch_size):
+                yield [(i, reqs[i]) for i in idx[s:s + batch_size]]
+
+    def _process(self, reqs: list[CheckedRequest]) -> dict:
+        images = [im for r in reqs for im in r.images]
+        return self.processor(text=[r.text for r in reqs], images=images or None, padding=True, return_tensors="pt")
+
+    def _make_batch(self, group) -> tuple[list[int], _Batch]:
+        idx, reqs = [i for i, _ in group], [r for _, r in group]
+        inputs = self._process(reqs)
+        vis = torch.isin(inputs["input_ids"], torch.tensor(self.adapter.visual_token_ids))
+        n_visual = vis.sum(1).tolist()
+        images_of, start = [], 0
+        for r in reqs:
+            images_of.append(list(range(start, start + len(r.images))))
+            start += len(r.images)
+        coords = self.adapter.image_coords(inputs) if start else []
+        req_coords = []
+        for b, ims in enumerate(images_of):
+            parts = [c.clone() for c in (coords[i] for i in ims)]
+            for j, c in enumerate(parts):
+                c[:, 0] += sum(int(p[:, 0].max()) + 1 for p in parts[:j])  # items numbered within the request
+            req_coords.append(torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.long))
+            if req_coords[-1].shape[0] != n_visual[b]:
+                raise RuntimeError(f"adapter coords ({req_coords[-1].shape[0]}) != visual tokens ({n_visual[b]})")
+        for i, (r, n) in zip(idx, zip(reqs, n_visual)):
+            try:
+                r.plan.keep_counts(n, max(len(r.images), 1))
+            except PlanError as e:
+                raise PlanError(f"request {i}: {e}") from None
+        return idx, _Batch(reqs=reqs, inputs=inputs, n_visual=n_visual, images_of=images_of, coords=req_coords)
+
+    # ---- running --------------------------------------------------------------------------------
+    def _device_inputs(self, inputs) -> dict:
+        dev, dtype = self.model.device, self.model.dtype
+        return {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in inputs.items()}
+
+    def _make_state(self, batch: _Batch) -> RequestState | None:
+        plan = batch.reqs[0].plan
+        if not plan:
+            return None
+        state = RequestState(batch_size=len(batch.reqs))
+        counts = [r.plan.keep_counts(n, max(len(r.images), 1)) for r, n in zip(batch.reqs, batch.n_visual)]
+        for i, stage in enumerate(plan.stages):
+            keep = [c[i] for c in counts]
+            if stage.where == "vision":
+                keep = [keep[b] for b, ims in enumerate(batch.images_of) for _ in ims]
+            run = StageRun(index=i, stage=stage, pruner=get_pruner(stage.pruner), keep=keep)
+            if stage.where == "vision":
+                state.vision_stages[stage.layer] = run
+            elif stage.where == "llm":
+                state.llm_stages[stage.layer] = run
+        return state
+
+    @torch.inference_mode()
+    def _run(self, batch: _Batch, sampling: Sampling) -> list[Result]:
+        inputs = self._device_inputs(batch.inputs)
+        state = self._make_state(batch)
+        plan = batch.reqs[0].plan
+        t0 = time.perf_counter()
+        feats, alive = self._encode(batch, inputs, state)
+        feats, alive = self._pre_llm(batch, plan, feats, alive, state)
+        embeds, attn, pos, n_text = self._llm_inputs(batch, inputs, feats, alive, state)
+        cache = DynamicCache(config=self.adapter.text_config)
+        logits = prefill(self.model, embeds, attn, pos, cache, state)
+        t1 = time.perf_counter()
+        tokens, attn = self._decode(logits, attn, pos, cache, state, sampling, batch.reqs[0].max_new_tokens)
+        t2 = time.perf_counter()
+        return self._results(batch, state, tokens, attn, n_text, cache, t1 - t0, t2 - t1)
+
+    def _encode(self, batch, inputs, state):
+        """Vision tower (+ vision stages). Returns per request its [N_b, D] features and alive original indices."""
+        n_img = sum(len(ims) for ims in batch.images_of)
+        if n_img == 0:
+            return [None] * len(batch.reqs), [torch.zeros(0, dtype=torch.long) for _ in batch.reqs]
+        kwargs = {}
+        if state is not None and state.vision_stages:
+            patch_coords = self.adapter.vision_patch_coords(inputs)
+            state.image_coords = patch_coords
+            state.image_alive = [torch.arange(c.shape[0]) for c in patch_coords]
+            for b, ims in enumerate(batch.images_of):
+                for j, i in enumerate(ims):
+                    state.image_owner.append(b)
+                    state.image_offset.append(sum(patch_coords[k].shape[0] for k in ims[:j]))
+            kwargs[STATE_KWARG] = state
+        per_image = self.adapter.encode_images(inputs, **kwargs)
+        feats, alive = [], []
+        for b, ims in enumerate(batch.images_of):
+            feats.append(torch.cat([per_image[i] for i in ims]) if ims else None)
+            if state is not None and state.vision_stages:
+                alive.append(torch.cat([state.image_offset[i] + state.image_alive[i] for i in ims]))
+            else:
+                alive.append(torch.arange(batch.n_visual[b]))
+        return feats, alive
+
+    def _pre_llm(self, batch, plan, feats, alive, state):
+        for i, stage in enumerate(plan.stages):
+            if stage.where != "pre_llm":
+                continue
+            run = StageRun(index=i, stage=stage, pruner=get_pruner(stage.pruner),
+                           keep=[r.plan.keep_counts(n, max(len(r.images), 1))[i] for r, n in zip(batch.reqs, batch.n_visual)])
+            kept, scores = [], []
+            for b in range(len(batch.reqs)):
+                sel = state.select(run, run.keep[b], feats[b], batch.coords[b][alive[b]], None)
+                feats[b], alive[b] = feats[b][sel.keep_idx], alive[b][sel.keep_idx.cpu()]
+                kept.append(alive[b].clone())
+                scores.append(None if sel.scores is None else sel.scores.detach().float().cpu())
+            state.kept[i], state.scores[i] = kept, scores
+        return feats, alive
+
+    def _llm_inputs(self, batch, inputs, feats, alive, state):
+        """Embed, place the surviving visual features, drop pruned slots, left-pad again.
+
+        Returns embeds [B, S, D], attention mask [B, S], position ids [..., B, S] (original
+        positions, gathered) and the number of text tokens per request.
+        """
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        embeds = self.adapter.embed(ids)
+        pos = self.adapter.position_ids(inputs)
+        vis = torch.isin(ids, torch.tensor(self.adapter.visual_token_ids, device=ids.device))
+        keep_slots, n_text = [], []
+        vis_orig = torch.full_like(ids, -1)
+        for b in range(ids.shape[0]):
+            slots = vis[b].nonzero().flatten()
+            if feats[b] is not None:
+                embeds[b, slots[alive[b].to(slots.device)]] = feats[b].to(embeds.dtype)
+            vis_orig[b, slots] = torch.arange(slots.numel(), device=ids.device)
+            dropped = torch.ones_like(vis[b])
+            dropped[slots[alive[b].to(slots.device)]] = False
+            keep_slots.append((mask[b].bool() & (~vis[b] | ~dropped)).nonzero().flatten())
+            n_text.append(int((mask[b].bool() & ~vis[b]).sum()))
+        if state is None:  # nothing pruned before the LLM: the batch as the processor made it
+            return embeds, mask, pos, n_text
+        index, valid = left_pad_index(keep_slots, ids.device)
+        embeds = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        pos = pos.gather(-1, index.expand(*pos.shape[:-2], *index.shape))
+        state.seq, state.valid = index, valid
+        state.vis_orig = torch.where(valid, vis_orig.gather(1, index), -1)
+        state.coords = batch.coords
+        state.next_slot = ids.shape[1]
+        return embeds, valid.long(), pos, n_text
+
+    def _decode(self, logits, attn, pos, cache, state, sampling, max_new_tokens):
+        gen = torch.Generator().manual_seed(sampling.seed) if sampling.do_sample else None
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        eos = torch.tensor(sorted(self.eos_ids), device=logits.device)
+        out, pos = [], pos[..., -1:]
+        for step in range(max_new_tokens):
+            token = sample(logits, sampling, gen)
+            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
+            out.append(token)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            pos = next_positions(pos)
+            logits = decode_one_token(self.model, self.adapter.embed, token, attn, pos, cache, state)
+        return torch.stack(out, dim=1), attn
+
+    def _results(self, batch, state, tokens, attn, n_text, cache, prefill_s, decode_s) -> list[Result]:
+        tcfg = self.adapter.text_config
+        n_layers = tcfg.num_hidden_layers
+        plan = batch.reqs[0].plan
+        elem = next(self.model.parameters()).element_size()
+        results = []
+        for b, r in enumerate(batch.reqs):
+            ids = tokens[b].tolist()
+            new = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
+            kept = [state.kept[i][b] for i in range(len(plan.stages))] if state is not None else []
+            alive_per_layer = self._alive_per_layer(plan, kept, batch.n_visual[b], n_layers)
+            prefill_tokens = [n_text[b] + a for a in alive_per_layer]
+            fed = len(ids) - 1  # every sampled token but the last went through the model
+            kv_len = [n + fed for n in prefill_tokens]
+            stats = dict(
+                visual_tokens=batch.n_visual[b], kept_tokens=alive_per_layer[-1], per_layer_kv_len=kv_len,
+                kv_cache_bytes=metering.kv_cache_bytes(kv_len, tcfg, elem),
+                prefill_flops=metering.prefill_flops(prefill_tokens, tcfg),
+                vision_flops=self._vision_flops(plan, kept, r),
+                prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
+            text = self.processor.tokenizer.decode(ids[:new], skip_special_tokens=True).strip()
+            results.append(Result(text=text, token_ids=ids[:new], kept=kept,
+                                  scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],
+                                  stats=stats, plan=plan, coords=batch.coords[b], n_images=len(r.images)))
+        return results
+
+    @staticmethod
+    def _alive_per_layer(plan: Plan, kept: list[torch.Tensor], n_visual: int, n_layers: int) -> list[int]:
+        """Visual tokens each decoder layer sees in prefill."""
+        alive, out, stage = n_visual, [], 0
+        llm = {s.layer: i for i, s in enumerate(plan.stages) if s.where == "llm"}
+        for i, s in enumerate(plan.stages):
+            if s.where != "llm":
+                alive = kept[i].numel()
+        for layer in range(n_layers):
+            if layer in llm:
+                alive = kept[llm[layer]].numel()
+            out.append(alive)
+        return out
+
+    def _vision_flops(self, plan: Plan, kept, req: CheckedRequest) -> int:
+        vcfg = self.config_vision
+        if vcfg is None or not req.images:
+            return 0
+        n_layers = getattr(vcfg, "num_hidden_layers", None) or getattr(vcfg, "depth")
+        per_image = None
+        vstages = {s.layer: i for i, s in enumerate(plan.stages) if s.where == "vision"}
+        tokens, n = [], None
+        for layer in range(n_layers):
+            if layer in vstages:
+                per_image = kept[vstages[layer]].numel() // len(req.images)
+            n = per_image if per_image is not None else self._tower_tokens(req)
+            tokens.append(n * len(req.images) + (self.adapter.vision_prefix or 0) * len(req.images))
+        return metering.vision_flops(tokens, vcfg)
+
+    @property
+    def config_vision(self):
+        return getattr(self.model.config, "vision_config", None)
+
+    def _tower_tokens(self, req: CheckedRequest) -> int:
+        vcfg = self.config_vision
+        size, patch = getattr(vcfg, "image_size", None), getattr(vcfg, "patch_size", None)
+        if isinstance(size, int) and isinstance(patch, int):
+            return (size // patch) ** 2
+        return 0

@@ -1,0 +1,78 @@
+"""The inference path, gpt-fast style: ``prefill``, ``decode_one_token``, ``sample``.
+
+The model is called through its own forward with ``inputs_embeds``, explicit position ids,
+a 2-D attention mask and a transformers ``DynamicCache`` - the same calls ``generate``
+makes - plus the pruning state as one extra kwarg when a plan is active.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .state import STATE_KWARG, RequestState
+
+
+@dataclass
+class Sampling:
+    """Decoding settings. Greedy unless ``do_sample``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "Sampling":
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown generation option(s) {sorted(unknown)}; "
+                             f"supported: max_new_tokens, {', '.join(cls.__dataclass_fields__)}")
+        s = cls(**kwargs)
+        if s.temperature <= 0 or (s.top_p is not None and not 0 < s.top_p <= 1) or (s.top_k is not None and s.top_k < 1):
+            raise InputError(f"invalid sampling settings: {s}")
+        return s
+
+
+def _state_kwargs(state: RequestState | None) -> dict:
+    return {} if state is None else {STATE_KWARG: state}
+
+
+def prefill(model, embeds, attention_mask, position_ids, cache, state: RequestState | None) -> torch.Tensor:
+    """embeds [B, L, D], attention_mask [B, L], position_ids [B, L] or [P, B, L] -> logits [B, V] (last token)."""
+    out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1, **_state_kwargs(state))
+    return out.logits[:, -1].float()
+
+
+def decode_one_token(model, embed_fn, token, attention_mask, position_ids, cache, state: RequestState | None):
+    """token [B]; attention_mask [B, T] (incl. this token); position_ids [..., B, 1] -> logits [B, V]."""
+    if state is not None:
+        state.start_decode(1, token.device)
+    out = model(inputs_embeds=embed_fn(token[:, None]), attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, **_state_kwargs(state))
+    return out.logits[:, -1].float()
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> next tokens [B]."""
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).flatten().to(logits.device)
+
+
+def next_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Positions of the next token: the last position + 1 on every axis ([..., B, L] -> [..., B, 1])."""
+    return position_ids[..., -1:] + 1

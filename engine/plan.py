@@ -1,0 +1,203 @@
+"""Plans: which pruners act where, with what budget.
+
+A plan is an ordered list of stages. A stage names a pruner, where it acts and how many
+visual tokens survive it:
+
+    Plan.parse("cls:keep=64")
+    Plan.parse("fastv:layer=2,keep=0.25")
+    Plan.parse("tome:keep=288;fastv:layer=2,keep=64")
+    Plan.parse([{"pruner": "uniform", "keep": 64}, {"pruner": "fastv", "layer": 2, "keep": 32}])
+    Plan.parse("plan.yaml")          # a YAML or JSON file holding a list of such dicts
+
+Where a stage acts (``where``):
+    "vision"  inside the vision tower, before encoder layer ``layer`` (>= 1); keep counts per image
+    "pre_llm" between the tower (after the projector) and the language model
+    "llm"     inside the language model, before decoder layer ``layer`` (>= 1)
+Each pruner has a default ``where``; giving ``layer`` alone picks "llm" for pruners
+that default to it, else "vision"/"llm" must be spelled out with ``where=``.
+
+``keep`` is an int count or a float ratio in (0, 1] of the visual tokens entering the stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PlanError
+
+WHERES = ("vision", "pre_llm", "llm")
+_STAGE_KEYS = {"pruner", "where", "layer", "keep"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    pruner: str
+    where: str
+    keep: int | float
+    layer: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def keep_count(self, n_in: int) -> int:
+        """Concrete number of tokens kept out of ``n_in`` entering the stage."""
+        if isinstance(self.keep, float):
+            return max(1, int(round(self.keep * n_in)))
+        return int(self.keep)
+
+    def describe(self) -> str:
+        at = {"vision": f"vision layer {self.layer}", "pre_llm": "before the LLM", "llm": f"LLM layer {self.layer}"}
+        return f"{self.pruner} ({at[self.where]}, keep={self.keep})"
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.stages)
+
+    def __str__(self) -> str:
+        return ";".join(_stage_to_str(s) for s in self.stages)
+
+    @classmethod
+    def parse(cls, spec: "Plan | str | list | None") -> "Plan":
+        """Build a plan from a string, a list of dicts, a YAML/JSON path, a Plan, or None (empty)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Plan):
+            return spec
+        if isinstance(spec, str):
+            if os.path.isfile(spec) and spec.endswith((".yaml", ".yml", ".json")):
+                return cls.parse(_read_plan_file(spec))
+            items = [_parse_stage_str(part) for part in spec.split(";") if part.strip()]
+        elif isinstance(spec, (list, tuple)):
+            items = [dict(item) if isinstance(item, dict) else _bad(f"stage {i} is not a dict: {item!r}")
+                     for i, item in enumerate(spec)]
+        else:
+            raise PlanError(f"cannot build a plan from {type(spec).__name__}: give a string, a list of dicts or a file")
+        return cls(tuple(_make_stage(i, item) for i, item in enumerate(items)))
+
+    def check(self, n_llm_layers: int, n_vision_layers: int, supports_vision_stages: bool) -> None:
+        """Raise PlanError for a stage whose layer does not exist in this model (before any work)."""
+        order = {"vision": 0, "pre_llm": 1, "llm": 2}
+        last = (-1, -1)
+        for i, s in enumerate(self.stages):
+            if s.where == "vision":
+                if not supports_vision_stages:
+                    raise PlanError(f"stage {i} ({s.describe()}): this model family has no vision-tower stages")
+                if not 1 <= s.layer < n_vision_layers:
+                    raise PlanError(f"stage {i} ({s.describe()}): vision layer must be in [1, {n_vision_layers - 1}]")
+            if s.where == "llm" and not 1 <= s.layer < n_llm_layers:
+                raise PlanError(f"stage {i} ({s.describe()}): LLM layer must be in [1, {n_llm_layers - 1}]")
+            pos = (order[s.where], s.layer if s.layer is not None else 0)
+            if pos <= last:
+                raise PlanError(f"stage {i} ({s.describe()}) must come after the stage before it "
+                                "(vision < pre_llm < llm, layers increasing)")
+            last = pos
+
+    def keep_counts(self, n_visual: int, n_images: int = 1) -> list[int]:
+        """Tokens kept by each stage for a request of ``n_visual`` tokens in ``n_images`` images.
+
+        Raises PlanError when a stage keeps <= 0 or more than the tokens entering it.
+        Vision stages count per image; the others per request.
+        """
+        counts, n_in = [], n_visual
+        for i, s in enumerate(self.stages):
+            per_image = s.where == "vision"
+            entering = n_in // max(n_images, 1) if per_image else n_in
+            k = s.keep_count(entering)
+            if k > entering:
+                raise PlanError(f"stage {i} ({s.describe()}): keep={s.keep} is larger than the "
+                                f"{entering} visual tokens entering it" + (" per image" if per_image else ""))
+            counts.append(k)
+            n_in = k * n_images if per_image else k
+        return counts
+
+
+def _bad(msg: str):
+    raise PlanError(msg)
+
+
+def _read_plan_file(path: str) -> list:
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+        data = yaml.safe_load(text)
+    if isinstance(data, dict) and "stages" in data:
+        data = data["stages"]
+    if not isinstance(data, list):
+        raise PlanError(f"{path}: expected a list of stages (or a dict with 'stages')")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    text = text.strip()
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "/" in text:  # list of ints, e.g. layers=8/16
+        return [_parse_value(t) for t in text.split("/")]
+    return text
+
+
+def _parse_stage_str(part: str) -> dict:
+    name, _, rest = part.strip().partition(":")
+    item: dict[str, Any] = {"pruner": name.strip()}
+    for kv in filter(None, (x.strip() for x in rest.split(","))):
+        if "=" not in kv:
+            raise PlanError(f"stage '{part.strip()}': option '{kv}' is not key=value")
+        k, v = kv.split("=", 1)
+        item[k.strip()] = _parse_value(v)
+    return item
+
+
+def _make_stage(i: int, item: dict) -> Stage:
+    from ..pruners import get_pruner  # registry: validates the name
+
+    name = item.get("pruner")
+    if not name:
+        raise PlanError(f"stage {i}: no pruner named")
+    pruner = get_pruner(name, stage_label=f"stage {i}")
+    keep = item.get("keep", pruner.default_keep)
+    if keep is None:
+        raise PlanError(f"stage {i} ({name}): keep is required")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise PlanError(f"stage {i} ({name}): keep must be an int count or a ratio in (0, 1], got {keep!r}")
+    if keep <= 0:
+        raise PlanError(f"stage {i} ({name}): keep must be > 0, got {keep}")
+    if isinstance(keep, float) and keep > 1:
+        raise PlanError(f"stage {i} ({name}): a ratio keep must be in (0, 1], got {keep}")
+    if isinstance(keep, float) and keep == 1.0:
+        keep = 1.0
+    layer = item.get("layer")
+    where = item.get("where") or pruner.default_where
+    if where not in WHERES:
+        raise PlanError(f"stage {i} ({name}): where must be one of {WHERES}, got {where!r}")
+    if where not in pruner.wheres:
+        raise PlanError(f"stage {i} ({name}): {name} cannot act at '{where}' (it acts at {', '.join(pruner.wheres)})")
+    if where in ("vision", "llm"):
+        layer = pruner.default_layer if layer is None else layer
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise PlanError(f"stage {i} ({name}): layer must be an int, got {layer!r}")
+    elif layer is not None:
+        raise PlanError(f"stage {i} ({name}): a '{where}' stage takes no layer")
+    options = {k: v for k, v in item.items() if k not in _STAGE_KEYS}
+    unknown = set(options) - set(pruner.option_names)
+    if unknown:
+        raise PlanError(f"stage {i} ({name}): unknown option(s) {sorted(unknown)}; "
+                        f"{name} takes {sorted(pruner.option_names) or 'none'}")
+    return Stage(pruner=name, where=where, keep=keep, layer=layer, options=options)
+
+
+def _stage_to_str(s: Stage) -> str:
+    parts = [f"where={s.where}"] + ([f"layer={s.layer}"] if s.layer is not None else []) + [f"keep={s.keep}"]
+    parts += [f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.options.items()]
+    return f"{s.pruner}:{','.join(parts)}"

@@ -1,0 +1,23 @@
+"""The pruner registry: name -> class. Adding a method is one file, one entry here, one test."""
+from ..engine.errors import PlanError
+from .base import Pruner, Selection, StageInput, topk_sorted
+from .fastv import FastVPruner
+from .random import RandomPruner
+from .uniform import UniformPruner
+
+REGISTRY: dict[str, type[Pruner]] = {
+    "random": RandomPruner,
+    "uniform": UniformPruner,
+    "fastv": FastVPruner,
+}
+
+
+def get_pruner(name: str, stage_label: str = "stage") -> Pruner:
+    """An instance of the named pruner; PlanError listing the known names if there is none."""
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise PlanError(f"{stage_label}: unknown pruner '{name}'; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+__all__ = ["Pruner", "Selection", "StageInput", "REGISTRY", "get_pruner", "topk_sorted"]

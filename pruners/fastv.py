@@ -1,0 +1,19 @@
+"""`fastv`: FastV (Chen et al., 2024, "An Image is Worth 1/2 Tokens After Layer 2").
+
+Inside the LLM, before decoder layer K: the head-averaged attention that the last prompt
+token pays to each visual token in layer K-1 is its importance; the top-k survive, and
+their original position ids are kept.
+"""
+from .base import Pruner, Selection, StageInput, topk_sorted
+
+
+class FastVPruner(Pruner):
+    name = "fastv"
+    wheres = ("llm",)
+    default_where = "llm"
+    default_layer = 2
+    needs = "last_query"
+
+    def select(self, inp: StageInput) -> Selection:
+        scores = inp.attn.float().mean(dim=(0, 1))  # [H, 1, N] -> [N]
+        return Selection(keep_idx=topk_sorted(scores, inp.keep), scores=scores)

@@ -1,0 +1,40 @@
+"""tokensieve: one package mapped from the top-level folders (never installed as top-level modules)."""
+from setuptools import setup
+
+PACKAGES = {
+    "tokensieve": "api",
+    "tokensieve.engine": "engine",
+    "tokensieve.engine.adapters": "engine/adapters",
+    "tokensieve.pruners": "pruners",
+    "tokensieve.kernels": "kernels",
+    "tokensieve.demos": "demos",
+    "tokensieve.eval": "eval",
+}
+
+setup(
+    name="tokensieve",
+    version="0.1.0",
+    description="Training-free visual-token pruning inference engine for vision-language models",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",  # tested: 5.23
+        "tokenizers>=0.20",
+        "safetensors",
+        "pillow",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "video": ["av>=12"],
+        "demo": ["gradio>=5", "matplotlib"],
+        "clip": ["open_clip_torch"],
+        "kernels": ["triton>=3.2"],
+        "test": ["pytest>=8", "triton>=3.2"],
+        "all": ["av>=12", "gradio>=5", "matplotlib", "open_clip_torch", "triton>=3.2", "pytest>=8"],
+    },
+    entry_points={"console_scripts": ["tokensieve=tokensieve.cli:main"]},
+)
