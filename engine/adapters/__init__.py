@@ -2,10 +2,17 @@
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    cls.model_types[0]: cls for cls in (LlavaAdapter, Qwen2VLAdapter)
+    "llava": LlavaAdapter,
+    "llava_next": LlavaNextAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2_5_VLAdapter,
 }
 
 
