@@ -21,7 +21,7 @@ from ..pruners import get_pruner
 from . import attention, hooks, metering
 from .adapters import Adapter, adapter_for
 from .errors import InputError, PlanError
-from .generation import Sampling, decode_one_token, next_positions, prefill, sample
+from .generation import DecodeOptions, decode_one_token, next_positions, prefill, sample
 from .plan import Plan
 from .request import CheckedRequest, Request, check_request
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
@@ -45,6 +45,7 @@ class Result:
     plan: Plan = field(default_factory=Plan)
     coords: torch.Tensor | None = None  # [N_vis, 3] (item, row, col) of every original visual token
     n_images: int = 0
+    logits: torch.Tensor | None = None  # [new_tokens, V] fp32, with generate(..., output_logits=True)
 
 
 @dataclass
@@ -90,8 +91,11 @@ class Engine:
 
     def prepare(self, prompt: str, images=None, video=None) -> dict:
         """The exact model inputs (processor output, chat template applied) that ``generate`` uses."""
-        req = self._check(Request(prompt=prompt, images=images or [], video=video), Plan())
-        return self._process([req])
+        return self.prepare_batch([Request(prompt=prompt, images=images or [], video=video)])
+
+    def prepare_batch(self, requests: list) -> dict:
+        """The padded model inputs ``generate_batch`` builds for these requests (one batch)."""
+        return self._process([self._check(Request.of(r), Plan()) for r in requests])
 
     def generate(self, prompt: str, images=None, video=None, plan=None, max_new_tokens: int | None = None,
                  **generation_kwargs) -> Result:
@@ -104,12 +108,12 @@ class Engine:
         Requests that share a plan and max_new_tokens share a batch. Every request is
         checked before any model work starts.
         """
-        sampling = Sampling.from_kwargs(generation_kwargs)
+        options = DecodeOptions.from_kwargs(generation_kwargs)
         checked = [self._check(Request.of(r), self.plan) for r in requests]
         batches = [self._make_batch(group) for group in self._group(checked, batch_size)]
         results: dict[int, Result] = {}
         for idx, batch in batches:
-            for i, res in zip(idx, self._run(batch, sampling)):
+            for i, res in zip(idx, self._run(batch, options)):
                 results[i] = res
         return [results[i] for i in range(len(checked))]
 
@@ -184,7 +188,7 @@ class Engine:
         return state
 
     @torch.inference_mode()
-    def _run(self, batch: _Batch, sampling: Sampling) -> list[Result]:
+    def _run(self, batch: _Batch, options: DecodeOptions) -> list[Result]:
         inputs = self._device_inputs(batch.inputs)
         state = self._make_state(batch)
         plan = batch.reqs[0].plan
@@ -195,9 +199,9 @@ class Engine:
         cache = DynamicCache(config=self.adapter.text_config)
         logits = prefill(self.model, embeds, attn, pos, cache, state)
         t1 = time.perf_counter()
-        tokens, attn = self._decode(logits, attn, pos, cache, state, sampling, batch.reqs[0].max_new_tokens)
+        tokens, logits = self._decode(logits, attn, pos, cache, state, options, batch.reqs[0].max_new_tokens)
         t2 = time.perf_counter()
-        return self._results(batch, state, tokens, attn, n_text, cache, t1 - t0, t2 - t1)
+        return self._results(batch, state, tokens, logits, n_text, t1 - t0, t2 - t1)
 
     def _encode(self, batch, inputs, state):
         """Vision tower (+ vision stages). Returns per request its [N_b, D] features and alive original indices."""
@@ -271,13 +275,15 @@ class Engine:
         state.next_slot = ids.shape[1]
         return embeds, valid.long(), pos, n_text
 
-    def _decode(self, logits, attn, pos, cache, state, sampling, max_new_tokens):
-        gen = torch.Generator().manual_seed(sampling.seed) if sampling.do_sample else None
+    def _decode(self, logits, attn, pos, cache, state, options, max_new_tokens):
+        gen = torch.Generator().manual_seed(options.seed) if options.do_sample else None
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         eos = torch.tensor(sorted(self.eos_ids), device=logits.device)
-        out, pos = [], pos[..., -1:]
+        out, pos, all_logits = [], pos[..., -1:], []
         for step in range(max_new_tokens):
-            token = sample(logits, sampling, gen)
+            if options.output_logits:
+                all_logits.append(logits.cpu())
+            token = sample(logits, options, gen)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
             out.append(token)
             finished |= torch.isin(token, eos)
@@ -286,9 +292,9 @@ class Engine:
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             pos = next_positions(pos)
             logits = decode_one_token(self.model, self.adapter.embed, token, attn, pos, cache, state)
-        return torch.stack(out, dim=1), attn
+        return torch.stack(out, dim=1), (torch.stack(all_logits, dim=1) if all_logits else None)
 
-    def _results(self, batch, state, tokens, attn, n_text, cache, prefill_s, decode_s) -> list[Result]:
+    def _results(self, batch, state, tokens, logits, n_text, prefill_s, decode_s) -> list[Result]:
         tcfg = self.adapter.text_config
         n_layers = tcfg.num_hidden_layers
         plan = batch.reqs[0].plan
@@ -311,7 +317,8 @@ class Engine:
             text = self.processor.tokenizer.decode(ids[:new], skip_special_tokens=True).strip()
             results.append(Result(text=text, token_ids=ids[:new], kept=kept,
                                   scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],
-                                  stats=stats, plan=plan, coords=batch.coords[b], n_images=len(r.images)))
+                                  stats=stats, plan=plan, coords=batch.coords[b], n_images=len(r.images),
+                                  logits=None if logits is None else logits[b, :new]))
         return results
 
     @staticmethod

@@ -15,24 +15,25 @@ from .state import STATE_KWARG, RequestState
 
 
 @dataclass
-class Sampling:
-    """Decoding settings. Greedy unless ``do_sample``."""
+class DecodeOptions:
+    """Decoding settings. Greedy unless ``do_sample``; ``output_logits`` keeps each step's logits."""
 
     do_sample: bool = False
+    output_logits: bool = False
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict) -> "Sampling":
+    def from_kwargs(cls, kwargs: dict) -> "DecodeOptions":
         unknown = set(kwargs) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError(f"unknown generation option(s) {sorted(unknown)}; "
                              f"supported: max_new_tokens, {', '.join(cls.__dataclass_fields__)}")
         s = cls(**kwargs)
         if s.temperature <= 0 or (s.top_p is not None and not 0 < s.top_p <= 1) or (s.top_k is not None and s.top_k < 1):
-            raise InputError(f"invalid sampling settings: {s}")
+            raise InputError(f"invalid options settings: {s}")
         return s
 
 
@@ -56,7 +57,7 @@ def decode_one_token(model, embed_fn, token, attention_mask, position_ids, cache
     return out.logits[:, -1].float()
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def sample(logits: torch.Tensor, s: DecodeOptions, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next tokens [B]."""
     if not s.do_sample:
         return logits.argmax(dim=-1)
