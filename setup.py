@@ -20,6 +20,7 @@ setup(
     package_dir=PACKAGES,
     install_requires=[
         "torch>=2.4",
+        "torchvision",  # transformers' video processors (Qwen-VL, OneVision processors) need it
         "transformers>=5.0,<6",  # tested: 5.23
         "tokenizers>=0.20",
         "safetensors",

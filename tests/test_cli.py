@@ -1,0 +1,41 @@
+"""The CLI, run as a user runs it (a subprocess), on a tiny model."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import noise_image
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tokensieve", "run", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_json_two_plans(tiny_path, tmp_path):
+    img = tmp_path / "scene.png"
+    noise_image(0).save(img)
+    out = _run("--model", tiny_path("llava"), "--image", str(img), "--prompt", "what is the colour",
+               "--plan", "", "--plan", "fastv:layer=2,keep=8", "--max-new-tokens", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    full, pruned = data["results"]
+    assert full["plan"] == "(none)" and full["kept_tokens"] == 64 and pruned["kept_tokens"] == 8
+    assert len(pruned["kept"][0]) == 8 and pruned["prefill_flops"] < full["prefill_flops"]
+
+
+def test_cli_table_on_default_model(tmp_path):
+    img = tmp_path / "scene.png"
+    noise_image(1).save(img)
+    out = _run("--image", str(img), "--prompt", "what", "--max-new-tokens", "2",
+               env={"TOKENSIEVE_HOME": str(tmp_path / "home")})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["plan", "answer", "visual_tokens", "kept_tokens"]
+    assert "(none)" in lines[2] and "uniform" in lines[3]
+
+
+def test_cli_bad_image_is_one_clear_error(tmp_path):
+    out = _run("--image", str(tmp_path / "missing.png"), "--prompt", "what")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: image 0: file not found: {tmp_path / 'missing.png'}"
