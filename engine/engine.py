@@ -152,9 +152,10 @@ class Engine:
         coords = self.adapter.image_coords(inputs) if start else []
         req_coords = []
         for b, ims in enumerate(images_of):
-            parts = [c.clone() for c in (coords[i] for i in ims)]
-            for j, c in enumerate(parts):
-                c[:, 0] += sum(int(p[:, 0].max()) + 1 for p in parts[:j])  # items numbered within the request
+            parts, n_items = [], 0
+            for i in ims:  # items (images, tiles, frames) numbered within the request
+                parts.append(coords[i] + torch.tensor([n_items, 0, 0]))
+                n_items += int(coords[i][:, 0].max()) + 1
             req_coords.append(torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.long))
             if req_coords[-1].shape[0] != n_visual[b]:
                 raise RuntimeError(f"adapter coords ({req_coords[-1].shape[0]}) != visual tokens ({n_visual[b]})")

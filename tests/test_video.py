@@ -1,0 +1,42 @@
+"""Video input: frames enter as a sequence of images on every family; files decode with PyAV."""
+import pytest
+import torch
+
+from conftest import noise_image
+
+
+def test_frames_as_images(engine_for):
+    engine = engine_for("llava")
+    frames = [noise_image(i) for i in range(4)]
+    res = engine.generate("what appeared first", video=frames, plan="uniform:keep=0.25", max_new_tokens=2)
+    assert res.stats["visual_tokens"] == 4 * 64 and len(res.kept[0]) == 64
+    items = res.coords[res.kept[0], 0]
+    assert torch.bincount(items).tolist() == [16, 16, 16, 16]  # the budget is spread over the frames
+    ids = engine.prepare("what appeared first", video=frames)["input_ids"][0]
+    assert int((ids == engine.model.config.image_token_id).sum()) == 256
+
+
+def test_video_file(engine_for, tmp_path):
+    av = pytest.importorskip("av")
+    import numpy as np
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 20, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    res = engine_for("qwen2_vl").generate("how many objects", video=path, max_new_tokens=2)
+    assert res.n_images == 8  # 8 frames sampled evenly
+
+
+def test_bfloat16_engine(tiny_path):
+    import tokensieve
+    engine = tokensieve.load(tiny_path("llava"), dtype="bfloat16")
+    res = engine.generate("what", images=[noise_image(0)], plan="fastv:layer=2,keep=8", max_new_tokens=3)
+    cfg = engine.model.config.text_config
+    assert res.stats["kv_cache_bytes"] == sum(res.stats["per_layer_kv_len"]) * 2 * cfg.num_key_value_heads * 16 * 2
+    engine.close()
