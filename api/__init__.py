@@ -34,7 +34,6 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from .engine import attention
     from .engine.adapters import ADAPTERS
 
     plan = Plan.parse(plan)  # bad plans fail before any loading
@@ -45,9 +44,7 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
             f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(ADAPTERS))}")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    name = attention.register()
-    hf = AutoModelForImageTextToText.from_pretrained(
-        model, dtype=dtype or "auto", attn_implementation={"text_config": name, "vision_config": "sdpa", "": "sdpa"})
+    hf = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(model)
     return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens)
 

@@ -72,6 +72,9 @@ class Engine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         eos = model.generation_config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
+        # scoring layers need the tokensieve attention function (SDPA plus the rows a pruner reads)
+        self._attn_before = self.adapter.text_config._attn_implementation
+        self.model.set_attn_implementation({"text_config": attention.register()})
         prefix = self.adapter.vision_prefix
         self._handles = hooks.install(self.adapter.llm_layers, self.adapter.vision_layers if prefix is not None else None,
                                       prefix or 0)
@@ -81,6 +84,8 @@ class Engine:
         """Remove every hook this engine installed; the model is plain transformers again."""
         for h in self._handles:
             h.remove()
+        if self._handles and self._attn_before != attention.ATTN_NAME:
+            self.model.set_attn_implementation({"text_config": self._attn_before or "sdpa"})
         self._handles = []
 
     def __enter__(self):

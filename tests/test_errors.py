@@ -82,5 +82,17 @@ def test_close_removes_every_hook(tiny_path):
     engine = tokensieve.load(tiny_path("llava"))
     modules = list(engine.model.modules())
     assert any(m._forward_pre_hooks for m in modules)
+    assert engine.model.config.text_config._attn_implementation == "tokensieve"
     engine.close()
     assert not any(m._forward_pre_hooks for m in modules)
+    assert engine.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_engine_wraps_a_model_loaded_by_the_user(tiny_path):
+    """Engine(model, processor) on a plain transformers model: FastV still gets its attention rows."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    path = tiny_path("qwen2_vl")
+    model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    with tokensieve.Engine(model, proc) as engine:
+        res = engine.generate("what", images=[noise_image(0)], plan="fastv:layer=2,keep=4", max_new_tokens=2)
+    assert len(res.kept[0]) == 4 and res.scores[0] is not None
