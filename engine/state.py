@@ -53,17 +53,24 @@ class RequestState:
     coords: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis, 3]
     key_seq: dict[int, torch.Tensor] = field(default_factory=dict)
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
-    attn_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, R, Sk]
+    importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, Sk]
     next_slot: int = 0
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
 
     # ---- what the attention function is asked for -------------------------------------------
-    def rows_wanted(self, layer: int) -> str | None:
-        """'last_query' if an LLM stage before ``layer + 1`` needs this layer's last-query row."""
-        if not self.prefill:
+    def query_weights(self, layer: int, query: torch.Tensor) -> torch.Tensor | None:
+        """[B, Sq] weights of the queries whose attention a stage before ``layer + 1`` reads, or None.
+
+        "last_query": the last prompt token (always valid: rows are left padded).
+        """
+        run = self.llm_stages.get(layer + 1) if self.prefill else None
+        if run is None or run.pruner.needs is None:
             return None
-        run = self.llm_stages.get(layer + 1)
-        return run.pruner.needs if run is not None else None
+        if run.pruner.needs != "last_query":
+            raise ValueError(f"{run.stage.describe()}: unknown attention need '{run.pruner.needs}'")
+        w = torch.zeros(query.shape[0], query.shape[2], device=query.device)
+        w[:, -1] = 1.0
+        return w
 
     @property
     def first_pruned_layer(self) -> int | None:
@@ -119,12 +126,12 @@ class RequestState:
         return mask[:, None]
 
     def _prune_llm(self, run: StageRun, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        rows = self.attn_rows.pop(layer - 1, None)  # [B, H, R, Sk] or None
+        imp = self.importance.pop(layer - 1, None)  # [B, H, Sk] or None
         keep_slots, kept, scores = [], [], []
         for b in range(self.batch_size):
             vis_slots = (self.vis_orig[b] >= 0).nonzero().flatten()
             orig = self.vis_orig[b, vis_slots]
-            attn = rows[b][..., vis_slots] if rows is not None else None
+            attn = imp[b][:, vis_slots] if imp is not None else None
             sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig.cpu()], attn)
             drop = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
             drop[vis_slots[sel.keep_idx]] = False

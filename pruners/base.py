@@ -19,7 +19,8 @@ class StageInput:
     tokens:   [N, D] hidden states / features of the visual tokens entering the stage
     keep:     number of tokens to keep (1 <= keep <= N)
     coords:   [N, 3] (item, row, col) of each token in its original grid (item = image, tile or frame)
-    attn:     [H, R, N] softmax attention of the R declared query rows to these tokens, or None
+    attn:     [H, N] attention these tokens receive from the declared query rows (per head, summed
+              over the rows with their weights; for one row it is that row's softmax), or None
     options:  the stage's pruner options (already validated against ``option_names``)
     seed:     base seed of the request (pruners that draw randomness use it)
     """

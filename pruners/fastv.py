@@ -15,5 +15,5 @@ class FastVPruner(Pruner):
     needs = "last_query"
 
     def select(self, inp: StageInput) -> Selection:
-        scores = inp.attn.float().mean(dim=(0, 1))  # [H, 1, N] -> [N]
+        scores = inp.attn.float().mean(dim=0)  # [H, N] -> [N]
         return Selection(keep_idx=topk_sorted(scores, inp.keep), scores=scores)
