@@ -37,19 +37,31 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 def tokensieve_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] -> (out [B, Sq, Hq, D], None)."""
     state = kwargs.pop(STATE_KWARG, None)
-    layer = getattr(module, "layer_idx", None)
-    weights = state.query_weights(layer, query) if state is not None and layer is not None else None
-    if weights is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    sdpa = lambda: sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
+                                          dropout=dropout, **kwargs)
+    if state is None:
+        return sdpa()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    vision_layer = state.vision_layer_of.get(id(module))
+    if vision_layer is not None:
+        state.record_vision(vision_layer, query, key, value, scale)
+        return sdpa()
+    layer = getattr(module, "layer_idx", None)
+    need = state.llm_need(layer) if layer is not None else None
+    if need is None:
+        return sdpa()
     mask = _bool_mask(attention_mask)
     causal = mask is None and getattr(module, "is_causal", True) and query.shape[2] > 1
+    if need != "last_query":
+        out, _ = sdpa()
+        state.record_rows(need, layer, query, key, mask, causal, scale)
+        return out, None
+    weights = state.last_query_weights(query)
     if triton_usable(query) and not module.training:  # CUDA, or the Triton interpreter (tests)
         out, _, imp = attention_with_importance(query, key, value, scale=scale, causal=causal, attn_mask=mask,
                                                 query_weights=weights)
     else:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        **kwargs)
+        out, _ = sdpa()
         imp = importance_ref(query, key, scale=scale, causal=causal, attn_mask=mask, query_weights=weights)
     state.importance[layer] = imp  # [B, Hq, Sk]
     return out, None

@@ -24,6 +24,7 @@ from .errors import InputError, PlanError
 from .generation import DecodeOptions, decode_one_token, next_positions, prefill, sample
 from .plan import Plan
 from .request import CheckedRequest, Request, check_request
+from ..pruners import TowerRecord
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
 
@@ -33,6 +34,8 @@ class Result:
 
     kept:   per stage, sorted original visual-token indices that survive it (LongTensor [k])
     scores: per stage, the importance of each token entering it ([N_in]) or None
+    groups: per stage, [N_vis]: for every original visual token, the position in that stage's
+            ``kept`` of the token it is part of after the stage (merged or itself), -1 if dropped
     stats:  visual_tokens, kept_tokens, per_layer_kv_len, kv_cache_bytes, prefill_flops,
             vision_flops, prefill_s, decode_s, new_tokens
     """
@@ -41,6 +44,7 @@ class Result:
     token_ids: list[int]
     kept: list[torch.Tensor] = field(default_factory=list)
     scores: list[torch.Tensor | None] = field(default_factory=list)
+    groups: list[torch.Tensor] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     plan: Plan = field(default_factory=Plan)
     coords: torch.Tensor | None = None  # [N_vis, 3] (item, row, col) of every original visual token
@@ -124,9 +128,30 @@ class Engine:
 
     # ---- checking -------------------------------------------------------------------------------
     def _check_plan(self, plan: Plan) -> None:
-        vision_layers = self.adapter.vision_layers
-        plan.check(self.adapter.text_config.num_hidden_layers, len(vision_layers) if vision_layers is not None else 0,
-                   self.adapter.vision_prefix is not None)
+        ad = self.adapter
+        vision_layers = ad.vision_layers
+        plan.check(ad.text_config.num_hidden_layers, len(vision_layers) if vision_layers is not None else 0,
+                   ad.vision_prefix is not None)
+        seen_vision = False
+        for i, stage in enumerate(plan.stages):
+            pruner = get_pruner(stage.pruner)
+            if pruner.requires_tower and not ad.cls_tower:
+                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
+                                f"token (families: llava, llava_next); '{ad.family}' has none")
+            if stage.where == "vision" and stage.layer > ad.feature_layer:
+                raise PlanError(f"stage {i} ({stage.describe()}): the LLM features come from vision layer "
+                                f"{ad.feature_layer}; a vision stage must act at layer <= {ad.feature_layer}")
+            if seen_vision and len(self._tower_layers(stage, pruner)) > 1:
+                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads every tower layer and "
+                                "cannot follow a vision-tower stage")
+            seen_vision |= stage.where == "vision"
+
+    def _tower_layers(self, stage, pruner) -> list[int]:
+        """Vision layers whose signals a stage reads (none for LLM stages or families without a CLS tower)."""
+        if stage.where == "llm" or not pruner.vision_needs or not self.adapter.cls_tower:
+            return []
+        last = stage.layer - 1 if stage.where == "vision" else self.adapter.feature_layer
+        return pruner.tower_layers(last, stage.options)
 
     def _check(self, req: Request, default_plan: Plan) -> CheckedRequest:
         checked = check_request(req, self.processor, self.adapter.image_token, default_plan, self.max_new_tokens)
@@ -180,17 +205,25 @@ class Engine:
         plan = batch.reqs[0].plan
         if not plan:
             return None
-        state = RequestState(batch_size=len(batch.reqs))
+        state = RequestState(batch_size=len(batch.reqs), owner=[torch.arange(n) for n in batch.n_visual])
         counts = [r.plan.keep_counts(n, max(len(r.images), 1)) for r, n in zip(batch.reqs, batch.n_visual)]
         for i, stage in enumerate(plan.stages):
             keep = [c[i] for c in counts]
             if stage.where == "vision":
                 keep = [keep[b] for b, ims in enumerate(batch.images_of) for _ in ims]
-            run = StageRun(index=i, stage=stage, pruner=get_pruner(stage.pruner), keep=keep)
+            pruner = get_pruner(stage.pruner)
+            run = StageRun(index=i, stage=stage, pruner=pruner, keep=keep, tower_layers=self._tower_layers(stage, pruner))
+            for layer in run.tower_layers:
+                state.tower_wants.setdefault(layer, set()).update(pruner.vision_needs)
             if stage.where == "vision":
                 state.vision_stages[stage.layer] = run
             elif stage.where == "llm":
                 state.llm_stages[stage.layer] = run
+            else:
+                state.pre_llm_stages.append(run)
+        if state.tower_wants:
+            state.tower = TowerRecord(prefix=self.adapter.vision_prefix or 1)
+            state.vision_layer_of = {id(m): j for j, m in enumerate(self.adapter.tower_attention_modules())}
         return state
 
     @torch.inference_mode()
@@ -200,7 +233,7 @@ class Engine:
         plan = batch.reqs[0].plan
         t0 = time.perf_counter()
         feats, alive = self._encode(batch, inputs, state)
-        feats, alive = self._pre_llm(batch, plan, feats, alive, state)
+        feats, alive = self._pre_llm(batch, inputs, feats, alive, state)
         embeds, attn, pos, n_text = self._llm_inputs(batch, inputs, feats, alive, state)
         cache = DynamicCache(config=self.adapter.text_config)
         logits = prefill(self.model, embeds, attn, pos, cache, state)
@@ -214,7 +247,7 @@ class Engine:
         n_img = sum(len(ims) for ims in batch.images_of)
         if n_img == 0:
             return [None] * len(batch.reqs), [torch.zeros(0, dtype=torch.long) for _ in batch.reqs]
-        kwargs = {}
+        kwargs = {STATE_KWARG: state} if state is not None and state.tower_wants else {}
         if state is not None and state.vision_stages:
             patch_coords = self.adapter.vision_patch_coords(inputs)
             state.image_coords = patch_coords
@@ -234,20 +267,30 @@ class Engine:
                 alive.append(torch.arange(batch.n_visual[b]))
         return feats, alive
 
-    def _pre_llm(self, batch, plan, feats, alive, state):
-        for i, stage in enumerate(plan.stages):
-            if stage.where != "pre_llm":
-                continue
-            run = StageRun(index=i, stage=stage, pruner=get_pruner(stage.pruner),
-                           keep=[r.plan.keep_counts(n, max(len(r.images), 1))[i] for r, n in zip(batch.reqs, batch.n_visual)])
-            kept, scores = [], []
+    def _pre_llm(self, batch, inputs, feats, alive, state):
+        for run in state.pre_llm_stages if state is not None else []:
+            tower = self._tower_per_request(run, batch, inputs, state)
             for b in range(len(batch.reqs)):
-                sel = state.select(run, run.keep[b], feats[b], batch.coords[b][alive[b]], None)
-                feats[b], alive[b] = feats[b][sel.keep_idx], alive[b][sel.keep_idx.cpu()]
-                kept.append(alive[b].clone())
-                scores.append(None if sel.scores is None else sel.scores.detach().float().cpu())
-            state.kept[i], state.scores[i] = kept, scores
+                signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
+                sel = state.select(run, run.keep[b], feats[b], batch.coords[b][alive[b]],
+                                   sizes=state.sizes(b, alive[b].numel()), **signals)
+                feats[b] = feats[b][sel.keep_idx] if sel.tokens is None else sel.tokens.to(feats[b].dtype)
+                alive[b] = state.record(run, b, alive[b], sel)
         return feats, alive
+
+    def _tower_per_request(self, run, batch, inputs, state) -> list[dict]:
+        """A stage's tower signals (tower_score [N], keys [N, d]) mapped to each request's visual tokens."""
+        score, keys = state.tower_signals(run)
+        out = [{} for _ in batch.reqs]
+        for name, values in (("tower_score", score), ("keys", keys)):
+            if values is None:
+                continue
+            per_image = self.adapter.tower_to_tokens(values if values.dim() == 3 else values[..., None], inputs)
+            for b, ims in enumerate(batch.images_of):
+                if ims:
+                    v = torch.cat([per_image[i] for i in ims])
+                    out[b][name] = v[:, 0] if name == "tower_score" else v
+        return out
 
     def _llm_inputs(self, batch, inputs, feats, alive, state):
         """Embed, place the surviving visual features, drop pruned slots, left-pad again.
@@ -321,7 +364,8 @@ class Engine:
                 vision_flops=self._vision_flops(plan, kept, r),
                 prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
             text = self.processor.tokenizer.decode(ids[:new], skip_special_tokens=True).strip()
-            results.append(Result(text=text, token_ids=ids[:new], kept=kept,
+            groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
+            results.append(Result(text=text, token_ids=ids[:new], kept=kept, groups=groups,
                                   scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],
                                   stats=stats, plan=plan, coords=batch.coords[b], n_images=len(r.images),
                                   logits=None if logits is None else logits[b, :new]))

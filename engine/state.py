@@ -3,19 +3,24 @@
 transformers forwards unknown kwargs from the top-level forward down to every decoder
 layer and attention function, so the hooks and the registered attention function read
 the state from there. Nothing is stored on modules or at module level: a state lives
-for one generate call and then holds that call's records (kept sets, scores).
+for one generate call and then holds that call's records (kept sets, scores, merge groups).
 
 Sequence bookkeeping for one padded batch (B rows). Every token keeps the *slot* it had
 in the prefill layout (``seq``), so causality after pruning is simply ``seq_k <= seq_q``;
 decode tokens get slots after the prefill length.
+
+Merge bookkeeping per request: ``owner[o]`` is the position, in the list of visual tokens
+currently alive, of the token that original token ``o`` is now part of (-1: dropped).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
-from ..pruners import Pruner, Selection, StageInput
+from ..pruners import Pruner, Selection, StageInput, TowerRecord
 from .plan import Stage
+from .signals import SignalsMixin
 
 STATE_KWARG = "tokensieve_state"
 
@@ -28,20 +33,26 @@ class StageRun:
     stage: Stage
     pruner: Pruner
     keep: list[int]  # per request row (vision stages: per image)
+    tower_layers: list[int] = field(default_factory=list)  # vision layers its tower signals come from
 
 
 @dataclass
-class RequestState:
+class RequestState(SignalsMixin):
     batch_size: int
     seed: int = 0
     vision_stages: dict[int, StageRun] = field(default_factory=dict)  # vision layer -> stage
     llm_stages: dict[int, StageRun] = field(default_factory=dict)  # LLM layer -> stage
-    vision_layer_of: dict[int, int] = field(default_factory=dict)  # id(attn module) -> vision layer
+    pre_llm_stages: list[StageRun] = field(default_factory=list)
     prefill: bool = True
     # records, per stage index: list over requests
     kept: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     scores: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
+    groups: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    owner: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis]
     # vision side: per image, original patch indices alive and their owner request
+    vision_layer_of: dict[int, int] = field(default_factory=dict)  # id(attn module) -> vision layer
+    tower: TowerRecord | None = None
+    tower_wants: dict[int, set] = field(default_factory=dict)  # vision layer -> signals to record
     image_owner: list[int] = field(default_factory=list)
     image_alive: list[torch.Tensor] = field(default_factory=list)
     image_coords: list[torch.Tensor] = field(default_factory=list)  # [P, 3] per image
@@ -53,28 +64,40 @@ class RequestState:
     coords: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis, 3]
     key_seq: dict[int, torch.Tensor] = field(default_factory=dict)
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
-    importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, Sk]
+    importance: dict[int, object] = field(default_factory=dict)  # layer -> [B, H, Sk] or per-row list
+    rope: tuple | None = None  # (cos, sin) [B, S, d] of the current tokens, for RoPE-free scores
     next_slot: int = 0
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
-
-    # ---- what the attention function is asked for -------------------------------------------
-    def query_weights(self, layer: int, query: torch.Tensor) -> torch.Tensor | None:
-        """[B, Sq] weights of the queries whose attention a stage before ``layer + 1`` reads, or None.
-
-        "last_query": the last prompt token (always valid: rows are left padded).
-        """
-        run = self.llm_stages.get(layer + 1) if self.prefill else None
-        if run is None or run.pruner.needs is None:
-            return None
-        if run.pruner.needs != "last_query":
-            raise ValueError(f"{run.stage.describe()}: unknown attention need '{run.pruner.needs}'")
-        w = torch.zeros(query.shape[0], query.shape[2], device=query.device)
-        w[:, -1] = 1.0
-        return w
 
     @property
     def first_pruned_layer(self) -> int | None:
         return min(self.llm_stages) if self.llm_stages else None
+
+    # ---- selection and its records -----------------------------------------------------------
+    def select(self, run: StageRun, keep: int, tokens, coords, attn=None, **signals) -> Selection:
+        inp = StageInput(tokens=tokens, keep=keep, coords=coords, attn=attn, options=run.stage.options,
+                         seed=self.seed, **signals)
+        sel = run.pruner.select(inp)
+        check_selection(sel, tokens.shape[0], keep, run.stage.describe())
+        return sel
+
+    def sizes(self, b: int, n_alive: int) -> torch.Tensor:
+        """[n_alive] how many original tokens each alive token of request b stands for."""
+        own = self.owner[b]
+        return torch.bincount(own[own >= 0], minlength=n_alive).float()
+
+    def record(self, run: StageRun, b: int, entering: torch.Tensor, sel: Selection) -> torch.Tensor:
+        """Record request b's result of a stage; ``entering``: [n_in] original indices, sorted. Returns kept originals."""
+        keep_idx = sel.keep_idx.cpu()
+        groups = sel.groups.cpu() if sel.groups is not None else identity_groups(keep_idx, entering.numel())
+        own = self.owner[b]
+        alive = own >= 0
+        own[alive] = groups[own[alive]]
+        kept = entering[keep_idx]
+        for store, value in ((self.kept, kept), (self.groups, own.clone()),
+                             (self.scores, None if sel.scores is None else sel.scores.detach().float().cpu())):
+            store.setdefault(run.index, [None] * self.batch_size)[b] = value
+        return kept
 
     # ---- vision-encoder-layer pre-hook ---------------------------------------------------------
     def before_vision_layer(self, layer: int, hidden: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -85,32 +108,48 @@ class RequestState:
         run = self.vision_stages.get(layer)
         if run is None:
             return hidden
-        index, kept = [], [[] for _ in range(self.batch_size)]
+        tower_score, keys = self.tower_signals(run)
+        per_request = [([], [], [], []) for _ in range(self.batch_size)]  # entering, keep_idx, groups, scores
+        new_rows = []
         for i, alive in enumerate(self.image_alive):
-            b = self.image_owner[i]
-            sel = self.select(run, run.keep[i], hidden[i, prefix:], self.image_coords[i][alive], None)
-            self.image_alive[i] = alive[sel.keep_idx.cpu()]
-            kept[b].append(self.image_offset[i] + self.image_alive[i])
-            index.append(torch.cat([torch.arange(prefix), prefix + sel.keep_idx.cpu()]))
-        self.kept[run.index] = [torch.cat(k) if k else torch.zeros(0, dtype=torch.long) for k in kept]
-        self.scores[run.index] = [None] * self.batch_size
-        return gather_seq(hidden, torch.stack(index).to(hidden.device))
+            entering, keep_idx, groups, scores = per_request[self.image_owner[i]]
+            n_in, n_kept = sum(map(len, entering)), sum(map(len, keep_idx))
+            sel = self.select(run, run.keep[i], hidden[i, prefix:], self.image_coords[i][alive],
+                              tower_score=None if tower_score is None else tower_score[i],
+                              keys=None if keys is None else keys[i])
+            idx = sel.keep_idx.cpu()
+            g = sel.groups.cpu() if sel.groups is not None else identity_groups(idx, alive.numel())
+            entering.append(self.image_offset[i] + alive)
+            keep_idx.append(idx + n_in)
+            groups.append(torch.where(g >= 0, g + n_kept, -1))
+            scores.append(sel.scores)
+            self.image_alive[i] = alive[idx]
+            rows = hidden[i, prefix:][sel.keep_idx] if sel.tokens is None else sel.tokens.to(hidden.dtype)
+            new_rows.append(torch.cat([hidden[i, :prefix], rows]))
+        for b, (entering, keep_idx, groups, scores) in enumerate(per_request):
+            if entering:
+                sel = Selection(keep_idx=torch.cat(keep_idx), groups=torch.cat(groups),
+                                scores=None if any(x is None for x in scores) else torch.cat([x.cpu() for x in scores]))
+                self.record(run, b, torch.cat(entering), sel)
+        return torch.stack(new_rows)
 
     # ---- decoder-layer pre-hook ------------------------------------------------------------
     def before_llm_layer(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Prune at a stage layer (prefill), then give layers past the first stage their own mask."""
         first = self.first_pruned_layer
-        if first is None or layer < first:
+        if first is None or layer < first - 1:
             return hidden
-        if self.prefill and layer in self.llm_stages:
-            hidden = self._prune_llm(self.llm_stages[layer], layer, hidden)
         if self.prefill and self.prefill_index is not None:
             # every layer receives the model's full-length rotary tables and position ids: cut them down
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (gather_seq(cos, self.prefill_index), gather_seq(sin, self.prefill_index))
             if isinstance(kwargs.get("position_ids"), torch.Tensor):
                 kwargs["position_ids"] = gather_seq(kwargs["position_ids"], self.prefill_index)
-        kwargs["attention_mask"] = self._layer_mask(layer)
+        if self.prefill and layer in self.llm_stages:
+            hidden = self._prune_llm(self.llm_stages[layer], layer, hidden, kwargs)
+        self.rope = kwargs.get("position_embeddings")
+        if layer >= first:
+            kwargs["attention_mask"] = self._layer_mask(layer)
         return hidden
 
     def _layer_mask(self, layer: int) -> torch.Tensor:
@@ -125,34 +164,32 @@ class RequestState:
         mask |= ~self.valid[:, :, None]  # padding queries attend everywhere: finite, never read
         return mask[:, None]
 
-    def _prune_llm(self, run: StageRun, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        imp = self.importance.pop(layer - 1, None)  # [B, H, Sk] or None
-        keep_slots, kept, scores = [], [], []
+    def _prune_llm(self, run: StageRun, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        imp = self.importance.pop(layer - 1, None)
+        keep_slots = []
+        hidden = hidden.clone()
         for b in range(self.batch_size):
             vis_slots = (self.vis_orig[b] >= 0).nonzero().flatten()
-            orig = self.vis_orig[b, vis_slots]
-            attn = imp[b][:, vis_slots] if imp is not None else None
-            sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig.cpu()], attn)
-            drop = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
-            drop[vis_slots[sel.keep_idx]] = False
-            keep_mask = self.valid[b] & ((self.vis_orig[b] < 0) | ~drop)
+            orig = self.vis_orig[b, vis_slots].cpu()
+            signals = self.llm_signals(run, imp, b, vis_slots)
+            sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig],
+                              sizes=self.sizes(b, vis_slots.numel()), **signals)
+            if sel.tokens is not None:
+                hidden[b, vis_slots[sel.keep_idx]] = sel.tokens.to(hidden.dtype)
+            self.record(run, b, orig, sel)
+            keep_mask = self.valid[b] & (self.vis_orig[b] < 0)
+            keep_mask[vis_slots[sel.keep_idx]] = True
             keep_slots.append(keep_mask.nonzero().flatten())
-            kept.append(orig[sel.keep_idx].cpu())
-            scores.append(None if sel.scores is None else sel.scores.detach().float().cpu())
-        self.kept[run.index], self.scores[run.index] = kept, scores
         index, valid = left_pad_index(keep_slots, hidden.device)  # [B, S'] each
         self.seq = self.seq.gather(1, index)
         self.vis_orig = torch.where(valid, self.vis_orig.gather(1, index), -1)
         self.valid = valid
-        base = self.prefill_index
-        self.prefill_index = index if base is None else base.gather(1, index)
+        self.prefill_index = index if self.prefill_index is None else self.prefill_index.gather(1, index)
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (gather_seq(cos, index), gather_seq(sin, index))
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            kwargs["position_ids"] = gather_seq(kwargs["position_ids"], index)
         return gather_seq(hidden, index)
-
-    def select(self, run: StageRun, keep: int, tokens, coords, attn) -> Selection:
-        inp = StageInput(tokens=tokens, keep=keep, coords=coords, attn=attn, options=run.stage.options, seed=self.seed)
-        sel = run.pruner.select(inp)
-        check_selection(sel, tokens.shape[0], keep, run.stage.describe())
-        return sel
 
     # ---- decode ------------------------------------------------------------------------------
     def start_decode(self, n_new: int, device) -> None:
@@ -165,12 +202,24 @@ class RequestState:
         self.next_slot += n_new
 
 
-def check_selection(sel: Selection, n: int, keep: int, label: str) -> None:
+def identity_groups(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] groups of a plain selection: kept tokens map to their own position, the rest to -1."""
+    g = torch.full((n,), -1, dtype=torch.long)
+    g[keep_idx] = torch.arange(keep_idx.numel())
+    return g
+
+
+def check_selection(sel: Selection, n: int, keep: int | None, label: str) -> None:
     idx = sel.keep_idx
-    if idx.numel() != keep or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+    if (keep is not None and idx.numel() != keep) or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
         raise RuntimeError(f"{label}: pruner returned {idx.numel()} indices (want {keep}, sorted, unique)")
     if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n):
         raise RuntimeError(f"{label}: pruner returned an index outside [0, {n})")
+    if sel.tokens is not None and sel.tokens.shape[0] != idx.numel():
+        raise RuntimeError(f"{label}: pruner returned {sel.tokens.shape[0]} merged tokens for {idx.numel()} kept")
+    if sel.groups is not None and (sel.groups.numel() != n or not bool((sel.groups[idx] == torch.arange(
+            idx.numel(), device=sel.groups.device)).all())):
+        raise RuntimeError(f"{label}: merge groups must cover the {n} entering tokens and map kept tokens to themselves")
 
 
 def left_pad_index(keep_slots: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,4 +240,3 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         x = x.expand(index.shape[0], *x.shape[1:])
     idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
     return x.gather(1, idx)
-

@@ -1,6 +1,7 @@
 """The pruner registry: name -> class. Adding a method is one file, one entry here, one test."""
 from ..engine.errors import PlanError
-from .base import Pruner, Selection, StageInput, topk_sorted
+from .base import (Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens,
+                   topk_sorted)
 from .fastv import FastVPruner
 from .random import RandomPruner
 from .uniform import UniformPruner
@@ -20,4 +21,5 @@ def get_pruner(name: str, stage_label: str = "stage") -> Pruner:
         raise PlanError(f"{stage_label}: unknown pruner '{name}'; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Pruner", "Selection", "StageInput", "REGISTRY", "get_pruner", "topk_sorted"]
+__all__ = ["Pruner", "Selection", "StageInput", "TowerRecord", "REGISTRY", "get_pruner", "topk_sorted",
+           "cls_or_surrogate", "keys_or_tokens"]

@@ -23,6 +23,7 @@ class StageInput:
               over the rows with their weights; for one row it is that row's softmax), or None
     options:  the stage's pruner options (already validated against ``option_names``)
     seed:     base seed of the request (pruners that draw randomness use it)
+    Fields below are filled only when the pruner declares it needs them and the family has them.
     """
 
     tokens: torch.Tensor
@@ -31,22 +32,61 @@ class StageInput:
     attn: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    tower_score: torch.Tensor | None = None  # [N] the pruner's own ``tower_score``, mapped to these tokens
+    keys: torch.Tensor | None = None  # [N, d] head-averaged attention keys of these tokens (vision tower)
+    text_attn: torch.Tensor | None = None  # [H, T, N] attention of each text query row to these tokens
+    sizes: torch.Tensor | None = None  # [N] how many original tokens each token already stands for
 
 
 @dataclass
 class Selection:
-    """keep_idx: [k] sorted unique indices into the N tokens entering; scores: [N] importance or None."""
+    """What survives a stage.
+
+    keep_idx: [k] sorted unique indices into the N tokens entering
+    scores:   [N] importance of each entering token, or None
+    tokens:   [k, D] new hidden states / features for the kept tokens (merging methods), or None
+    groups:   [N] for merging methods, the position in keep_idx each entering token was merged
+              into (-1: dropped); None means every kept token stands for itself only
+    """
 
     keep_idx: torch.Tensor
     scores: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+
+
+@dataclass
+class TowerRecord:
+    """What the vision tower recorded for one pruner, per tile (image or anyres tile) of the batch.
+
+    Tensors are indexed [n_tiles, ...] over the tower's tokens at that layer, prefix (CLS) first.
+        cls[l]        [n, H, S]      softmax attention of the CLS query in layer l
+        keys[l]       [n, S, d]      head-averaged keys in layer l
+        values_l1[l]  [n, H, S]      L1 norm of each token's value vector, per head
+        value_sim[l]  [n, H, S]      cosine similarity of each value to the CLS value, per head
+        qk[l]         (q, k)         [n, H, S, d] each (for methods that need whole-layer flow)
+    """
+
+    prefix: int
+    cls: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)
+    values_l1: dict = field(default_factory=dict)
+    value_sim: dict = field(default_factory=dict)
+    qk: dict = field(default_factory=dict)
 
 
 class Pruner:
     """Base class. Subclasses set the class attributes and implement ``select``.
 
-    needs: the attention the pruner reads, or None.
-        "last_query": at an LLM stage before layer K, the last prompt token's attention
-        (all heads) over all keys, taken in layer K-1.
+    needs: the LLM attention the pruner reads (LLM stages), or None. Taken in layer K-1:
+        "last_query": the last prompt token's attention (all heads) -> ``attn``
+        "last_query_norope": the same with RoPE removed from the query and keys -> ``attn``
+        "text_rows": every text token after the last visual token, row by row -> ``text_attn``
+    vision_needs: what the vision tower records for the pruner (vision / pre-LLM stages), a
+        subset of {"cls", "keys", "values", "qk"}; the engine turns it into ``tower_score``
+        (via ``tower_score``) and ``keys`` on families whose tower has a CLS token.
+    requires_tower: True when the method is meaningless without those tower signals (the
+        engine refuses it on other families); False when it has a documented surrogate.
     """
 
     name: ClassVar[str]
@@ -56,9 +96,34 @@ class Pruner:
     default_keep: ClassVar[int | float | None] = None
     option_names: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[str | None] = None
+    vision_needs: ClassVar[frozenset] = frozenset()
+    requires_tower: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False  # may be given keep="auto"
 
     def select(self, inp: StageInput) -> Selection:
         raise NotImplementedError
+
+    def tower_layers(self, last: int, options: dict) -> list[int]:
+        """Tower layers to record, given the last layer before the stage (default: that one)."""
+        return [last]
+
+    def tower_score(self, rec: TowerRecord, layers: list[int]) -> torch.Tensor:
+        """[n, S - prefix] patch importance from the record (default: head-mean CLS attention)."""
+        return rec.cls[layers[-1]][:, :, rec.prefix:].float().mean(1)
+
+
+def cls_or_surrogate(inp: StageInput) -> torch.Tensor:
+    """[N] CLS-attention importance; without a CLS token, the documented surrogate:
+    the attention of a mean-pooled query over the stage's tokens, softmax(mean(x) . x^T / sqrt(D))."""
+    if inp.tower_score is not None:
+        return inp.tower_score.float()
+    x = inp.tokens.float()
+    return torch.softmax(x @ x.mean(0) / x.shape[-1] ** 0.5, dim=0)
+
+
+def keys_or_tokens(inp: StageInput) -> torch.Tensor:
+    """[N, d] the keys used for similarity: tower keys where recorded, else the tokens themselves."""
+    return (inp.keys if inp.keys is not None else inp.tokens).float()
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

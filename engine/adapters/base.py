@@ -16,6 +16,7 @@ class Adapter:
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     vision_prefix: ClassVar[int | None] = None  # tokens before the patches in the tower (CLS); None: no vision stages
+    cls_tower: ClassVar[bool] = False  # the tower has a CLS token whose attention the engine can record
 
     def __init__(self, model: nn.Module, processor):
         self.model = model
@@ -60,6 +61,26 @@ class Adapter:
         Tokens that are not patches (e.g. row-end newline tokens) get col = grid width.
         """
         raise NotImplementedError
+
+    @property
+    def feature_layer(self) -> int:
+        """Index of the vision layer whose output the LLM features are taken from (its attention is scored)."""
+        n = len(self.vision_layers)
+        fl = self.config.vision_feature_layer
+        fl = fl if isinstance(fl, int) else fl[-1]
+        return n + fl if fl < 0 else fl - 1
+
+    def tower_attention_modules(self) -> list[nn.Module]:
+        """The self-attention module of every vision layer (cls_tower families)."""
+        return [layer.self_attn for layer in self.vision_layers]
+
+    def tiles_per_image(self, inputs) -> list[int]:
+        """How many tower passes (tiles) each image takes."""
+        return [1] * len(self.image_coords(inputs))
+
+    def tower_to_tokens(self, values: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """Per-patch tower values [n_tiles, P, C] -> one [N_i, C] per image, aligned with its LLM tokens."""
+        return list(values)
 
     def vision_patch_coords(self, inputs) -> list[torch.Tensor]:
         """[P, 3] per image: coords of the patches inside the vision tower (vision stages only)."""

@@ -10,6 +10,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
     vision_prefix = 1  # the CLS token
+    cls_tower = True
 
     @property
     def vision_layers(self):

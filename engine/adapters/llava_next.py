@@ -13,6 +13,12 @@ from .base import Adapter
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
     model_types = ("llava_next",)
+    cls_tower = True
+
+    @property
+    def vision_layers(self):
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     def _feature_kwargs(self, inputs) -> dict:
         return dict(vision_feature_layer=self.config.vision_feature_layer,
@@ -23,7 +29,7 @@ class LlavaNextAdapter(Adapter):
                                                   **self._feature_kwargs(inputs), **kwargs)
         return list(out.pooler_output)
 
-    def _tiles_per_image(self, inputs) -> list[int]:
+    def tiles_per_image(self, inputs) -> list[int]:
         vc = self.config.vision_config
         return [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
                                           patch_size=vc.image_size) for s in inputs["image_sizes"]]
@@ -38,12 +44,18 @@ class LlavaNextAdapter(Adapter):
         side = vc.image_size // vc.patch_size
         r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         feats = []
-        for n in self._tiles_per_image(inputs):
+        for n in self.tiles_per_image(inputs):
             tiles = [torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3)]
             tiles += [torch.stack([torch.ones_like(r), r, c], -1).reshape(-1, 3) for _ in range(n - 1)]
             feats.append(torch.stack(tiles).float())  # [n_tiles, side*side, 3]; tile rows fixed below
         packed, _ = self._pack(feats, inputs, torch.full((3,), -1.0))
         return [_fix_coords(p) for p in packed]
+
+    def tower_to_tokens(self, values: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """Pack per-tile values exactly as the features are packed; newline tokens get 0."""
+        per_image = list(torch.split(values.float(), self.tiles_per_image(inputs)))
+        packed, _ = self._pack(per_image, inputs, torch.zeros(values.shape[-1]))
+        return list(packed)
 
 
 def _fix_coords(p: torch.Tensor) -> torch.Tensor:

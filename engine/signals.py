@@ -1,0 +1,105 @@
+"""The attention signals pruners read, recorded inside the attention function.
+
+Vision tower (CLIP with a CLS token): the CLS row (single-row kernel / reference), head-mean
+keys, value L1 norms, CLS value similarity, or a layer's q/k, only at the layers a stage asked
+for. Language model, in layer K-1 of a stage before layer K: the last prompt token's row
+(fused kernel on GPU), the same row with RoPE removed, or each text token's row. Every one of
+them is O(rows x tokens) in memory; no attention matrix is ever materialised.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import attention_row
+from ..kernels.reference import full_mask
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo rotary embeddings: x [B, H, S, d], cos/sin [B, S, d] (x_rot = x cos + rot(x) sin)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos - rotate_half(x) * sin
+
+
+class SignalsMixin:
+    """Methods of RequestState that record and hand out attention signals."""
+
+    # ---- language model ---------------------------------------------------------------------
+    def llm_need(self, layer: int) -> str | None:
+        """What the stage before ``layer + 1`` needs from this layer's attention (prefill only)."""
+        run = self.llm_stages.get(layer + 1) if self.prefill else None
+        return None if run is None else run.pruner.needs
+
+    def last_query_weights(self, query: torch.Tensor) -> torch.Tensor:
+        """[B, Sq] one-hot on the last prompt token (always valid: rows are left padded)."""
+        w = torch.zeros(query.shape[0], query.shape[2], device=query.device)
+        w[:, -1] = 1.0
+        return w
+
+    def record_rows(self, need: str, layer: int, query, key, mask, causal: bool, scale: float) -> None:
+        """Exact softmax rows for 'last_query_norope' ([B, H, Sk]) or 'text_rows' (per request [H, T, Sk])."""
+        rep = query.shape[1] // key.shape[1]
+        if need == "last_query_norope":
+            cos, sin = self.rope
+            q = unrotate(query[:, :, -1:], cos[:, -1:], sin[:, -1:])
+            k = unrotate(key, cos, sin)
+            rows = [query.shape[2] - 1]
+        elif need == "text_rows":
+            q, k = query, key
+            rows = None
+        else:
+            raise ValueError(f"unknown attention need '{need}'")
+        b, hq, sq, _ = query.shape
+        sk = key.shape[2]
+        out = []
+        for i in range(b):
+            r = torch.tensor(rows if rows is not None else self.text_rows(i).tolist(), device=query.device, dtype=torch.long)
+            qi = q[i:i + 1] if need == "last_query_norope" else q[i:i + 1, :, r]
+            logits = (qi.float() @ k[i:i + 1].float().repeat_interleave(rep, 1).transpose(-1, -2)) * scale
+            allowed = full_mask(1, hq, sq, sk, causal, None if mask is None else mask[i:i + 1], r, query.device)
+            out.append(logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)[0])  # [H, R, Sk]
+        self.importance[layer] = torch.stack([o[:, 0] for o in out]) if need == "last_query_norope" else out
+
+    def text_rows(self, b: int) -> torch.Tensor:
+        """Slots of request b's text tokens after its last visual token (the question and template)."""
+        vis = (self.vis_orig[b] >= 0).nonzero().flatten()
+        start = int(vis[-1]) + 1 if vis.numel() else 0
+        slots = torch.arange(start, self.vis_orig.shape[1], device=self.vis_orig.device)
+        return slots[self.valid[b, start:]]
+
+    def llm_signals(self, run, imp, b: int, vis_slots: torch.Tensor) -> dict:
+        """The pruner's inputs for request b from the recorded rows, restricted to its visual tokens."""
+        if imp is None:
+            return {}
+        if run.pruner.needs == "text_rows":
+            return {"text_attn": imp[b][:, :, vis_slots]}
+        return {"attn": imp[b][:, vis_slots]}
+
+    # ---- vision tower -----------------------------------------------------------------------
+    def record_vision(self, layer: int, query, key, value, scale: float) -> None:
+        """query/key/value [n, H, S, d] of vision layer ``layer``: record what the stages asked for."""
+        want = self.tower_wants.get(layer, ())
+        rec = self.tower
+        if "cls" in want:
+            rec.cls[layer], _ = attention_row(query[:, :, 0], key, scale=scale)
+        if "keys" in want:
+            rec.keys[layer] = key.float().mean(1)
+        if "values" in want:
+            v = value.float()
+            rec.values_l1[layer] = v.abs().sum(-1)
+            rec.value_sim[layer] = torch.nn.functional.cosine_similarity(v, v[:, :, :1], dim=-1)
+        if "qk" in want:
+            rec.qk[layer] = (query.detach(), key.detach())
+
+    def tower_signals(self, run) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(tower_score [n, S - prefix], keys [n, S - prefix, d]) of a stage, or Nones where not recorded."""
+        if not run.tower_layers or self.tower is None:
+            return None, None
+        needs = run.pruner.vision_needs
+        score = run.pruner.tower_score(self.tower, run.tower_layers) if needs - {"keys"} else None
+        keys = self.tower.keys[run.tower_layers[-1]][:, self.tower.prefix:] if "keys" in needs else None
+        return score, keys
