@@ -77,8 +77,9 @@ class Engine:
         eos = model.generation_config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
         # scoring layers need the tokensieve attention function (SDPA plus the rows a pruner reads)
-        self._attn_before = self.adapter.text_config._attn_implementation
-        self.model.set_attn_implementation({"text_config": attention.register()})
+        towers = ["text_config"] + (["vision_config"] if self.adapter.cls_tower else [])
+        self._attn_before = {t: getattr(model.config, t)._attn_implementation for t in towers}
+        self.model.set_attn_implementation({t: attention.register() for t in towers})
         prefix = self.adapter.vision_prefix
         self._handles = hooks.install(self.adapter.llm_layers, self.adapter.vision_layers if prefix is not None else None,
                                       prefix or 0)
@@ -88,8 +89,9 @@ class Engine:
         """Remove every hook this engine installed; the model is plain transformers again."""
         for h in self._handles:
             h.remove()
-        if self._handles and self._attn_before != attention.ATTN_NAME:
-            self.model.set_attn_implementation({"text_config": self._attn_before or "sdpa"})
+        if self._handles:
+            self.model.set_attn_implementation({t: (a if a and a != attention.ATTN_NAME else "sdpa")
+                                                for t, a in self._attn_before.items()})
         self._handles = []
 
     def __enter__(self):
@@ -285,11 +287,12 @@ class Engine:
         for name, values in (("tower_score", score), ("keys", keys)):
             if values is None:
                 continue
-            per_image = self.adapter.tower_to_tokens(values if values.dim() == 3 else values[..., None], inputs)
+            flat = values.dim() == 2  # [n, P] scores; [n, P, C] channels
+            per_image = self.adapter.tower_to_tokens(values[..., None] if flat else values, inputs)
             for b, ims in enumerate(batch.images_of):
                 if ims:
                     v = torch.cat([per_image[i] for i in ims])
-                    out[b][name] = v[:, 0] if name == "tower_score" else v
+                    out[b][name] = v[:, 0] if flat else v
         return out
 
     def _llm_inputs(self, batch, inputs, feats, alive, state):

@@ -16,7 +16,8 @@ Where a stage acts (``where``):
 Each pruner has a default ``where``; giving ``layer`` alone picks "llm" for pruners
 that default to it, else "vision"/"llm" must be spelled out with ``where=``.
 
-``keep`` is an int count or a float ratio in (0, 1] of the visual tokens entering the stage.
+``keep`` is an int count or a float ratio in (0, 1] of the visual tokens entering the stage, or
+"auto" for adaptive pruners (prumerge), after which later stages give ratios.
 """
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ class Stage:
     layer: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
-    def keep_count(self, n_in: int) -> int:
-        """Concrete number of tokens kept out of ``n_in`` entering the stage."""
+    def keep_count(self, n_in: int | None) -> int | None:
+        """Concrete number of tokens kept out of ``n_in`` entering the stage (None: decided at run time)."""
+        if self.keep == "auto" or n_in is None:
+            return None
         if isinstance(self.keep, float):
             return max(1, int(round(self.keep * n_in)))
         return int(self.keep)
@@ -76,7 +79,11 @@ class Plan:
                      for i, item in enumerate(spec)]
         else:
             raise PlanError(f"cannot build a plan from {type(spec).__name__}: give a string, a list of dicts or a file")
-        return cls(tuple(_make_stage(i, item) for i, item in enumerate(items)))
+        stages = tuple(_make_stage(i, item) for i, item in enumerate(items))
+        for i, s in enumerate(stages[1:], 1):
+            if isinstance(s.keep, int) and any(p.keep == "auto" for p in stages[:i]):
+                raise PlanError(f"stage {i} ({s.describe()}): after a keep=auto stage, give keep as a ratio")
+        return cls(stages)
 
     def check(self, n_llm_layers: int, n_vision_layers: int, supports_vision_stages: bool) -> None:
         """Raise PlanError for a stage whose layer does not exist in this model (before any work)."""
@@ -105,13 +112,13 @@ class Plan:
         counts, n_in = [], n_visual
         for i, s in enumerate(self.stages):
             per_image = s.where == "vision"
-            entering = n_in // max(n_images, 1) if per_image else n_in
+            entering = n_in // max(n_images, 1) if per_image and n_in is not None else n_in
             k = s.keep_count(entering)
-            if k > entering:
+            if k is not None and k > entering:
                 raise PlanError(f"stage {i} ({s.describe()}): keep={s.keep} is larger than the "
                                 f"{entering} visual tokens entering it" + (" per image" if per_image else ""))
             counts.append(k)
-            n_in = k * n_images if per_image else k
+            n_in = None if k is None else (k * n_images if per_image else k)
         return counts
 
 
@@ -169,14 +176,15 @@ def _make_stage(i: int, item: dict) -> Stage:
     keep = item.get("keep", pruner.default_keep)
     if keep is None:
         raise PlanError(f"stage {i} ({name}): keep is required")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+    if keep == "auto":
+        if not pruner.adaptive:
+            raise PlanError(f"stage {i} ({name}): keep=auto needs an adaptive pruner (prumerge); give a count or ratio")
+    elif isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise PlanError(f"stage {i} ({name}): keep must be an int count or a ratio in (0, 1], got {keep!r}")
-    if keep <= 0:
+    elif keep <= 0:
         raise PlanError(f"stage {i} ({name}): keep must be > 0, got {keep}")
-    if isinstance(keep, float) and keep > 1:
+    elif isinstance(keep, float) and keep > 1:
         raise PlanError(f"stage {i} ({name}): a ratio keep must be in (0, 1], got {keep}")
-    if isinstance(keep, float) and keep == 1.0:
-        keep = 1.0
     layer = item.get("layer")
     where = item.get("where") or pruner.default_where
     if where not in WHERES:

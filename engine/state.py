@@ -74,7 +74,9 @@ class RequestState(SignalsMixin):
         return min(self.llm_stages) if self.llm_stages else None
 
     # ---- selection and its records -----------------------------------------------------------
-    def select(self, run: StageRun, keep: int, tokens, coords, attn=None, **signals) -> Selection:
+    def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, **signals) -> Selection:
+        if keep is None:  # after an adaptive stage: resolve the ratio now (None for the adaptive stage itself)
+            keep = run.stage.keep_count(tokens.shape[0])
         inp = StageInput(tokens=tokens, keep=keep, coords=coords, attn=attn, options=run.stage.options,
                          seed=self.seed, **signals)
         sel = run.pruner.select(inp)

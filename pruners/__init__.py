@@ -2,14 +2,36 @@
 from ..engine.errors import PlanError
 from .base import (Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens,
                    topk_sorted)
+from .aim import AIMPruner
+from .cls import ClsPruner
+from .divprune import DivPrunePruner
 from .fastv import FastVPruner
+from .feather import FeatherPruner
+from .flowcut import FlowCutPruner
+from .pool import PoolPruner
+from .prumerge import PruMergePruner
 from .random import RandomPruner
+from .rollout import RolloutPruner
+from .sparsevlm import SparseVLMPruner
+from .tome import ToMePruner
 from .uniform import UniformPruner
+from .visionzip import VisionZipPruner
 
 REGISTRY: dict[str, type[Pruner]] = {
     "random": RandomPruner,
     "uniform": UniformPruner,
+    "pool": PoolPruner,
     "fastv": FastVPruner,
+    "cls": ClsPruner,
+    "visionzip": VisionZipPruner,
+    "prumerge": PruMergePruner,
+    "tome": ToMePruner,
+    "divprune": DivPrunePruner,
+    "flowcut": FlowCutPruner,
+    "rollout": RolloutPruner,
+    "sparsevlm": SparseVLMPruner,
+    "feather": FeatherPruner,
+    "aim": AIMPruner,
 }
 
 

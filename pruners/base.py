@@ -27,7 +27,7 @@ class StageInput:
     """
 
     tokens: torch.Tensor
-    keep: int
+    keep: int | None  # None only for an adaptive pruner given keep="auto"
     coords: torch.Tensor
     attn: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
