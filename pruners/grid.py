@@ -20,15 +20,20 @@ def split_budget(sizes: list[int], keep: int) -> list[int]:
     return out
 
 
+def lattice_shape(h: int, w: int, k: int) -> tuple[int, int]:
+    """(kh, kw): rows and columns of the smallest lattice of >= k cells with the grid's aspect ratio."""
+    kh = min(h, max(1, round(math.sqrt(k * h / w))))
+    kw = min(w, math.ceil(k / kh))
+    return min(h, math.ceil(k / kw)), kw
+
+
 def grid_stride(h: int, w: int, k: int) -> torch.Tensor:
     """Raster indices of k cells spread evenly over an h x w grid: [k], sorted.
 
     Picks a kh x kw lattice of cell centres (kh*kw >= k, aspect ratio kept), then drops
     evenly spaced extras so exactly k remain.
     """
-    kh = min(h, max(1, round(math.sqrt(k * h / w))))
-    kw = min(w, math.ceil(k / kh))
-    kh = min(h, math.ceil(k / kw))
+    kh, kw = lattice_shape(h, w, k)
     rows = ((torch.arange(kh) + 0.5) * h / kh).long()
     cols = ((torch.arange(kw) + 0.5) * w / kw).long()
     cells = (rows[:, None] * w + cols[None, :]).flatten()

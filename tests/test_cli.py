@@ -8,8 +8,9 @@ from conftest import noise_image
 
 
 def _run(*args, env=None):
+    # run from tests/: from the repository root, python -m would put the folder kernels/ on sys.path
     return subprocess.run([sys.executable, "-m", "tokensieve", "run", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, **(env or {})}, timeout=300, cwd=os.path.dirname(__file__))
 
 
 def test_cli_json_two_plans(tiny_path, tmp_path):

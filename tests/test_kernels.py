@@ -1,7 +1,9 @@
 """Triton kernels vs the plain-PyTorch reference (and the reference vs eager softmax written here).
 
 On CPU the kernels run in the Triton interpreter: TRITON_INTERPRET=1 must be set before Triton
-compiles anything, so these tests run the kernels in a subprocess when it is not set. On a GPU
+compiles anything, so these tests run the kernels in a subprocess when it is not set. The
+subprocesses run from tests/, never from the repository root, where the folder ``kernels/``
+would shadow the Hugging Face ``kernels`` package that transformers probes for. On a GPU
 machine they run natively. Tolerances: fp32 1e-4, fp16 2e-2 (relative to magnitudes ~1).
 """
 import os
@@ -107,7 +109,7 @@ def test_triton_matches_reference_in_interpreter():
     pytest.importorskip("triton")
     code = "import sys; sys.path.insert(0, %r); import test_kernels; test_kernels._triton_checks()" % os.path.dirname(__file__)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=os.path.dirname(__file__))
     assert out.returncode == 0 and "TRITON-CHECKS-OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
@@ -142,7 +144,7 @@ def test_engine_scoring_layer_through_fused_kernel(tiny_path):
     code = ("import sys, json; sys.path.insert(0, %r); import test_kernels; r = test_kernels._engine_fastv(%r);"
             "print('RESULT', json.dumps([r.kept[0].tolist(), r.token_ids, r.scores[0].tolist()]))") % (os.path.dirname(__file__), path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=os.path.dirname(__file__))
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line is not None, out.stdout[-2000:] + out.stderr[-3000:]
     import json

@@ -1,0 +1,322 @@
+"""Every pruner of the library: interface properties, and its kept set against an independent,
+plain reference computed here from the paper's definition (attention from eager computations
+in this file on a tiny model, never from the code under test)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import noise_image
+from tokensieve import PlanError
+from tokensieve.engine.adapters.base import grid_coords
+from tokensieve.pruners import REGISTRY, StageInput, get_pruner
+from tokensieve.testing import FAMILIES
+
+N, H, T = 64, 4, 5
+
+
+def full_input(keep, seed=0, **options):
+    g = torch.Generator().manual_seed(seed)
+    return StageInput(tokens=torch.randn(N, 8, generator=g), keep=keep, coords=grid_coords(8, 8),
+                      attn=torch.softmax(torch.randn(H, N, generator=g), -1), options=options,
+                      tower_score=torch.rand(N, 6, generator=g).abs(),  # flowcut: 2 layers x 3 channels
+                      keys=torch.randn(N, 4, generator=g), text_attn=torch.softmax(torch.randn(H, T, N, generator=g), -1),
+                      sizes=torch.ones(N))
+
+
+def run(name, inp):
+    if name != "flowcut":  # flowcut reads (layers x 3) channels; the rest one score per token
+        inp.tower_score = inp.tower_score[:, 0]
+    return get_pruner(name).select(inp)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("keep", [1, 9, 16, N])
+def test_interface_properties(name, keep):
+    sel = run(name, full_input(keep))
+    idx = sel.keep_idx.tolist()
+    assert len(idx) == keep and idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < N
+    if sel.tokens is not None:
+        assert sel.tokens.shape == (keep, 8)
+    if sel.groups is not None:
+        assert sel.groups.shape == (N,) and sel.groups[sel.keep_idx].tolist() == list(range(keep))
+    if keep == N:  # keep-everything is the identity, features untouched
+        assert idx == list(range(N))
+        if sel.tokens is not None:
+            torch.testing.assert_close(sel.tokens, full_input(keep).tokens)
+    again = run(name, full_input(keep))
+    assert torch.equal(again.keep_idx, sel.keep_idx)  # deterministic
+
+
+# ---- pure references ------------------------------------------------------------------------
+
+def test_divprune_is_greedy_max_min():
+    x = full_input(10).tokens
+    d = 1 - F.cosine_similarity(x[:, None], x[None], dim=-1)
+    nn = [min(float(d[i, j]) for j in range(N) if j != i) for i in range(N)]
+    chosen = [max(range(N), key=lambda i: nn[i])]
+    while len(chosen) < 10:
+        chosen.append(max((i for i in range(N) if i not in chosen), key=lambda i: min(float(d[i, j]) for j in chosen)))
+    assert get_pruner("divprune").select(full_input(10)).keep_idx.tolist() == sorted(chosen)
+
+
+def test_tome_one_round_matches_bipartite_definition():
+    inp = full_input(N - 7)
+    inp.keys = None  # metric = the tokens
+    sel = get_pruner("tome").select(inp)
+    x = inp.tokens
+    a, b = list(range(0, N, 2)), list(range(1, N, 2))
+    sim = F.cosine_similarity(x[a][:, None], x[b][None], dim=-1)
+    best, match = sim.max(1)
+    order = sorted(range(len(a)), key=lambda i: -float(best[i]))[:7]
+    merged_src = {a[i]: b[int(match[i])] for i in order}
+    assert sel.keep_idx.tolist() == [i for i in range(N) if i not in merged_src]
+    for dst in set(merged_src.values()):
+        group = [dst] + [s for s, d in merged_src.items() if d == dst]
+        pos = sel.keep_idx.tolist().index(dst)
+        torch.testing.assert_close(sel.tokens[pos], x[group].mean(0))
+        assert all(int(sel.groups[g]) == pos for g in group)
+
+
+def test_visionzip_dominant_and_contextual():
+    inp = full_input(16)
+    inp.tower_score = inp.tower_score[:, 0]
+    sel = get_pruner("visionzip").select(inp)
+    c = round(16 * 10 / 64)  # 2 contextual tokens, 14 dominant
+    dominant = set(torch.topk(inp.tower_score, 14).indices.tolist())
+    rest = [i for i in range(N) if i not in dominant]
+    step = len(rest) // c
+    targets = rest[::step][:c]
+    assert sel.keep_idx.tolist() == sorted(dominant | set(targets))
+    keys = F.normalize(inp.keys, dim=-1)
+    for t in targets:
+        group = [t] + [r for r in rest if r not in targets and targets[int((keys[r] @ keys[targets].T).argmax())] == t]
+        torch.testing.assert_close(sel.tokens[sel.keep_idx.tolist().index(t)], inp.tokens[group].mean(0))
+
+
+def test_prumerge_iqr_outliers_spatial_and_weighted_merge():
+    inp = full_input(None)
+    scores = torch.full((N,), 0.01)
+    scores[[3, 40]] = 1.0
+    scores[20] = 0.02  # IQR = 0 here, so this one is above Q3 + 1.5 IQR too: three outliers
+    inp.tower_score = scores
+    sel = get_pruner("prumerge").select(inp)
+    assert len(sel.keep_idx) == 3 * 4  # auto: outliers x (1 + 3 spatial samples)
+    assert {3, 20, 40} <= set(sel.keep_idx.tolist())
+    keys = F.normalize(inp.keys, dim=-1)
+    kept = sel.keep_idx.tolist()
+    for pos, k in enumerate(kept):
+        group = [k] + [j for j in range(N) if j not in kept and kept[int((keys[j] @ keys[kept].T).argmax())] == k]
+        w = scores[group]
+        torch.testing.assert_close(sel.tokens[pos], (inp.tokens[group] * w[:, None]).sum(0) / w.sum())
+    fixed = full_input(5)
+    fixed.tower_score = scores
+    assert {3, 40} <= set(get_pruner("prumerge").select(fixed).keep_idx.tolist())
+
+
+def test_pool_is_average_pooling():
+    x = torch.arange(64.).view(64, 1)
+    sel = get_pruner("pool").select(StageInput(tokens=x, keep=16, coords=grid_coords(8, 8)))
+    expected = x.view(4, 2, 4, 2).mean(dim=(1, 3)).flatten()
+    torch.testing.assert_close(sel.tokens.flatten(), expected)
+
+
+def test_flowcut_progressive_entropy_schedule():
+    inp = full_input(12)
+    sig = inp.tower_score.view(N, 2, 3)
+    sel = get_pruner("flowcut").select(inp)
+    alive, acc = list(range(N)), torch.zeros(N)
+    for t in range(2):
+        a, s, v = sig[alive, t, 0] + 1e-12, sig[alive, t, 1] + 1e-12, sig[alive, t, 2]
+        score = (a / a.sum() + s / s.sum()) * v
+        acc[alive] = score if t == 0 else 0.5 * acc[alive] + 0.5 * score
+        p = a / a.sum()
+        h = float(-(p * p.log()).sum() / torch.log(torch.tensor(float(len(alive)))))
+        r = len(alive) - 12 if t == 1 else min(len(alive) - 12, round((len(alive) - 12) / 2 ** 0.5 * (1 - h * h)))
+        drop = set(sorted(alive, key=lambda i: float(acc[i]))[:r])
+        alive = [i for i in alive if i not in drop]
+    assert sel.keep_idx.tolist() == alive
+
+
+def test_sparsevlm_raters():
+    inp = full_input(10, recycle=0)
+    sel = get_pruner("sparsevlm").select(inp)
+    mean_attn = inp.text_attn.mean(0)  # [T, N]
+    mass = mean_attn.sum(-1)
+    raters = [t for t in range(T) if mass[t] >= mass.mean()]
+    score = mean_attn[raters].mean(0)
+    assert sel.keep_idx.tolist() == sorted(torch.topk(score, 10).indices.tolist())
+    rec = get_pruner("sparsevlm").select(full_input(10, recycle=0.3))
+    assert rec.groups is not None and int((rec.groups >= 0).sum()) > 10  # recycled groups absorb pruned tokens
+
+
+def test_feather_uniform_share():
+    sel = get_pruner("feather").select(full_input(16, uniform=0.25))
+    lattice4 = [r * 8 + c for r in (2, 6) for c in (2, 6)]
+    assert set(lattice4) <= set(sel.keep_idx.tolist())
+
+
+# ---- against eager attention on a tiny model --------------------------------------------------
+
+def _eager_tower(path, pixel_values):
+    """Per CLIP layer: softmax attention [H, S, S] of image 0, computed here from q_proj/k_proj."""
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    tower = model.model.vision_tower
+    attn = []
+
+    def hook(mod, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        b, s, _ = x.shape
+        q = mod.q_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
+        k = mod.k_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
+        attn.append(torch.softmax(q @ k.transpose(-1, -2) * mod.scale, -1)[0])
+
+    hs = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in tower.encoder.layers]
+    with torch.no_grad():
+        tower(pixel_values, output_hidden_states=True)
+    for h in hs:
+        h.remove()
+    return attn
+
+
+def _topk(scores, k):
+    return sorted(torch.topk(scores, k).indices.tolist())
+
+
+def test_cls_vtc_and_ensemble_against_eager(engine_for, tiny_path):
+    engine, img = engine_for("llava"), noise_image(2)
+    attn = _eager_tower(tiny_path("llava"), engine.prepare("x", images=[img])["pixel_values"])
+    fl = engine.adapter.feature_layer
+    res = engine.generate("what", images=[img], plan="cls:keep=12", max_new_tokens=1)
+    assert res.kept[0].tolist() == _topk(attn[fl][:, 0, 1:].mean(0), 12)
+    torch.testing.assert_close(res.scores[0], attn[fl][:, 0, 1:].mean(0), atol=1e-5, rtol=1e-4)
+    res = engine.generate("what", images=[img], plan="cls:keep=12,layers=0/1", max_new_tokens=1)
+    assert res.kept[0].tolist() == _topk(attn[0][:, 0, 1:].mean(0) + attn[1][:, 0, 1:].mean(0), 12)
+    res = engine.generate("what", images=[img], plan="cls:where=vision,layer=1,keep=12", max_new_tokens=1)
+    assert res.kept[0].tolist() == _topk(attn[0][:, 0, 1:].mean(0), 12)
+
+
+def test_rollout_against_explicit_matrix_product(engine_for, tiny_path):
+    engine, img = engine_for("llava"), noise_image(4)
+    attn = _eager_tower(tiny_path("llava"), engine.prepare("x", images=[img])["pixel_values"])
+    fl = engine.adapter.feature_layer
+    s = attn[0].shape[-1]
+    roll = torch.eye(s)
+    for a in attn[: fl + 1]:
+        roll = (0.5 * a.mean(0) + 0.5 * torch.eye(s)) @ roll
+    res = engine.generate("what", images=[img], plan="rollout:keep=10", max_new_tokens=1)
+    assert res.kept[0].tolist() == _topk(roll[0, 1:], 10)
+    torch.testing.assert_close(res.scores[0], roll[0, 1:], atol=1e-5, rtol=1e-4)
+
+
+def _eager_llm_rows(path, inputs, layer, rope: bool):
+    """Eager softmax rows [H, S, S] of LLM ``layer`` (prefill, batch of 1), with or without RoPE."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    out = {}
+
+    def hook(mod, args, kwargs):
+        x = kwargs["hidden_states"]
+        b, s, _ = x.shape
+        q = mod.q_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
+        k = mod.k_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
+        if rope:
+            q, k = apply_rotary_pos_emb(q, k, *kwargs["position_embeddings"])
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        logits = (q @ k.transpose(-1, -2))[0] * mod.scaling
+        out["attn"] = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+
+    h = model.model.language_model.layers[layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    h.remove()
+    return out["attn"]
+
+
+def test_feather_without_rope_against_eager(engine_for, tiny_path):
+    engine, img = engine_for("llava"), noise_image(6)
+    inputs = engine.prepare("what is the colour", images=[img])
+    attn = _eager_llm_rows(tiny_path("llava"), inputs, layer=1, rope=False)
+    slots = (inputs["input_ids"][0] == engine.model.config.image_token_id).nonzero().flatten()
+    res = engine.generate("what is the colour", images=[img], plan="feather:layer=2,keep=9,uniform=0", max_new_tokens=1)
+    expected = attn[:, -1, slots].mean(0)
+    assert res.kept[0].tolist() == _topk(expected, 9)
+    torch.testing.assert_close(res.scores[0], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sparsevlm", "aim"])
+def test_text_rater_methods_against_eager(engine_for, tiny_path, name):
+    engine, img = engine_for("llava"), noise_image(7)
+    inputs = engine.prepare("what is the colour of the circle", images=[img])
+    attn = _eager_llm_rows(tiny_path("llava"), inputs, layer=1, rope=True)
+    ids = inputs["input_ids"][0]
+    slots = (ids == engine.model.config.image_token_id).nonzero().flatten()
+    text = torch.arange(int(slots[-1]) + 1, ids.numel())
+    rows = attn[:, text][:, :, slots]  # [H, T, N]
+    if name == "sparsevlm":
+        mass = rows.mean(0).sum(-1)
+        expected = rows.mean(0)[mass >= mass.mean()].mean(0)
+        plan = "sparsevlm:layer=2,keep=9,recycle=0"
+    else:
+        expected = rows.mean(dim=(0, 1))
+        plan = "aim:where=llm,layer=2,keep=9"
+    res = engine.generate("what is the colour of the circle", images=[img], plan=plan, max_new_tokens=1)
+    assert res.kept[0].tolist() == _topk(expected, 9)
+    torch.testing.assert_close(res.scores[0], expected, atol=1e-5, rtol=1e-4)
+
+
+# ---- every family: runs where it applies, a clear error where it does not ---------------------
+
+DEFAULT_PLANS = {name: f"{name}:keep=0.25" for name in REGISTRY}
+DEFAULT_PLANS.update({"fastv": "fastv:layer=2,keep=0.25", "sparsevlm": "sparsevlm:layer=2,keep=0.25",
+                      "feather": "feather:layer=2,keep=0.25", "prumerge": "prumerge:keep=auto"})
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_family(name, family, engine_for):
+    engine = engine_for(family)
+    needs_cls = get_pruner(name).requires_tower
+    if needs_cls and not engine.adapter.cls_tower:
+        with pytest.raises(PlanError, match=f"{name} needs a vision tower with a CLS token"):
+            engine.generate("what", images=[noise_image(0)], plan=DEFAULT_PLANS[name])
+        return
+    res = engine.generate("what", images=[noise_image(0)], plan=DEFAULT_PLANS[name], max_new_tokens=2)
+    n = res.stats["visual_tokens"]
+    assert res.kept[0].numel() == (max(1, round(0.25 * n)) if name != "prumerge" else res.kept[0].numel()) > 0
+    assert res.stats["kept_tokens"] == res.kept[0].numel()
+
+
+def test_merge_groups_compose_through_stages(engine_for):
+    engine = engine_for("llava")
+    res = engine.generate("what", images=[noise_image(1)], plan="tome:keep=32;fastv:layer=2,keep=8", max_new_tokens=1)
+    g0, g1 = res.groups
+    assert (g0 >= 0).all() and g0.max() == 31  # ToMe: every original token is in one of the 32
+    for o in range(64):
+        if g1[o] >= 0:  # survived stage 2: its stage-1 token is the stage-2 kept token at g1[o]
+            assert res.kept[1][g1[o]] == res.kept[0][g0[o]]
+        else:
+            assert res.kept[0][g0[o]] not in res.kept[1].tolist()
+
+
+def test_importance_maps_on_grid(engine_for):
+    from tokensieve.engine.maps import importance_maps
+    engine = engine_for("llava")
+    res = engine.generate("what", video=[noise_image(0), noise_image(1)], plan="cls:keep=20;fastv:layer=2,keep=5",
+                          max_new_tokens=1)
+    maps = importance_maps(res)
+    assert [(m.stage, m.item) for m in maps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    first = maps[0]
+    assert first.score.shape == (8, 8) and torch.equal(first.score.flatten(), res.scores[0][:64])
+    assert int(maps[0].kept.sum() + maps[1].kept.sum()) == 20 and int(maps[2].kept.sum() + maps[3].kept.sum()) == 5
+    # stage 1 scores exist only where stage 0 kept a token
+    assert torch.equal(~torch.isnan(maps[2].score), maps[0].kept)
+
+
+def test_importance_maps_anyres_tiles(engine_for):
+    from tokensieve.engine.maps import importance_maps
+    res = engine_for("llava_next").generate("what", images=[noise_image(0)], plan="cls:keep=10", max_new_tokens=1)
+    maps = importance_maps(res)
+    assert [m.item for m in maps] == [0, 1]  # base tile, high-resolution grid
+    assert maps[0].present.all() and maps[1].present[:, -1].all()  # each high-res row ends in a newline token
+    assert int(sum(m.kept.sum() for m in maps)) == 10
