@@ -61,6 +61,7 @@ class _Batch:
     n_visual: list[int]
     images_of: list[list[int]]  # request -> its image indices in the processor's image order
     coords: list[torch.Tensor]  # request -> [N_vis, 3]
+    tower_seqs: list[list[int]]  # request -> length of every sequence its images put through the tower
 
 
 class Engine:
@@ -182,6 +183,7 @@ class Engine:
             images_of.append(list(range(start, start + len(r.images))))
             start += len(r.images)
         coords = self.adapter.image_coords(inputs) if start else []
+        seqs = self.adapter.tower_sequences(inputs) if start else []
         req_coords = []
         for b, ims in enumerate(images_of):
             parts, n_items = [], 0
@@ -196,7 +198,9 @@ class Engine:
                 r.plan.keep_counts(n, max(len(r.images), 1))
             except PlanError as e:
                 raise PlanError(f"request {i}: {e}") from None
-        return idx, _Batch(reqs=reqs, inputs=inputs, n_visual=n_visual, images_of=images_of, coords=req_coords)
+        tower_seqs = [[n for i in ims for n in seqs[i]] for ims in images_of]
+        return idx, _Batch(reqs=reqs, inputs=inputs, n_visual=n_visual, images_of=images_of, coords=req_coords,
+                           tower_seqs=tower_seqs)
 
     # ---- running --------------------------------------------------------------------------------
     def _device_inputs(self, inputs) -> dict:
@@ -356,7 +360,7 @@ class Engine:
             ids = tokens[b].tolist()
             new = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
             kept = [state.kept[i][b] for i in range(len(plan.stages))] if state is not None else []
-            alive_per_layer = self._alive_per_layer(plan, kept, batch.n_visual[b], n_layers)
+            alive_per_layer = metering.visual_tokens_per_layer(plan.stages, kept, batch.n_visual[b], n_layers)
             prefill_tokens = [n_text[b] + a for a in alive_per_layer]
             fed = len(ids) - 1  # every sampled token but the last went through the model
             kv_len = [n + fed for n in prefill_tokens]
@@ -364,7 +368,7 @@ class Engine:
                 visual_tokens=batch.n_visual[b], kept_tokens=alive_per_layer[-1], per_layer_kv_len=kv_len,
                 kv_cache_bytes=metering.kv_cache_bytes(kv_len, tcfg, elem),
                 prefill_flops=metering.prefill_flops(prefill_tokens, tcfg),
-                vision_flops=self._vision_flops(plan, kept, r),
+                vision_flops=self._vision_flops(plan, kept, batch.tower_seqs[b]),
                 prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
             text = self.processor.tokenizer.decode(ids[:new], skip_special_tokens=True).strip()
             groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
@@ -374,42 +378,17 @@ class Engine:
                                   logits=None if logits is None else logits[b, :new]))
         return results
 
-    @staticmethod
-    def _alive_per_layer(plan: Plan, kept: list[torch.Tensor], n_visual: int, n_layers: int) -> list[int]:
-        """Visual tokens each decoder layer sees in prefill."""
-        alive, out, stage = n_visual, [], 0
-        llm = {s.layer: i for i, s in enumerate(plan.stages) if s.where == "llm"}
-        for i, s in enumerate(plan.stages):
-            if s.where != "llm":
-                alive = kept[i].numel()
-        for layer in range(n_layers):
-            if layer in llm:
-                alive = kept[llm[layer]].numel()
-            out.append(alive)
-        return out
-
-    def _vision_flops(self, plan: Plan, kept, req: CheckedRequest) -> int:
-        vcfg = self.config_vision
-        if vcfg is None or not req.images:
+    def _vision_flops(self, plan: Plan, kept: list[torch.Tensor], seqs: list[int]) -> int:
+        """Tower FLOPs of one request: its tower sequences (one per image / tile), thinned by vision stages."""
+        vcfg = getattr(self.model.config, "vision_config", None)
+        if vcfg is None or not seqs:
             return 0
         n_layers = getattr(vcfg, "num_hidden_layers", None) or getattr(vcfg, "depth")
-        per_image = None
-        vstages = {s.layer: i for i, s in enumerate(plan.stages) if s.where == "vision"}
-        tokens, n = [], None
+        stages = {s.layer: i for i, s in enumerate(plan.stages) if s.where == "vision"}
+        per_layer = []
         for layer in range(n_layers):
-            if layer in vstages:
-                per_image = kept[vstages[layer]].numel() // len(req.images)
-            n = per_image if per_image is not None else self._tower_tokens(req)
-            tokens.append(n * len(req.images) + (self.adapter.vision_prefix or 0) * len(req.images))
-        return metering.vision_flops(tokens, vcfg)
-
-    @property
-    def config_vision(self):
-        return getattr(self.model.config, "vision_config", None)
-
-    def _tower_tokens(self, req: CheckedRequest) -> int:
-        vcfg = self.config_vision
-        size, patch = getattr(vcfg, "image_size", None), getattr(vcfg, "patch_size", None)
-        if isinstance(size, int) and isinstance(patch, int):
-            return (size // patch) ** 2
-        return 0
+            if layer in stages:
+                k = kept[stages[layer]].numel() // len(seqs)
+                seqs = [(self.adapter.vision_prefix or 0) + k for _ in seqs]
+            per_layer.append(list(seqs))
+        return metering.vision_flops(per_layer, vcfg)

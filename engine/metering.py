@@ -25,11 +25,31 @@ def prefill_flops(tokens_per_layer: list[int], cfg) -> int:
     return sum(decoder_layer_flops(n, cfg) for n in tokens_per_layer) + 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def vision_flops(tokens_per_layer: list[int], vcfg) -> int:
-    """tokens_per_layer: tokens (summed over images) entering each encoder layer."""
-    d = getattr(vcfg, "hidden_size", None) or vcfg.embed_dim
+def vision_flops(seqs_per_layer: list[list[int]], vcfg) -> int:
+    """seqs_per_layer: per encoder layer, the length of every sequence (image / tile) it attends over.
+
+    Per sequence of n tokens: 8nd^2 (q, k, v, o) + 4n^2 d (scores, weighted V) + 4ndm (2-matrix MLP).
+    Windowed attention (Qwen2.5-VL) is counted as full attention over the image.
+    """
+    d = getattr(vcfg, "embed_dim", None) or vcfg.hidden_size
     m = getattr(vcfg, "intermediate_size", None) or int(d * getattr(vcfg, "mlp_ratio", 4))
-    return sum(8 * n * d * d + 4 * n * n * d + 4 * n * d * m for n in tokens_per_layer)
+    return sum(8 * n * d * d + 4 * n * n * d + 4 * n * d * m for seqs in seqs_per_layer for n in seqs)
+
+
+def visual_tokens_per_layer(stages, kept: list, n_visual: int, n_layers: int) -> list[int]:
+    """Visual tokens each decoder layer sees in prefill, given the stages and their kept sets."""
+    alive = n_visual
+    at_layer = {}
+    for stage, k in zip(stages, kept):
+        if stage.where == "llm":
+            at_layer[stage.layer] = k.numel()
+        else:
+            alive = k.numel()
+    out = []
+    for layer in range(n_layers):
+        alive = at_layer.get(layer, alive)
+        out.append(alive)
+    return out
 
 
 def kv_cache_bytes(per_layer_len: list[int], cfg, element_size: int) -> int:

@@ -41,3 +41,18 @@ def test_pruning_reduces_prefill_flops(engine_for):
     full = engine.generate("what", images=[noise_image(0)], max_new_tokens=1).stats["prefill_flops"]
     half = engine.generate("what", images=[noise_image(0)], plan="uniform:keep=0.5", max_new_tokens=1).stats["prefill_flops"]
     assert half < full
+
+
+def test_vision_flops_match_flop_counter_and_vision_stages(engine_for):
+    engine = engine_for("llava")
+    vcfg = engine.model.config.vision_config
+    tower = engine.model.model.vision_tower
+    x = torch.randn(1, 65, vcfg.hidden_size)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        tower.encoder.layers[0](x, None)
+    assert fc.get_total_flops() == metering.vision_flops([[65]], vcfg)
+    full = engine.generate("what", images=[noise_image(0)], max_new_tokens=1).stats["vision_flops"]
+    assert full == metering.vision_flops([[65]] * 3, vcfg)
+    cut = engine.generate("what", images=[noise_image(0)], plan="uniform:where=vision,layer=1,keep=16",
+                          max_new_tokens=1).stats["vision_flops"]
+    assert cut == metering.vision_flops([[65], [17], [17]], vcfg)

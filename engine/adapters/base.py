@@ -74,6 +74,12 @@ class Adapter:
         """The self-attention module of every vision layer (cls_tower families)."""
         return [layer.self_attn for layer in self.vision_layers]
 
+    def tower_sequences(self, inputs) -> list[list[int]]:
+        """Per image, the length of every sequence it puts through the vision tower (for metering)."""
+        vc = self.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + (self.vision_prefix or (1 if self.cls_tower else 0))
+        return [[n] * t for t in self.tiles_per_image(inputs)]
+
     def tiles_per_image(self, inputs) -> list[int]:
         """How many tower passes (tiles) each image takes."""
         return [1] * len(self.image_coords(inputs))

@@ -28,3 +28,6 @@ class Qwen2VLAdapter(Adapter):
             inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
             attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs.get("mm_token_type_ids"))
         return torch.cat([text[None], rope], dim=0)
+
+    def tower_sequences(self, inputs) -> list[list[int]]:
+        return [[int(t) * int(h) * int(w)] for t, h, w in inputs["image_grid_thw"].tolist()]
