@@ -1,0 +1,297 @@
+"""A small synthetic world of shapes: images, videos and one-word questions about them.
+
+Deterministic for a seed, and scenes can be given explicitly so that tests build exactly the
+scene they need:
+
+    scene = Scene([Obj("circle", "red", "big", 0.3, 0.4), Obj("square", "blue", "small", 0.7, 0.7)])
+    image = render(scene)                       # PIL image, textured noisy background
+    qa = image_questions(scene, random.Random(0))
+
+    video = Video([scene_a, scene_b, ...])      # one Scene per frame; objects keep an ``uid``
+    qa = video_questions(video, random.Random(0))
+
+    write_dataset("out/", n_images=100, n_videos=20, seed=0)   # JSONL + PNG + MP4 (PyAV)
+
+Records: {"id", "image" | "video", "question", "options", "answer", "type"}; a multiple-choice
+record has options ["A. red", ...] and a letter as answer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 210, 40),
+           "orange": (245, 140, 25), "purple": (150, 60, 190), "white": (245, 245, 245)}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+SIZES = {"small": 0.10, "big": 0.17}  # half-extent as a fraction of the image side
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    x: float  # centre, fraction of the width
+    y: float  # centre, fraction of the height
+    uid: int = 0  # identity across video frames
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Scene:
+    objects: list[Obj]
+    size: int = 128
+    background_seed: int = 0
+
+
+@dataclass
+class Video:
+    frames: list[Scene]
+    meta: dict = field(default_factory=dict)
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+def background(size: int, seed: int) -> np.ndarray:
+    """Textured noise: smooth low-frequency colour blobs plus pixel noise, [size, size, 3] uint8."""
+    rng = np.random.RandomState(seed)
+    coarse = rng.rand(6, 6, 3)
+    img = np.array(Image.fromarray((coarse * 255).astype("uint8")).resize((size, size), Image.BICUBIC), dtype=float)
+    img = 70 + 0.35 * img + rng.normal(0, 12, (size, size, 3))
+    return np.clip(img, 0, 255).astype("uint8")
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)]
+    if shape == "star":
+        return [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
+                 cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+    t = r * 0.38  # cross
+    return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx + t, cy + t),
+            (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+
+
+def render(scene: Scene) -> Image.Image:
+    img = Image.fromarray(background(scene.size, scene.background_seed))
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        s = scene.size
+        cx, cy, r = o.x * s, o.y * s, SIZES[o.size] * s
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
+        else:
+            draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
+    return img
+
+
+# ---- random scenes -----------------------------------------------------------------------------
+
+def _place(rng: random.Random, objs: list[Obj], size: str) -> tuple[float, float] | None:
+    r = SIZES[size]
+    for _ in range(200):
+        x, y = rng.uniform(r + 0.02, 1 - r - 0.02), rng.uniform(r + 0.02, 1 - r - 0.02)
+        if all(math.hypot(x - o.x, y - o.y) > r + SIZES[o.size] + 0.03 for o in objs):
+            return x, y
+    return None
+
+
+def random_objects(rng: random.Random, n: int, uid0: int = 0) -> list[Obj]:
+    objs: list[Obj] = []
+    while len(objs) < n:
+        size = rng.choice(list(SIZES))
+        pos = _place(rng, objs, size)
+        if pos is None:
+            break
+        objs.append(Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), size, *pos, uid=uid0 + len(objs)))
+    return objs
+
+
+def random_scene(rng: random.Random, n_min: int = 1, n_max: int = 8, size: int = 128) -> Scene:
+    return Scene(random_objects(rng, rng.randint(n_min, n_max)), size=size, background_seed=rng.randrange(2**31))
+
+
+# ---- image questions ---------------------------------------------------------------------------
+
+@dataclass
+class QA:
+    question: str
+    answer: str
+    type: str
+    options: list[str] = field(default_factory=list)
+
+
+def _unique(objs, key):
+    values = [key(o) for o in objs]
+    return [o for o in objs if values.count(key(o)) == 1]
+
+
+def quadrant(o: Obj) -> str:
+    return f"{'top' if o.y < 0.5 else 'bottom'}-{'left' if o.x < 0.5 else 'right'}"
+
+
+def image_questions(scene: Scene, rng: random.Random) -> list[QA]:
+    """Every question type the scene supports, with one-word answers."""
+    objs, out = scene.objects, []
+    by_shape, by_colour = _unique(objs, lambda o: o.shape), _unique(objs, lambda o: o.colour)
+    if by_shape:
+        o = rng.choice(by_shape)
+        out.append(QA(f"what colour is the {o.shape} ?", o.colour, "colour"))
+    if by_colour:
+        o = rng.choice(by_colour)
+        out.append(QA(f"what shape is the {o.colour} object ?", o.shape, "shape"))
+    c = rng.choice(list(COLOURS))
+    out.append(QA(f"how many {c} objects are there ?", str(sum(o.colour == c for o in objs)), "count"))
+    s = rng.choice(SHAPES)
+    out.append(QA(f"how many {s} objects are there ?", str(sum(o.shape == s for o in objs)), "count"))
+    present = rng.random() < 0.5 and objs
+    if present:
+        o = rng.choice(objs)
+        out.append(QA(f"is there a {o.colour} {o.shape} ?", "yes", "exist"))
+    else:
+        names = {o.name for o in objs}
+        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in names]
+        out.append(QA(f"is there a {rng.choice(absent)} ?", "no", "exist"))
+    unique_names = _unique(objs, lambda o: o.name)
+    clear = [o for o in unique_names if abs(o.x - 0.5) > 0.08 and abs(o.y - 0.5) > 0.08]
+    if clear:
+        o = rng.choice(clear)
+        kind = rng.choice(["horizontal", "vertical", "quadrant"])
+        if kind == "horizontal":
+            out.append(QA(f"is the {o.name} on the left or right ?", "left" if o.x < 0.5 else "right", "position"))
+        elif kind == "vertical":
+            out.append(QA(f"is the {o.name} at the top or bottom ?", "top" if o.y < 0.5 else "bottom", "position"))
+        else:
+            out.append(QA(f"which quadrant is the {o.name} in ?", quadrant(o), "position"))
+    return out
+
+
+def multiple_choice(qa: QA, rng: random.Random) -> QA:
+    """The same question with options A-D (the answer among them) and a letter as answer."""
+    pools = {"colour": list(COLOURS), "shape": list(SHAPES), "count": [str(i) for i in range(10)],
+             "exist": ["yes", "no"], "position": ["left", "right", "top", "bottom", *QUADRANTS]}
+    pool = next((p for p in pools.values() if qa.answer in p), pools["count"])
+    distractors = rng.sample([p for p in pool if p != qa.answer], min(3, len(pool) - 1))
+    opts = distractors + [qa.answer]
+    rng.shuffle(opts)
+    letters = "ABCD"[: len(opts)]
+    return QA(qa.question + " " + " ".join(f"{l} . {o}" for l, o in zip(letters, opts)),
+              letters[opts.index(qa.answer)], qa.type, [f"{l}. {o}" for l, o in zip(letters, opts)])
+
+
+# ---- videos ------------------------------------------------------------------------------------
+
+def random_video(rng: random.Random, n_frames: int | None = None, size: int = 128) -> Video:
+    """Objects appear, disappear and move; ``meta`` records each object's first and last frame."""
+    n_frames = n_frames or rng.choice([8, 12, 16, 24, 32])
+    pool = random_objects(rng, rng.randint(2, 5))
+    starts = sorted(rng.sample(range(n_frames - 1), len(pool))) if len(pool) < n_frames else list(range(len(pool)))
+    spans = {o.uid: (s, rng.randint(s + 1, n_frames)) for o, s in zip(pool, starts)}
+    velocity = {o.uid: (rng.uniform(-0.01, 0.01), rng.uniform(-0.01, 0.01)) for o in pool}
+    bg = rng.randrange(2**31)
+    frames = []
+    for f in range(n_frames):
+        objs = []
+        for o in pool:
+            s, e = spans[o.uid]
+            if s <= f < e:
+                dx, dy = velocity[o.uid]
+                r = SIZES[o.size]
+                objs.append(replace(o, x=min(max(o.x + dx * (f - s), r), 1 - r), y=min(max(o.y + dy * (f - s), r), 1 - r)))
+        frames.append(Scene(objs, size=size, background_seed=bg))
+    return Video(frames, meta={"spans": spans, "objects": {o.uid: o for o in pool}})
+
+
+def video_questions(video: Video, rng: random.Random) -> list[QA]:
+    spans, objs = video.meta["spans"], video.meta["objects"]
+    order = sorted(objs.values(), key=lambda o: spans[o.uid][0])
+    out = []
+    late = [o for o in order if spans[o.uid][0] > 0 and sum(p.name == o.name for p in order) == 1]
+    if late:
+        o = rng.choice(late)
+        out.append(QA(f"what colour is the {o.shape} that appeared ?", o.colour, "appeared")
+                    if sum(p.shape == o.shape for p in order) == 1 else
+                    QA(f"what shape is the {o.colour} object that appeared ?", o.shape, "appeared"))
+    firsts = [(a, b) for a in order for b in order if spans[a.uid][0] < spans[b.uid][0] and a.shape != b.shape]
+    if firsts:
+        a, b = rng.choice(firsts)
+        pair = [a.shape, b.shape]
+        rng.shuffle(pair)
+        out.append(QA(f"which shape came first , {pair[0]} or {pair[1]} ?", a.shape, "order"))
+    if rng.random() < 0.5:
+        o = rng.choice(order)
+        out.append(QA(f"was there ever a {o.colour} {o.shape} ?", "yes", "ever"))
+    else:
+        names = {o.name for o in order}
+        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in names]
+        out.append(QA(f"was there ever a {rng.choice(absent)} ?", "no", "ever"))
+    out.append(QA("how many distinct objects appeared ?", str(len(objs)), "distinct"))
+    return out
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+def write_video(frames: list[Image.Image], path: str, fps: int = 4) -> None:
+    import av
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        stream.options = {"qscale": "1"}
+        for im in frames:
+            for packet in stream.encode(av_frame(im)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def av_frame(im: Image.Image):
+    import av
+    return av.VideoFrame.from_image(im)
+
+
+def write_dataset(out_dir: str, n_images: int, n_videos: int = 0, seed: int = 0, mc_fraction: float = 0.2,
+                  size: int = 128, progress: bool = True) -> str:
+    """Write ``dataset.jsonl`` plus images/*.png and videos/*.mp4 under out_dir; returns the JSONL path.
+
+    Records are flushed as they are made, so an interrupted run keeps what it wrote.
+    """
+    from tqdm import tqdm
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    if n_videos:
+        os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    path = os.path.join(out_dir, "dataset.jsonl")
+    with open(path, "w") as f:
+        for i in tqdm(range(n_images), desc="images", disable=not progress):
+            scene = random_scene(rng, size=size)
+            rel = f"images/{i:06d}.png"
+            render(scene).save(os.path.join(out_dir, rel))
+            for j, qa in enumerate(image_questions(scene, rng)):
+                qa = multiple_choice(qa, rng) if rng.random() < mc_fraction else qa
+                f.write(json.dumps({"id": f"img{i}-{j}", "image": rel, "question": qa.question, "options": qa.options,
+                                    "answer": qa.answer, "type": qa.type}) + "\n")
+            f.flush()
+        for i in tqdm(range(n_videos), desc="videos", disable=not progress):
+            video = random_video(rng, size=size)
+            rel = f"videos/{i:06d}.mp4"
+            write_video([render(s) for s in video.frames], os.path.join(out_dir, rel))
+            for j, qa in enumerate(video_questions(video, rng)):
+                qa = multiple_choice(qa, rng) if rng.random() < mc_fraction else qa
+                f.write(json.dumps({"id": f"vid{i}-{j}", "video": rel, "n_frames": len(video.frames),
+                                    "question": qa.question, "options": qa.options, "answer": qa.answer,
+                                    "type": qa.type}) + "\n")
+            f.flush()
+    return path
