@@ -114,17 +114,20 @@ class Engine:
         req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens)
         return self.generate_batch([req], **generation_kwargs)[0]
 
-    def generate_batch(self, requests: list, batch_size: int = 8, **generation_kwargs) -> list[Result]:
+    def generate_batch(self, requests: list, batch_size: int = 8, progress: bool = False,
+                       **generation_kwargs) -> list[Result]:
         """Requests (Request or dicts) -> Results in the same order, run as padded batches.
 
         Requests that share a plan and max_new_tokens share a batch. Every request is
-        checked before any model work starts.
+        checked before any model work starts. ``progress`` shows a bar over the batches.
         """
+        from tqdm import tqdm
+
         options = DecodeOptions.from_kwargs(generation_kwargs)
         checked = [self._check(Request.of(r), self.plan) for r in requests]
         batches = [self._make_batch(group) for group in self._group(checked, batch_size)]
         results: dict[int, Result] = {}
-        for idx, batch in batches:
+        for idx, batch in tqdm(batches, desc="batches", disable=not progress):
             for i, res in zip(idx, self._run(batch, options)):
                 results[i] = res
         return [results[i] for i in range(len(checked))]

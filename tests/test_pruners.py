@@ -157,8 +157,9 @@ def test_feather_uniform_share():
 
 # ---- against eager attention on a tiny model --------------------------------------------------
 
-def _eager_tower(path, pixel_values):
-    """Per CLIP layer: softmax attention [H, S, S] of image 0, computed here from q_proj/k_proj."""
+def _eager_tower(path, pixel_values, store=None):
+    """Per CLIP layer: softmax attention [H, S, S] of image 0, computed here from q_proj/k_proj
+    (and, in ``store``, that layer's keys and values [H, S, d])."""
     from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     tower = model.model.vision_tower
@@ -170,6 +171,9 @@ def _eager_tower(path, pixel_values):
         q = mod.q_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
         k = mod.k_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
         attn.append(torch.softmax(q @ k.transpose(-1, -2) * mod.scale, -1)[0])
+        if store is not None:
+            store.setdefault("k", []).append(k[0])
+            store.setdefault("v", []).append(mod.v_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)[0])
 
     hs = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in tower.encoder.layers]
     with torch.no_grad():
@@ -194,6 +198,51 @@ def test_cls_vtc_and_ensemble_against_eager(engine_for, tiny_path):
     assert res.kept[0].tolist() == _topk(attn[0][:, 0, 1:].mean(0) + attn[1][:, 0, 1:].mean(0), 12)
     res = engine.generate("what", images=[img], plan="cls:where=vision,layer=1,keep=12", max_new_tokens=1)
     assert res.kept[0].tolist() == _topk(attn[0][:, 0, 1:].mean(0), 12)
+
+
+def test_visionzip_and_prumerge_against_eager_tower(engine_for, tiny_path):
+    engine, img = engine_for("llava"), noise_image(3)
+    store = {}
+    attn = _eager_tower(tiny_path("llava"), engine.prepare("x", images=[img])["pixel_values"], store)
+    fl = engine.adapter.feature_layer
+    cls_sum = attn[fl][:, 0, 1:].sum(0)
+    res = engine.generate("what", images=[img], plan="visionzip:keep=16", max_new_tokens=1)
+    dominant = set(_topk(cls_sum, 14))
+    rest = [i for i in range(64) if i not in dominant]
+    targets = rest[:: len(rest) // 2][:2]
+    assert res.kept[0].tolist() == sorted(dominant | set(targets))
+    keys = F.normalize(store["k"][fl][:, 1:].mean(0), dim=-1)  # head-averaged keys of the patches
+    for o in rest:  # every non-target rest token joined its most key-similar target
+        want = o if o in targets else targets[int((keys[o] @ keys[targets].T).argmax())]
+        assert int(res.kept[0][res.groups[0][o]]) == want
+    res = engine.generate("what", images=[img], plan="prumerge:keep=20", max_new_tokens=1)
+    cls_mean = attn[fl][:, 0, 1:].mean(0)
+    q1, q3 = torch.quantile(cls_mean, torch.tensor([0.25, 0.75]))
+    outliers = set((cls_mean > q3 + 1.5 * (q3 - q1)).nonzero().flatten().tolist())
+    assert outliers <= set(res.kept[0].tolist())
+
+
+def test_flowcut_against_eager_tower(engine_for, tiny_path):
+    engine, img = engine_for("llava"), noise_image(8)
+    store = {}
+    attn = _eager_tower(tiny_path("llava"), engine.prepare("x", images=[img])["pixel_values"], store)
+    fl = engine.adapter.feature_layer
+    layers = list(range(fl % 2, fl + 1, 2))
+    alive, acc = list(range(64)), torch.zeros(64)
+    for t, layer in enumerate(layers):
+        v = store["v"][layer]  # [H, S, d]
+        a = attn[layer][:, 0, 1:].mean(0)[alive] + 1e-12
+        sim = F.cosine_similarity(v[:, 1:], v[:, :1], dim=-1).mean(0).clamp_min(0)[alive] + 1e-12
+        score = (a / a.sum() + sim / sim.sum()) * v[:, 1:].abs().sum(-1).sum(0)[alive]
+        acc[alive] = score if t == 0 else 0.5 * acc[alive] + 0.5 * score
+        excess = len(alive) - 10
+        p = a / a.sum()
+        h = float(-(p * p.log()).sum() / torch.log(torch.tensor(float(len(alive)))))
+        r = excess if t == len(layers) - 1 else min(excess, round(excess / (len(layers) - t) ** 0.5 * (1 - h * h)))
+        drop = set(sorted(alive, key=lambda i: float(acc[i]))[:r])
+        alive = [i for i in alive if i not in drop]
+    res = engine.generate("what", images=[img], plan="flowcut:keep=10", max_new_tokens=1)
+    assert res.kept[0].tolist() == alive
 
 
 def test_rollout_against_explicit_matrix_product(engine_for, tiny_path):
