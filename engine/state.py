@@ -112,13 +112,16 @@ class RequestState(SignalsMixin):
             return hidden
         tower_score, keys = self.tower_signals(run)
         per_request = [([], [], [], []) for _ in range(self.batch_size)]  # entering, keep_idx, groups, scores
+        n_alive = [sum(len(a) for a, o in zip(self.image_alive, self.image_owner) if o == b) for b in range(self.batch_size)]
+        sizes = [self.sizes(b, n) for b, n in enumerate(n_alive)]  # merge sizes over each request's alive tokens
         new_rows = []
         for i, alive in enumerate(self.image_alive):
             entering, keep_idx, groups, scores = per_request[self.image_owner[i]]
             n_in, n_kept = sum(map(len, entering)), sum(map(len, keep_idx))
             sel = self.select(run, run.keep[i], hidden[i, prefix:], self.image_coords[i][alive],
                               tower_score=None if tower_score is None else tower_score[i],
-                              keys=None if keys is None else keys[i])
+                              keys=None if keys is None else keys[i],
+                              sizes=sizes[self.image_owner[i]][n_in:n_in + len(alive)])
             idx = sel.keep_idx.cpu()
             g = sel.groups.cpu() if sel.groups is not None else identity_groups(idx, alive.numel())
             entering.append(self.image_offset[i] + alive)
