@@ -32,6 +32,7 @@ setup(
     extras_require={
         "video": ["av>=12"],
         "demo": ["gradio>=5", "matplotlib"],
+        "bench": ["matplotlib"],
         "clip": ["open_clip_torch"],
         "kernels": ["triton>=3.2"],
         "test": ["pytest>=8", "triton>=3.2", "av>=12"],
