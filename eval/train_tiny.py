@@ -68,12 +68,12 @@ def pixels(img) -> torch.Tensor:
     return torch.from_numpy(((np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).astype("float32"))
 
 
-def sample_batch(rng: random.Random, tok, batch: int, n_image_tokens: int):
+def sample_batch(rng: random.Random, tok, batch: int, n_image_tokens: int, max_objects: int = 8):
     """A batch of (image, question, answer) rendered now: input_ids, labels, attention_mask, pixel_values."""
     seqs, labels, pix, types = [], [], [], []
     img_id = tok.convert_tokens_to_ids("<image>")
     while len(seqs) < batch:
-        scene = world.random_scene(rng, size=IMAGE)
+        scene = world.random_scene(rng, n_max=max_objects, size=IMAGE)
         qas = world.image_questions(scene, rng)
         qa = rng.choice(qas)
         qa = world.multiple_choice(qa, rng) if rng.random() < 0.2 else qa
@@ -122,6 +122,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--max-objects", type=int, default=8, help="objects per training scene (a curriculum knob)")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     tok = make_tokenizer(tuple(vocabulary()))
@@ -135,7 +136,7 @@ def main(argv=None):
     t0 = time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        ids, lab, mask, pix, _ = sample_batch(rng, tok, args.batch, n_image_tokens)
+        ids, lab, mask, pix, _ = sample_batch(rng, tok, args.batch, n_image_tokens, args.max_objects)
         loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=lab).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
