@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from ..pruners import get_pruner
 from . import attention, hooks, metering
 from .adapters import Adapter, adapter_for
-from .errors import InputError, PlanError
+from .errors import PlanError
 from .generation import DecodeOptions, decode_one_token, next_positions, prefill, sample
 from .plan import Plan
 from .request import CheckedRequest, Request, check_request
@@ -239,7 +239,6 @@ class Engine:
     def _run(self, batch: _Batch, options: DecodeOptions) -> list[Result]:
         inputs = self._device_inputs(batch.inputs)
         state = self._make_state(batch)
-        plan = batch.reqs[0].plan
         t0 = time.perf_counter()
         feats, alive = self._encode(batch, inputs, state)
         feats, alive = self._pre_llm(batch, inputs, feats, alive, state)

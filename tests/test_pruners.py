@@ -9,7 +9,6 @@ from conftest import noise_image
 from tokensieve import PlanError
 from tokensieve.engine.adapters.base import grid_coords
 from tokensieve.pruners import REGISTRY, StageInput, get_pruner
-from tokensieve.testing import FAMILIES
 
 N, H, T = 64, 4, 5
 

@@ -1,5 +1,4 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower with a CLS token, one token per patch."""
-import math
 
 import torch
 
