@@ -94,13 +94,13 @@ def sample_batch(rng: random.Random, tok, batch: int, n_image_tokens: int, max_o
 
 
 @torch.no_grad()
-def evaluate(model, tok, n: int, seed: int, n_image_tokens: int) -> dict:
+def evaluate(model, tok, n: int, seed: int, n_image_tokens: int, max_objects: int = 8) -> dict:
     """Greedy one-token accuracy per question type on held-out scenes (seed differs from training)."""
     model.eval()
     rng = random.Random(seed)
     right, total = {}, {}
     for _ in range(n // 32):
-        ids, lab, mask, pix, types = sample_batch(rng, tok, 32, n_image_tokens)
+        ids, lab, mask, pix, types = sample_batch(rng, tok, 32, n_image_tokens, max_objects)
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
         pos = (lab != -100).float().argmax(1)  # first answer position
         pred = logits[torch.arange(ids.shape[0]), pos - 1].argmax(-1)
@@ -146,7 +146,8 @@ def main(argv=None):
         if step % 25 == 0:
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate(model, tok, 256, seed=10_000 + args.seed, n_image_tokens=n_image_tokens)
+            acc = evaluate(model, tok, 256, seed=10_000 + args.seed, n_image_tokens=n_image_tokens,
+                           max_objects=args.max_objects)
             log.write(json.dumps({"step": step, "loss": loss.item(), "held_out": acc, "s": time.time() - t0}) + "\n")
             log.flush()
             print(f"step {step} held-out {acc}", flush=True)
