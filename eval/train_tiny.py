@@ -118,7 +118,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-4)  # 1e-3 and 2e-3 left the tower untrained (see docs)
+    ap.add_argument("--lr", type=float, default=3e-4)  # 1e-3 and 2e-3 left the tower untrained (docs/training.md)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=250)
