@@ -123,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--max-objects", type=int, default=8, help="objects per training scene (a curriculum knob)")
+    ap.add_argument("--curriculum", type=int, default=0,
+                    help="ramp the objects per scene from 1 to --max-objects over this many steps (0: no ramp)")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     tok = make_tokenizer(tuple(vocabulary()))
@@ -136,7 +138,8 @@ def main(argv=None):
     t0 = time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        ids, lab, mask, pix, _ = sample_batch(rng, tok, args.batch, n_image_tokens, args.max_objects)
+        k = args.max_objects if not args.curriculum else min(args.max_objects, 1 + step * args.max_objects // args.curriculum)
+        ids, lab, mask, pix, _ = sample_batch(rng, tok, args.batch, n_image_tokens, k)
         loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=lab).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -147,7 +150,7 @@ def main(argv=None):
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, tok, 256, seed=10_000 + args.seed, n_image_tokens=n_image_tokens,
-                           max_objects=args.max_objects)
+                           max_objects=args.max_objects)  # always judged on full scenes
             log.write(json.dumps({"step": step, "loss": loss.item(), "held_out": acc, "s": time.time() - t0}) + "\n")
             log.flush()
             print(f"step {step} held-out {acc}", flush=True)
