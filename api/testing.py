@@ -24,7 +24,7 @@ WORDS = ("user assistant USER: ASSISTANT: system what is the colour color of sha
          "describe count which where big small 0 1 2 3 4 5 6 7 8 9 ? . ,").split()
 
 # One chat template per family, in each family's own turn format (images first, then the text).
-_TEMPLATES = {
+CHAT_TEMPLATES = {
     "llava": ("{% for m in messages %}{% if m['role'] == 'user' %}USER: "
               "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
               "{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
@@ -36,7 +36,7 @@ _TEMPLATES = {
              "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
              "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"),
 }
-_TEMPLATES["onevision"] = (_TEMPLATES["qwen"].replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+CHAT_TEMPLATES["onevision"] = (CHAT_TEMPLATES["qwen"].replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
                            .replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>"))
 
 
@@ -75,7 +75,7 @@ def _build_llava(tok):
 
     ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
-                          chat_template=_TEMPLATES["llava"], num_additional_image_tokens=1)
+                          chat_template=CHAT_TEMPLATES["llava"], num_additional_image_tokens=1)
     cfg = LlavaConfig(vision_config=_clip_vision(), text_config=_llama_text(len(tok)),
                       image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                       vision_feature_select_strategy="default")
@@ -89,7 +89,7 @@ def _build_llava_next(tok):
     ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                     image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                              chat_template=_TEMPLATES["llava"], num_additional_image_tokens=1)
+                              chat_template=CHAT_TEMPLATES["llava"], num_additional_image_tokens=1)
     cfg = LlavaNextConfig(vision_config=_clip_vision(patch_size=8), text_config=_llama_text(len(tok)),
                           image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                           vision_feature_select_strategy="default", image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
@@ -108,7 +108,7 @@ def _build_llava_onevision(tok):
     ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
     vp = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
     proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
-                                   vision_feature_select_strategy="full", chat_template=_TEMPLATES["onevision"],
+                                   vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATES["onevision"],
                                    num_image_tokens=16)
     text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
@@ -140,11 +140,11 @@ def _build_qwen(tok, v25: bool):
         vision.update(out_hidden_size=64, intermediate_size=64, window_size=16, fullatt_block_indexes=[1])
         vision.pop("embed_dim")
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-        proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_TEMPLATES["qwen"])
+        proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=CHAT_TEMPLATES["qwen"])
         return Qwen2_5_VLForConditionalGeneration(cfg), proc
     vision.update(hidden_size=64)
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_TEMPLATES["qwen"])
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=CHAT_TEMPLATES["qwen"])
     return Qwen2VLForConditionalGeneration(cfg), proc
 
 

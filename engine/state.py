@@ -171,15 +171,16 @@ class RequestState(SignalsMixin):
 
     def _prune_llm(self, run: StageRun, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         imp = self.importance.pop(layer - 1, None)
+        hidden_in = hidden
         keep_slots = []
-        hidden = hidden.clone()
         for b in range(self.batch_size):
             vis_slots = (self.vis_orig[b] >= 0).nonzero().flatten()
             orig = self.vis_orig[b, vis_slots].cpu()
             signals = self.llm_signals(run, imp, b, vis_slots)
             sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig],
                               sizes=self.sizes(b, vis_slots.numel()), **signals)
-            if sel.tokens is not None:
+            if sel.tokens is not None:  # merged tokens: write into a copy, never the caller's tensor
+                hidden = hidden.clone() if hidden is hidden_in else hidden
                 hidden[b, vis_slots[sel.keep_idx]] = sel.tokens.to(hidden.dtype)
             self.record(run, b, orig, sel)
             keep_mask = self.valid[b] & (self.vis_orig[b] < 0)

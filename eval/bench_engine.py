@@ -28,7 +28,7 @@ def make_bench_llava(path: str, seed: int = 0) -> str:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from ..testing import _TEMPLATES, make_tokenizer
+    from ..testing import CHAT_TEMPLATES, make_tokenizer
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
@@ -41,7 +41,7 @@ def make_bench_llava(path: str, seed: int = 0) -> str:
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
     ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                          chat_template=_TEMPLATES["llava"], num_additional_image_tokens=1)
+                          chat_template=CHAT_TEMPLATES["llava"], num_additional_image_tokens=1)
     LlavaForConditionalGeneration(cfg).eval().save_pretrained(path)
     proc.save_pretrained(path)
     return path

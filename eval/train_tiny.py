@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from ..testing import _TEMPLATES, make_tokenizer
+from ..testing import CHAT_TEMPLATES, make_tokenizer
 from . import world
 
 IMAGE = 96
@@ -59,7 +59,7 @@ def build_model(tok, seed: int):
     ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
                                image_mean=MEAN.tolist(), image_std=STD.tolist())
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
-                          chat_template=_TEMPLATES["llava"], num_additional_image_tokens=1)
+                          chat_template=CHAT_TEMPLATES["llava"], num_additional_image_tokens=1)
     return LlavaForConditionalGeneration(cfg), proc
 
 

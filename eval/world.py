@@ -139,6 +139,12 @@ def _unique(objs, key):
     return [o for o in objs if values.count(key(o)) == 1]
 
 
+def absent_name(objs: list[Obj], rng: random.Random) -> str:
+    """A random "colour shape" that none of ``objs`` is."""
+    names = {o.name for o in objs}
+    return rng.choice([f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in names])
+
+
 def quadrant(o: Obj) -> str:
     return f"{'top' if o.y < 0.5 else 'bottom'}-{'left' if o.x < 0.5 else 'right'}"
 
@@ -162,9 +168,7 @@ def image_questions(scene: Scene, rng: random.Random) -> list[QA]:
         o = rng.choice(objs)
         out.append(QA(f"is there a {o.colour} {o.shape} ?", "yes", "exist"))
     else:
-        names = {o.name for o in objs}
-        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in names]
-        out.append(QA(f"is there a {rng.choice(absent)} ?", "no", "exist"))
+        out.append(QA(f"is there a {absent_name(objs, rng)} ?", "no", "exist"))
     unique_names = _unique(objs, lambda o: o.name)
     clear = [o for o in unique_names if abs(o.x - 0.5) > 0.08 and abs(o.y - 0.5) > 0.08]
     if clear:
@@ -235,9 +239,7 @@ def video_questions(video: Video, rng: random.Random) -> list[QA]:
         o = rng.choice(order)
         out.append(QA(f"was there ever a {o.colour} {o.shape} ?", "yes", "ever"))
     else:
-        names = {o.name for o in order}
-        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in names]
-        out.append(QA(f"was there ever a {rng.choice(absent)} ?", "no", "ever"))
+        out.append(QA(f"was there ever a {absent_name(order, rng)} ?", "no", "ever"))
     out.append(QA("how many distinct objects appeared ?", str(len(objs)), "distinct"))
     return out
 
