@@ -14,15 +14,14 @@ __version__ = "0.1.0"
 
 
 def default_model() -> str:
-    """Path of the embedded default model (written on first use, no download)."""
-    import os
+    """Path of the embedded default model: the tiny LLaVA-1.5 trained on the shape world, shipped in
+    the package (``tokensieve.eval.shipped``; docs/training.md says how it was made)."""
+    from .eval import shipped
 
-    from .testing import make_tiny
-
-    path = os.path.join(os.path.expanduser(os.environ.get("TOKENSIEVE_HOME", "~/.cache/tokensieve")), "tiny-llava")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        make_tiny("llava", path)
-    return path
+    if not shipped.available("llava"):
+        raise UnsupportedModelError(f"the embedded default model is missing from {shipped.path('llava')}; "
+                                    "reinstall tokensieve or pass a model")
+    return shipped.path("llava")
 
 
 def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, max_new_tokens: int = 32) -> Engine:

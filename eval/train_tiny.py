@@ -1,31 +1,39 @@
-"""Train a tiny LLaVA-1.5-architecture VLM on the synthetic shape world (CPU friendly).
+"""Train a tiny VLM (LLaVA-1.5 or Qwen2-VL architecture) on the synthetic shape world (CPU friendly).
 
-    python -m tokensieve.eval.train_tiny --out runs/tiny-llava --steps 3000
+    python -m tokensieve.eval.train_tiny --family llava --out runs/tiny-llava
+    python -m tokensieve.eval.train_tiny --family qwen2_vl --out runs/tiny-qwen2-vl
 
-The model is a standard transformers checkpoint (CLIP tower with a CLS token, features from
-the second-to-last layer, a Llama LM, a word-level tokenizer with a chat template), loadable
-with ``from_pretrained`` and ``tokensieve.load``. Scenes are rendered on the fly from a fixed
-seed; the held-out split uses a different seed. Checkpoints are written every ``--save-every``
-steps, so an interrupted run keeps what it learned.
+The result is a standard transformers checkpoint (weights, config, word-level tokenizer with a chat
+template, processor), loadable with ``from_pretrained`` and ``tokensieve.load``. Scenes and videos
+are rendered on the fly from ``--seed``; the held-out split uses another seed. Every example goes
+through the model's own processor and chat template, exactly as the engine builds its prompts
+(a video is 8 frames, one image placeholder each).
+
+Besides the answer's cross-entropy, a linear head on the LLM's visual tokens predicts what each
+token's cell shows (colour, shape, whether an object's centre is there: ``world.cell_labels``).
+This dense loss trains the tower from the first step (through the LLM alone it learned ~1e-3 as
+fast, docs/training.md) and keeps each visual token about its own patch, which is what makes
+token pruning matter. The head is dropped from the saved checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..testing import CHAT_TEMPLATES, make_tokenizer
-from . import world
+from ..testing import make_tokenizer
+from . import tiny_models, world
+from .tiny_models import GRID, IMAGE
 
-IMAGE = 96
-PATCH = 12
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
-STD = np.array([0.26862954, 0.26130258, 0.27577711])
+VIDEO_FRAMES = 8
+N_CLASSES = (1 + len(world.COLOURS), 1 + len(world.SHAPES), 2)  # colour, shape, centre
 
 
 def vocabulary(seed: int = 0, n: int = 3000) -> list[str]:
@@ -37,76 +45,102 @@ def vocabulary(seed: int = 0, n: int = 3000) -> list[str]:
             qa = world.multiple_choice(qa, rng) if rng.random() < 0.3 else qa
             words.update(qa.question.split() + [qa.answer])
     for _ in range(n // 10):
-        video = world.random_video(rng, n_frames=8, size=IMAGE)
+        video = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE)
         for qa in world.video_questions(video, rng):
+            qa = world.multiple_choice(qa, rng) if rng.random() < 0.3 else qa
             words.update(qa.question.split() + [qa.answer])
     return sorted(words)
 
 
-def build_model(tok, seed: int):
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH)
-    text = LlamaConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=1024,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
-                               image_mean=MEAN.tolist(), image_std=STD.tolist())
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
-                          chat_template=CHAT_TEMPLATES["llava"], num_additional_image_tokens=1)
-    return LlavaForConditionalGeneration(cfg), proc
+IMAGE_TYPES = ("colour", "shape", "exist", "count", "position")  # the curriculum's order
+VIDEO_TYPES = ("appeared", "ever", "order", "distinct")
 
 
-def pixels(img) -> torch.Tensor:
-    """What the CLIP processor produces for an IMAGE x IMAGE picture: [3, H, W] normalised."""
-    return torch.from_numpy(((np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).astype("float32"))
+def unlocked(types: tuple[str, ...], step: int, every: int) -> tuple[str, ...]:
+    """The question types a curriculum opening one type every ``every`` steps allows at ``step``."""
+    return types if every <= 0 else types[: 1 + step // every]
 
 
-def sample_batch(rng: random.Random, tok, batch: int, n_image_tokens: int, max_objects: int = 8):
-    """A batch of (image, question, answer) rendered now: input_ids, labels, attention_mask, pixel_values."""
-    seqs, labels, pix, types = [], [], [], []
-    img_id = tok.convert_tokens_to_ids("<image>")
-    while len(seqs) < batch:
-        scene = world.random_scene(rng, n_max=max_objects, size=IMAGE)
-        qas = world.image_questions(scene, rng)
-        qa = rng.choice(qas)
-        qa = world.multiple_choice(qa, rng) if rng.random() < 0.2 else qa
-        prompt = tok.convert_tokens_to_ids(["USER:"]) + [img_id] * n_image_tokens + \
-            tok.convert_tokens_to_ids(qa.question.split() + ["ASSISTANT:"])
-        answer = tok.convert_tokens_to_ids([qa.answer]) + [tok.eos_token_id]
-        seqs.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
-        pix.append(pixels(world.render(scene)))
-        types.append(qa.type + ("-mc" if qa.options else ""))
-    width = max(map(len, seqs))
-    ids = torch.full((batch, width), tok.pad_token_id)
-    lab = torch.full((batch, width), -100)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)], lab[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
-    return ids, lab, mask, torch.stack(pix), types
+def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_fraction: float = 0.2,
+                    types: tuple[str, ...] | None = None) -> list[dict]:
+    """``n`` examples: {"scenes": [Scene per image/frame], "qas": [QA, ...] (up to ``turns``, of ``types``)}."""
+    out = []
+    while len(out) < n:
+        if video:
+            v = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE)
+            scenes, qas = v.frames, world.video_questions(v, rng)
+        else:
+            scene = world.random_scene(rng, size=IMAGE)
+            scenes, qas = [scene], world.image_questions(scene, rng)
+        qas = [qa for qa in qas if types is None or qa.type in types]
+        if not qas:
+            continue
+        qas = rng.sample(qas, min(turns, len(qas)))
+        qas = [world.multiple_choice(qa, rng) if rng.random() < mc_fraction else qa for qa in qas]
+        out.append({"scenes": scenes, "qas": qas})
+    return out
+
+
+def collate(proc, examples: list[dict], eos_id: int) -> dict:
+    """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
+    prompt); ``labels`` keep each answer and the eos after it; ``cells`` [n_images, GRID * GRID, 3]
+    are the per-token targets (colour, shape, centre)."""
+    texts, images, cells = [], [], []
+    for ex in examples:
+        messages = []
+        for i, qa in enumerate(ex["qas"]):
+            content = [{"type": "image"}] * (len(ex["scenes"]) if i == 0 else 0) + [{"type": "text", "text": qa.question}]
+            messages += [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]}]
+        texts.append(proc.apply_chat_template(messages, tokenize=False).rstrip())
+        images.append([world.render(s) for s in ex["scenes"]])
+        for s in ex["scenes"]:
+            lab = world.cell_labels(s, GRID)
+            cells.append(torch.from_numpy(np.stack([lab["colour"], lab["shape"], lab["centre"]], -1)))
+    batch = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+    ids = batch["input_ids"]
+    marker = proc.tokenizer.convert_tokens_to_ids(assistant_marker(proc))
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 1:] = ids[:, :-1] == marker  # the answer word follows the assistant marker
+    is_eos = torch.zeros_like(answer)
+    is_eos[:, 1:] = answer[:, :-1] & (ids[:, 1:] == eos_id)
+    batch["labels"] = torch.where(answer | is_eos, ids, -100)
+    batch["cells"] = torch.stack(cells)
+    return batch
+
+
+def assistant_marker(proc) -> str:
+    """The last word of the generation prompt (``ASSISTANT:`` / ``assistant``): answers follow it."""
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+                                      add_generation_prompt=True, tokenize=False)
+    return prompt.split()[-1]
+
+
+def train_step(model, head, capture: list, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict]:
+    capture.clear()
+    cells = batch.pop("cells")
+    lm_loss = model(**batch).loss
+    tokens = capture[0].reshape(cells.shape[0], GRID * GRID, -1)  # [n_images, 64, D]
+    logits = head(tokens).split(N_CLASSES, dim=-1)
+    aux = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1)) for i, lg in enumerate(logits))
+    return lm_loss + aux_weight * aux, {"lm": lm_loss.item(), "aux": aux.item()}
 
 
 @torch.no_grad()
-def evaluate(model, tok, n: int, seed: int, n_image_tokens: int, max_objects: int = 8) -> dict:
-    """Greedy one-token accuracy per question type on held-out scenes (seed differs from training)."""
+def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32) -> dict:
+    """Greedy accuracy of the answer word per question type on held-out single-question examples
+    (another seed), in exactly the engine's prompt format."""
     model.eval()
     rng = random.Random(seed)
     right, total = {}, {}
-    for _ in range(n // 32):
-        ids, lab, mask, pix, types = sample_batch(rng, tok, 32, n_image_tokens, max_objects)
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
-        pos = (lab != -100).float().argmax(1)  # first answer position
-        pred = logits[torch.arange(ids.shape[0]), pos - 1].argmax(-1)
-        gold = lab[torch.arange(ids.shape[0]), pos]
-        for p, g, t in zip(pred.tolist(), gold.tolist(), types):
-            for key in ("all", t):
+    for start in range(0, n, batch):
+        examples = sample_examples(rng, min(batch, n - start), video)
+        b = collate(proc, examples, eos_id)
+        b.pop("cells")
+        gold = b.pop("labels")[:, -2]
+        pred = model(**b).logits[:, -3].argmax(-1)
+        for p, g, ex in zip(pred.tolist(), gold.tolist(), examples):
+            for key in ("all", ex["qas"][0].type):
                 right[key] = right.get(key, 0) + int(p == g)
                 total[key] = total.get(key, 0) + 1
     model.train()
@@ -115,43 +149,71 @@ def evaluate(model, tok, n: int, seed: int, n_image_tokens: int, max_objects: in
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="llava", choices=sorted(tiny_models.BUILDERS))
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-4)  # 1e-3 and 2e-3 left the tower untrained (docs/training.md)
+    ap.add_argument("--batch", type=int, default=32, help="image examples per step")
+    ap.add_argument("--video-batch", type=int, default=4, help="video examples per step (after --video-from)")
+    ap.add_argument("--video-from", type=int, default=0, help="first step with video examples")
+    ap.add_argument("--turns", type=int, default=6, help="questions per training image / video (one chat turn each)")
+    ap.add_argument("--curriculum", type=int, default=150,
+                    help="open one question type every this many steps (image types, then video types from "
+                         "--video-from); multiple choice once all are open; 0: everything from the start")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lm-lr", type=float, default=None, help="learning rate of the language model (default: --lr)")
+    ap.add_argument("--aux-weight", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--max-objects", type=int, default=8, help="objects per training scene (a curriculum knob)")
-    ap.add_argument("--curriculum", type=int, default=0,
-                    help="ramp the objects per scene from 1 to --max-objects over this many steps (0: no ramp)")
+    ap.add_argument("--eval-n", type=int, default=256)
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.steps < 1 or args.batch < 1:
+        raise SystemExit("--steps and --batch must be positive")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     tok = make_tokenizer(tuple(vocabulary()))
-    model, proc = build_model(tok, args.seed)
-    n_image_tokens = (IMAGE // PATCH) ** 2
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    model, proc = tiny_models.BUILDERS[args.family](tok)
+    eos_id = model.config.get_text_config().eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
+    head = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_CLASSES))
+    capture: list = []
+    tiny_models.visual_tokens(model).register_forward_hook(lambda mod, inp, out: capture.append(out))
+    lm = set(map(id, model.get_decoder().parameters())) | set(map(id, model.get_output_embeddings().parameters()))
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
+                             {"params": [p for p in params if id(p) in lm], "lr": args.lm_lr or args.lr}],
+                            weight_decay=0.01)
+    warm = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     rng = random.Random(args.seed)
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "train_log.jsonl"), "a")
     t0 = time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        k = args.max_objects if not args.curriculum else min(args.max_objects, 1 + step * args.max_objects // args.curriculum)
-        ids, lab, mask, pix, _ = sample_batch(rng, tok, args.batch, n_image_tokens, k)
-        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=lab).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
+        vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
+        mc = 0.2 if img_types == IMAGE_TYPES else 0.0
+        parts = [sample_examples(rng, args.batch, False, args.turns, mc, img_types)]
+        if args.video_batch and step >= args.video_from:
+            parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
+        for examples in parts:
+            loss, info = train_step(model, head, capture, collate(proc, examples, eos_id), args.aux_weight)
+            (loss * len(examples) / sum(map(len, parts))).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
         if step % 25 == 0:
-            print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step} lm {info['lm']:.3f} aux {info['aux']:.3f} {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate(model, tok, 256, seed=10_000 + args.seed, n_image_tokens=n_image_tokens,
-                           max_objects=args.max_objects)  # always judged on full scenes
-            log.write(json.dumps({"step": step, "loss": loss.item(), "held_out": acc, "s": time.time() - t0}) + "\n")
+            acc = {"image": evaluate(model, proc, eos_id, args.eval_n, 10_000 + args.seed, video=False)}
+            if args.video_batch:
+                acc["video"] = evaluate(model, proc, eos_id, args.eval_n // 2, 20_000 + args.seed, video=True, batch=8)
+            log.write(json.dumps({"step": step, **info, "held_out": acc, "s": round(time.time() - t0)}) + "\n")
             log.flush()
             print(f"step {step} held-out {acc}", flush=True)
         if step % args.save_every == 0 or step == args.steps:

@@ -82,20 +82,54 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
 
 
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, s: int, fill) -> None:
+    cx, cy, r = o.x * s, o.y * s, SIZES[o.size] * s
+    if o.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif o.shape == "square":
+        draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
+    else:
+        draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     img = Image.fromarray(background(scene.size, scene.background_seed))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        s = scene.size
-        cx, cy, r = o.x * s, o.y * s, SIZES[o.size] * s
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o.shape == "square":
-            draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
-        else:
-            draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
+        _draw(draw, o, scene.size, COLOURS[o.colour])
     return img
+
+
+def object_map(scene: Scene) -> np.ndarray:
+    """Which object each pixel shows: [size, size] uint8, 0 = background, i + 1 = scene.objects[i]."""
+    img = Image.new("L", (scene.size, scene.size), 0)
+    draw = ImageDraw.Draw(img)
+    for i, o in enumerate(scene.objects):
+        _draw(draw, o, scene.size, i + 1)
+    return np.asarray(img)
+
+
+def cell_labels(scene: Scene, grid: int, min_cover: float = 0.2) -> dict[str, np.ndarray]:
+    """What each cell of a ``grid`` x ``grid`` raster (the visual tokens' layout) shows.
+
+    Returns ``colour`` / ``shape`` [grid * grid] int64 (0 = background, else 1 + index into COLOURS /
+    SHAPES; the object covering most of the cell, when it covers at least ``min_cover`` of it) and
+    ``centre`` [grid * grid] (1 where an object's centre falls). Row-major, like the tokens.
+    """
+    ids = object_map(scene)
+    cell = scene.size // grid
+    blocks = ids[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    colour, shape, centre = (np.zeros(grid * grid, dtype=np.int64) for _ in range(3))
+    names = list(COLOURS)
+    for k, block in enumerate(blocks):
+        counts = np.bincount(block, minlength=len(scene.objects) + 1)
+        counts[0] = 0
+        if counts.max() >= min_cover * block.size:
+            o = scene.objects[counts.argmax() - 1]
+            colour[k], shape[k] = 1 + names.index(o.colour), 1 + SHAPES.index(o.shape)
+    for o in scene.objects:
+        centre[min(int(o.y * grid), grid - 1) * grid + min(int(o.x * grid), grid - 1)] = 1
+    return {"colour": colour, "shape": shape, "centre": centre}
 
 
 # ---- random scenes -----------------------------------------------------------------------------
@@ -109,14 +143,17 @@ def _place(rng: random.Random, objs: list[Obj], size: str) -> tuple[float, float
     return None
 
 
-def random_objects(rng: random.Random, n: int, uid0: int = 0) -> list[Obj]:
+def random_objects(rng: random.Random, n: int, uid0: int = 0, distinct_names: bool = False) -> list[Obj]:
     objs: list[Obj] = []
     while len(objs) < n:
         size = rng.choice(list(SIZES))
         pos = _place(rng, objs, size)
         if pos is None:
             break
-        objs.append(Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), size, *pos, uid=uid0 + len(objs)))
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        while distinct_names and any(o.name == f"{colour} {shape}" for o in objs):
+            shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        objs.append(Obj(shape, colour, size, *pos, uid=uid0 + len(objs)))
     return objs
 
 
@@ -198,13 +235,24 @@ def multiple_choice(qa: QA, rng: random.Random) -> QA:
 
 # ---- videos ------------------------------------------------------------------------------------
 
+SEGMENTS = 8  # a video's events happen at segment boundaries
+
+
 def random_video(rng: random.Random, n_frames: int | None = None, size: int = 128) -> Video:
-    """Objects appear, disappear and move; ``meta`` records each object's first and last frame."""
-    n_frames = n_frames or rng.choice([8, 12, 16, 24, 32])
-    pool = random_objects(rng, rng.randint(2, 5))
-    starts = sorted(rng.sample(range(n_frames - 1), len(pool))) if len(pool) < n_frames else list(range(len(pool)))
-    spans = {o.uid: (s, rng.randint(s + 1, n_frames)) for o, s in zip(pool, starts)}
-    velocity = {o.uid: (rng.uniform(-0.01, 0.01), rng.uniform(-0.01, 0.01)) for o in pool}
+    """Objects (distinct names) appear, disappear and move; ``meta`` records each one's first and last frame.
+
+    The video is cut into SEGMENTS equal segments and objects appear / disappear only at segment
+    boundaries, so any SEGMENTS evenly spaced frames (what the engine samples) see every event.
+    """
+    n_frames = n_frames or rng.choice([8, 16, 24, 32])
+    if n_frames % SEGMENTS:
+        raise ValueError(f"n_frames must be a multiple of {SEGMENTS}, got {n_frames}")
+    seg = n_frames // SEGMENTS
+    pool = random_objects(rng, rng.randint(2, 5), distinct_names=True)
+    starts = [0] + sorted(rng.sample(range(1, SEGMENTS - 1), len(pool) - 1))
+    rng.shuffle(pool)
+    spans = {o.uid: (s * seg, rng.randint(s + 1, SEGMENTS) * seg) for o, s in zip(pool, starts)}
+    velocity = {o.uid: (rng.uniform(-0.01, 0.01) * 8 / n_frames, rng.uniform(-0.01, 0.01) * 8 / n_frames) for o in pool}
     bg = rng.randrange(2**31)
     frames = []
     for f in range(n_frames):

@@ -46,7 +46,7 @@ def test_question_answers_follow_the_scene():
 
 
 def test_video_questions_need_the_right_frames():
-    video = random_video(random.Random(2), n_frames=12)
+    video = random_video(random.Random(2), n_frames=16)
     spans = video.meta["spans"]
     for qa in video_questions(video, random.Random(0)):
         if qa.type == "distinct":
@@ -70,3 +70,31 @@ def test_write_dataset(tmp_path):
     again = tmp_path / "again"
     write_dataset(str(again), n_images=3, n_videos=2, seed=0, progress=False)
     assert open(again / "dataset.jsonl").read() == open(path).read()
+
+
+def test_cell_labels_name_what_each_token_cell_shows():
+    from tokensieve.eval.world import SHAPES, cell_labels
+    # a big red square centred in cell (row 2, col 1) of an 8 x 8 grid on a 96 px image (cells of 12 px)
+    scene = Scene([Obj("square", "red", "big", 1.5 / 8, 2.5 / 8)], size=96)
+    lab = cell_labels(scene, 8)
+    red, square = 1 + list(COLOURS).index("red"), 1 + SHAPES.index("square")
+    # the square spans 0.85 * 0.17 * 96 = 13.9 px either side of its centre pixel (18, 30): cells 0-2 by 1-3
+    expected = np.zeros((8, 8), dtype=int)
+    expected[1:4, 0:3] = 1
+    assert (lab["colour"].reshape(8, 8) == expected * red).all()
+    assert (lab["shape"].reshape(8, 8) == expected * square).all()
+    assert lab["centre"].reshape(8, 8)[2, 1] == 1 and lab["centre"].sum() == 1
+
+
+def test_video_events_are_seen_by_evenly_sampled_frames():
+    for seed in range(10):
+        n = random.Random(seed).choice([16, 24, 32])
+        video = random_video(random.Random(seed), n_frames=n)
+        idx = [round(i * (n - 1) / 7) for i in range(8)]  # what the engine samples from a video file
+        seg = n // 8
+        for i, f in enumerate(idx):  # the sampled frame shows exactly what its segment shows
+            assert {o.uid for o in video.frames[f].objects} == {o.uid for o in video.frames[i * seg].objects}
+        names = [o.name for o in video.meta["objects"].values()]
+        assert len(names) == len(set(names))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        random_video(random.Random(0), n_frames=12)

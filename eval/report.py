@@ -1,0 +1,193 @@
+"""Pruning report: accuracy versus visual-token budget for every pruner, on the shipped tiny models.
+
+    python -m tokensieve.eval.report                      # both shipped models, every pruner
+    python -m tokensieve.eval.report --models llava --n-images 64 --n-videos 16 --pruners random fastv
+
+Held-out questions (seed 10_000, never used in training) on images and 8-frame videos; each
+pruner runs at its default place in the model (LLM-stage pruners at decoder layer 2 of the tiny
+models' 4) with keep = 50%, 25%, 11%, 5% of the visual tokens, plus the full-token baseline.
+A pruner a family cannot run (no CLS token) is reported as n/a. Every measured cell is appended to
+``<out>/cells.jsonl`` as it is made, and a rerun skips the cells already there; the table
+(``report.md``) and the plot (``report.png``) are rebuilt from that file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from ..engine.errors import PlanError
+from ..pruners import REGISTRY
+from . import world
+from .tiny_models import IMAGE
+
+BUDGETS = (0.5, 0.25, 0.11, 0.05)
+LLM_LAYER = 2
+VIDEO_FRAMES = 8
+
+
+@dataclass
+class Question:
+    images: list  # PIL images: one, or the video's frames
+    question: str
+    answer: str
+    type: str
+    kind: str  # "image" | "video"
+
+
+def held_out(n_images: int, n_videos: int, seed: int = 10_000, mc_fraction: float = 0.2) -> list[Question]:
+    """One question per scene / video, of a rotating type so every type is represented."""
+    rng, out = random.Random(seed), []
+    for kind, n in (("image", n_images), ("video", n_videos)):
+        for i in range(n):
+            if kind == "image":
+                scene = world.random_scene(rng, size=IMAGE)
+                frames, qas = [scene], world.image_questions(scene, rng)
+            else:
+                video = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE)
+                frames, qas = video.frames, world.video_questions(video, rng)
+            qa = qas[i % len(qas)]
+            qa = world.multiple_choice(qa, rng) if rng.random() < mc_fraction else qa
+            out.append(Question([world.render(s) for s in frames], qa.question, qa.answer, qa.type, kind))
+    return out
+
+
+def plan_for(pruner: str, budget: float | None) -> str:
+    if budget is None:
+        return ""
+    where = REGISTRY[pruner].default_where
+    return f"{pruner}:" + (f"layer={LLM_LAYER}," if where == "llm" else "") + f"keep={budget}"
+
+
+def measure(engine, questions: list[Question], plan: str, batch_size: int) -> dict:
+    """Accuracy per kind and per question type, and the mean visual tokens the LLM kept."""
+    reqs = [{"prompt": q.question, "images": q.images, "plan": plan, "max_new_tokens": 1} for q in questions]
+    results = engine.generate_batch(reqs, batch_size=batch_size)
+    right, total, kept = {}, {}, {}
+    for q, r in zip(questions, results):
+        ok = int(r.text.strip().split(" ")[0] == q.answer)
+        for key in (q.kind, f"{q.kind}/{q.type}"):
+            right[key], total[key] = right.get(key, 0) + ok, total.get(key, 0) + 1
+        kept.setdefault(q.kind, []).append(r.stats["kept_tokens"] / r.stats["visual_tokens"])
+    acc = {k: round(right[k] / total[k], 4) for k in sorted(total)}
+    return {"accuracy": acc, "kept_fraction": {k: round(sum(v) / len(v), 4) for k, v in kept.items()}, "n": total}
+
+
+def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_images: int, n_videos: int,
+        out: str, batch_size: int = 16) -> list[dict]:
+    import tokensieve
+    from tqdm import tqdm
+
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "cells.jsonl")
+    cells = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    done = {(c["model"], c["pruner"], c["budget"]) for c in cells}
+    questions = held_out(n_images, n_videos)
+    todo = [(m, p, b) for m in models for p, b in [("none", None)] + [(p, b) for p in pruners for b in budgets]
+            if (m, p, b) not in done]
+    engines: dict = {}
+    with open(path, "a") as f:
+        for model, pruner, budget in tqdm(todo, desc="report cells"):
+            if model not in engines:
+                engines = {model: tokensieve.load(models[model])}  # one model in memory at a time
+            cell = {"model": model, "pruner": pruner, "budget": budget, "plan": plan_for(pruner, budget)}
+            try:
+                cell.update(measure(engines[model], questions, cell["plan"], batch_size))
+            except PlanError as e:
+                cell["error"] = str(e).split(";")[0]
+            f.write(json.dumps(cell) + "\n")
+            f.flush()
+            cells.append(cell)
+    return cells
+
+
+def table(cells: list[dict], kind: str) -> str:
+    """Markdown: one row per pruner, one column per (model, budget); accuracy in %."""
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    budgets = sorted({c["budget"] for c in cells if c["budget"] is not None}, reverse=True)
+    by = {(c["model"], c["pruner"], c["budget"]): c for c in cells}
+    head = "| pruner | " + " | ".join(f"{m} {b:.0%}" for m in models for b in budgets) + " |"
+    lines = [head, "|" + "---|" * (1 + len(models) * len(budgets))]
+    full = " | ".join(_pct(by.get((m, "none", None)), kind) for m in models for _ in budgets)
+    lines.append(f"| (all tokens) | {full} |")
+    for p in dict.fromkeys(c["pruner"] for c in cells if c["pruner"] != "none"):
+        lines.append(f"| {p} | " + " | ".join(_pct(by.get((m, p, b)), kind) for m in models for b in budgets) + " |")
+    return "\n".join(lines)
+
+
+def _pct(cell: dict | None, kind: str) -> str:
+    if cell is None:
+        return ""
+    if "error" in cell:
+        return "n/a"
+    return f"{100 * cell['accuracy'][kind]:.0f}" if kind in cell["accuracy"] else ""
+
+
+def plot(cells: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    kinds = [k for k in ("image", "video") if any(k in c.get("accuracy", {}) for c in cells)]
+    fig, axes = plt.subplots(len(kinds), len(models), figsize=(6 * len(models), 4 * len(kinds)), squeeze=False)
+    for (i, kind), (j, model) in ((a, b) for a in enumerate(kinds) for b in enumerate(models)):
+        ax = axes[i][j]
+        mine = [c for c in cells if c["model"] == model and kind in c.get("accuracy", {})]
+        full = next((c["accuracy"][kind] for c in mine if c["pruner"] == "none"), None)
+        for p in dict.fromkeys(c["pruner"] for c in mine if c["pruner"] != "none"):
+            pts = sorted((c["budget"], c["accuracy"][kind]) for c in mine if c["pruner"] == p)
+            ax.plot([100 * b for b, _ in pts], [100 * a for _, a in pts], marker="o", label=p)
+        if full is not None:
+            ax.axhline(100 * full, color="black", linestyle="--", label="all tokens")
+        ax.set(xscale="log", xlabel="visual tokens kept (%)", ylabel="accuracy (%)", title=f"{model}: {kind} questions")
+        ax.set_xticks([5, 11, 25, 50], ["5", "11", "25", "50"])
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(cells: list[dict], out: str) -> str:
+    md = ["# Accuracy versus visual-token budget (held-out, full-token row first)", ""]
+    for kind in ("image", "video"):
+        if any(kind in c.get("accuracy", {}) for c in cells):
+            md += [f"## {kind} questions (accuracy %)", "", table(cells, kind), ""]
+    text = "\n".join(md)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    plot(cells, os.path.join(out, "report.png"))
+    return text
+
+
+def main(argv=None):
+    from . import shipped
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(shipped.MODELS),
+                    help=f"shipped model names ({', '.join(shipped.MODELS)}) or checkpoint directories")
+    ap.add_argument("--pruners", nargs="+", default=list(REGISTRY))
+    ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    ap.add_argument("--n-images", type=int, default=240)
+    ap.add_argument("--n-videos", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default="eval/results/pruning")
+    args = ap.parse_args(argv)
+    unknown = [p for p in args.pruners if p not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown pruner(s) {unknown}; known: {', '.join(REGISTRY)}")
+    bad = [b for b in args.budgets if not 0 < b <= 1]
+    if bad:
+        raise SystemExit(f"budgets must be fractions in (0, 1], got {bad}")
+    models = {m: shipped.path(m) if m in shipped.MODELS else m for m in args.models}
+    for name, p in models.items():
+        if not os.path.isfile(os.path.join(p, "config.json")):
+            raise SystemExit(f"model '{name}': no checkpoint at {p}")
+    cells = run(models, args.pruners, args.budgets, args.n_images, args.n_videos, args.out, args.batch_size)
+    print(write(cells, args.out))
+
+
+if __name__ == "__main__":
+    main()

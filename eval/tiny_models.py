@@ -1,0 +1,82 @@
+"""The two tiny VLM architectures trained on the shape world (issue 5): one builder per family.
+
+Both see a 96 x 96 image as 64 visual tokens in an 8 x 8 raster (row-major), so the world's
+``cell_labels(scene, GRID)`` name what each visual token shows.
+
+- ``llava``: LLaVA-1.5 (CLIP tower, width 128 x 4 layers, patch 12, CLS token, features from the
+  second-to-last layer; 2-layer MLP projector; Llama LM, width 192 x 4 layers).
+- ``qwen2_vl``: Qwen2-VL (no CLS, patch 6 -> 16 x 16 patches merged 2 x 2 -> 64 tokens, 3-D rotary
+  positions; Qwen2 LM, width 192 x 4 layers).
+
+``visual_tokens(model)`` names the module whose output is the LLM's visual tokens, for the
+training script's per-token auxiliary loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..testing import CHAT_TEMPLATES
+
+IMAGE = 96
+GRID = 8  # visual tokens per side
+MEAN = [0.48145466, 0.4578275, 0.40821073]
+STD = [0.26862954, 0.26130258, 0.27577711]
+LM = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+          max_position_embeddings=2048)
+
+
+def build_llava(tok):
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    patch = IMAGE // GRID
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=IMAGE, patch_size=patch)
+    text = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, **LM)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
+                               image_mean=MEAN, image_std=STD)
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+                          chat_template=CHAT_TEMPLATES["llava"], num_additional_image_tokens=1)
+    return LlavaForConditionalGeneration(cfg), proc
+
+
+def build_qwen2_vl(tok):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    patch, merge = IMAGE // GRID // 2, 2
+    geometry = dict(patch_size=patch, merge_size=merge, temporal_patch_size=2, image_mean=MEAN, image_std=STD,
+                    size={"shortest_edge": IMAGE * IMAGE, "longest_edge": IMAGE * IMAGE})
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in [("image_token_id", "<|image_pad|>"), (
+        "video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>")]}
+    head_half = LM["hidden_size"] // LM["num_attention_heads"] // 2
+    text = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head_half // 3, head_half // 3, head_half - 2 * (head_half // 3)]},
+                **LM)
+    vision = dict(depth=4, embed_dim=128, hidden_size=LM["hidden_size"], num_heads=4, mlp_ratio=2, patch_size=patch,
+                  spatial_merge_size=merge, temporal_patch_size=2, in_channels=3)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**geometry), tokenizer=tok,
+                            video_processor=Qwen2VLVideoProcessor(**geometry), chat_template=CHAT_TEMPLATES["qwen"])
+    return Qwen2VLForConditionalGeneration(cfg), proc
+
+
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
+
+
+def visual_tokens(model) -> torch.nn.Module:
+    """The module whose output is the LLM's visual tokens ([n_images, 64, D] or [n_images * 64, D])."""
+    inner = model.model
+    for name in ("multi_modal_projector",):
+        if hasattr(inner, name):
+            return getattr(inner, name)
+    return inner.visual.merger
