@@ -120,10 +120,24 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float) -> tu
     capture.clear()
     cells = batch.pop("cells")
     lm_loss = model(**batch).loss
-    tokens = capture[0].reshape(cells.shape[0], GRID * GRID, -1)  # [n_images, 64, D]
-    logits = head(tokens).split(N_CLASSES, dim=-1)
-    aux = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1)) for i, lg in enumerate(logits))
+    aux = aux_loss(head, capture[0], cells)
     return lm_loss + aux_weight * aux, {"lm": lm_loss.item(), "aux": aux.item()}
+
+
+def tower_step(model, proc, head, capture: list, rng: random.Random, n: int) -> float:
+    """Phase 1: the tower and projector alone learn the per-token targets (no language model)."""
+    scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
+    pixels = dict(proc.image_processor([world.render(s) for s in scenes], return_tensors="pt"))
+    capture.clear()
+    model.model.get_image_features(**pixels)
+    cells = torch.stack([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)) for s in scenes])
+    return aux_loss(head, capture[0], cells)
+
+
+def aux_loss(head, tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the per-token heads. tokens [n_images * 64, D] or [n_images, 64, D]; cells [n_images, 64, 3]."""
+    logits = head(tokens.reshape(cells.shape[0], GRID * GRID, -1)).split(N_CLASSES, dim=-1)
+    return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1)) for i, lg in enumerate(logits))
 
 
 @torch.no_grad()
@@ -159,6 +173,10 @@ def main(argv=None):
     ap.add_argument("--curriculum", type=int, default=150,
                     help="open one question type every this many steps (image types, then video types from "
                          "--video-from); multiple choice once all are open; 0: everything from the start")
+    ap.add_argument("--tower-steps", type=int, default=400,
+                    help="phase 1: steps (of 64 images) training only the tower + projector on the per-token targets")
+    ap.add_argument("--freeze-tower", action="store_true",
+                    help="after phase 1, keep the tower and projector fixed (LLaVA's stage-2 recipe freezes the tower)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lm-lr", type=float, default=None, help="learning rate of the language model (default: --lr)")
     ap.add_argument("--aux-weight", type=float, default=1.0)
@@ -193,6 +211,23 @@ def main(argv=None):
     log = open(os.path.join(args.out, "train_log.jsonl"), "a")
     t0 = time.time()
     model.train()
+    if args.tower_steps:
+        tower = [p for p in params if id(p) not in lm]
+        tower_opt = torch.optim.AdamW(tower, lr=args.lr, weight_decay=0.01)
+        for step in range(1, args.tower_steps + 1):
+            loss = tower_step(model, proc, head, capture, rng, 64)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tower, 1.0)
+            tower_opt.step()
+            tower_opt.zero_grad()
+            if step % 50 == 0:
+                print(f"tower step {step} aux {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+        log.write(json.dumps({"tower_steps": args.tower_steps, "aux": loss.item(), "s": round(time.time() - t0)}) + "\n")
+    if args.freeze_tower:
+        for p in params:
+            if id(p) not in lm:
+                p.requires_grad_(False)
+        args.aux_weight = 0.0
     for step in range(1, args.steps + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
