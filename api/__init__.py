@@ -14,14 +14,23 @@ __version__ = "0.1.0"
 
 
 def default_model() -> str:
-    """Path of the embedded default model: the tiny LLaVA-1.5 trained on the shape world, shipped in
-    the package (``tokensieve.eval.shipped``; docs/training.md says how it was made)."""
-    from .eval import shipped
+    """Path of the embedded default model.
 
-    if not shipped.available("llava"):
-        raise UnsupportedModelError(f"the embedded default model is missing from {shipped.path('llava')}; "
-                                    "reinstall tokensieve or pass a model")
-    return shipped.path("llava")
+    The tiny LLaVA trained on the shape world once it ships in the package
+    (``tokensieve.eval.shipped``, docs/training.md); until then a tiny random LLaVA written on
+    first use into $TOKENSIEVE_HOME (default ~/.cache/tokensieve). Nothing is downloaded.
+    """
+    import os
+
+    from .eval import shipped
+    from .testing import make_tiny
+
+    if shipped.available("llava"):
+        return shipped.path("llava")
+    path = os.path.join(os.path.expanduser(os.environ.get("TOKENSIEVE_HOME", "~/.cache/tokensieve")), "tiny-llava")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        make_tiny("llava", path)
+    return path
 
 
 def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, max_new_tokens: int = 32) -> Engine:

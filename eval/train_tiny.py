@@ -141,6 +141,20 @@ def aux_loss(head, tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def tower_accuracy(model, proc, head, capture: list, seed: int, n: int = 64) -> dict:
+    """Held-out accuracy of the per-token heads on the cells an object covers (colour, shape, centre)."""
+    rng = random.Random(seed)
+    scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
+    capture.clear()
+    model.model.get_image_features(**proc.image_processor([world.render(s) for s in scenes], return_tensors="pt"))
+    cells = torch.stack([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)) for s in scenes])
+    logits = head(capture[0].reshape(n, GRID * GRID, -1)).split(N_CLASSES, dim=-1)
+    obj = cells[..., 1] > 0
+    return {name: round((lg.argmax(-1)[obj] == cells[..., i][obj]).float().mean().item(), 4)
+            for i, (name, lg) in enumerate(zip(("colour", "shape", "centre"), logits))}
+
+
+@torch.no_grad()
 def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32) -> dict:
     """Greedy accuracy of the answer word per question type on held-out single-question examples
     (another seed), in exactly the engine's prompt format."""
@@ -177,6 +191,8 @@ def main(argv=None):
                     help="phase 1: steps (of 64 images) training only the tower + projector on the per-token targets")
     ap.add_argument("--freeze-tower", action="store_true",
                     help="after phase 1, keep the tower and projector fixed (LLaVA's stage-2 recipe freezes the tower)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lm-lr", type=float, default=None, help="learning rate of the language model (default: --lr)")
     ap.add_argument("--aux-weight", type=float, default=1.0)
@@ -203,7 +219,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
                              {"params": [p for p in params if id(p) in lm], "lr": args.lm_lr or args.lr}],
                             weight_decay=0.01)
-    warm = max(1, args.steps // 20)
+    warm = max(1, args.steps // 20 if args.warmup is None else args.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     rng = random.Random(args.seed)
@@ -222,7 +238,12 @@ def main(argv=None):
             tower_opt.zero_grad()
             if step % 50 == 0:
                 print(f"tower step {step} aux {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
-        log.write(json.dumps({"tower_steps": args.tower_steps, "aux": loss.item(), "s": round(time.time() - t0)}) + "\n")
+            if step % args.eval_every == 0 or step == args.tower_steps:
+                acc = tower_accuracy(model, proc, head, capture, 30_000 + args.seed)
+                log.write(json.dumps({"tower_step": step, "aux": loss.item(), "object_cells": acc,
+                                      "s": round(time.time() - t0)}) + "\n")
+                log.flush()
+                print(f"tower step {step} held-out object cells {acc}", flush=True)
     if args.freeze_tower:
         for p in params:
             if id(p) not in lm:
@@ -238,7 +259,8 @@ def main(argv=None):
         for examples in parts:
             loss, info = train_step(model, head, capture, collate(proc, examples, eos_id), args.aux_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], args.clip)
         opt.step()
         sched.step()
         opt.zero_grad()
