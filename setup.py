@@ -36,7 +36,7 @@ setup(
         "bench": ["matplotlib"],
         "clip": ["open_clip_torch"],
         "kernels": ["triton>=3.2"],
-        "test": ["pytest>=8", "triton>=3.2", "av>=12"],
+        "test": ["pytest>=8", "triton>=3.2", "av>=12", "open_clip_torch", "matplotlib"],
         "all": ["av>=12", "gradio>=5", "matplotlib", "open_clip_torch", "triton>=3.2", "pytest>=8"],
     },
     entry_points={"console_scripts": ["tokensieve=tokensieve.cli:main"]},
