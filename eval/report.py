@@ -87,19 +87,23 @@ def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_imag
     questions = held_out(n_images, n_videos)
     todo = [(m, p, b) for m in models for p, b in [("none", None)] + [(p, b) for p in pruners for b in budgets]
             if (m, p, b) not in done]
-    engines: dict = {}
+    engine, loaded = None, None
     with open(path, "a") as f:
         for model, pruner, budget in tqdm(todo, desc="report cells"):
-            if model not in engines:
-                engines = {model: tokensieve.load(models[model])}  # one model in memory at a time
+            if model != loaded:  # one model in memory at a time
+                if engine is not None:
+                    engine.close()
+                engine, loaded = tokensieve.load(models[model]), model
             cell = {"model": model, "pruner": pruner, "budget": budget, "plan": plan_for(pruner, budget)}
             try:
-                cell.update(measure(engines[model], questions, cell["plan"], batch_size))
+                cell.update(measure(engine, questions, cell["plan"], batch_size))
             except PlanError as e:
                 cell["error"] = str(e).split(";")[0]
             f.write(json.dumps(cell) + "\n")
             f.flush()
             cells.append(cell)
+    if engine is not None:
+        engine.close()
     return cells
 
 

@@ -76,7 +76,4 @@ BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
 def visual_tokens(model) -> torch.nn.Module:
     """The module whose output is the LLM's visual tokens ([n_images, 64, D] or [n_images * 64, D])."""
     inner = model.model
-    for name in ("multi_modal_projector",):
-        if hasattr(inner, name):
-            return getattr(inner, name)
-    return inner.visual.merger
+    return inner.multi_modal_projector if hasattr(inner, "multi_modal_projector") else inner.visual.merger

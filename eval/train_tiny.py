@@ -85,7 +85,7 @@ def collate(proc, examples: list[dict], eos_id: int) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; ``cells`` [n_images, GRID * GRID, 3]
     are the per-token targets (colour, shape, centre)."""
-    texts, images, cells = [], [], []
+    texts, images, frames = [], [], []
     for ex in examples:
         messages = []
         for i, qa in enumerate(ex["qas"]):
@@ -94,9 +94,7 @@ def collate(proc, examples: list[dict], eos_id: int) -> dict:
                          {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]}]
         texts.append(proc.apply_chat_template(messages, tokenize=False).rstrip())
         images.append([world.render(s) for s in ex["scenes"]])
-        for s in ex["scenes"]:
-            lab = world.cell_labels(s, GRID)
-            cells.append(torch.from_numpy(np.stack([lab["colour"], lab["shape"], lab["centre"]], -1)))
+        frames += ex["scenes"]
     batch = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
     ids = batch["input_ids"]
     marker = proc.tokenizer.convert_tokens_to_ids(assistant_marker(proc))
@@ -105,8 +103,13 @@ def collate(proc, examples: list[dict], eos_id: int) -> dict:
     is_eos = torch.zeros_like(answer)
     is_eos[:, 1:] = answer[:, :-1] & (ids[:, 1:] == eos_id)
     batch["labels"] = torch.where(answer | is_eos, ids, -100)
-    batch["cells"] = torch.stack(cells)
+    batch["cells"] = cell_targets(frames)
     return batch
+
+
+def cell_targets(scenes: list) -> torch.Tensor:
+    """[n_images, GRID * GRID, 3] per-token targets (colour, shape, centre) of ``world.cell_labels``."""
+    return torch.stack([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)) for s in scenes])
 
 
 def assistant_marker(proc) -> str:
@@ -120,23 +123,33 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float) -> tu
     capture.clear()
     cells = batch.pop("cells")
     lm_loss = model(**batch).loss
-    aux = aux_loss(head, capture[0], cells)
+    if not aux_weight:  # frozen tower: the per-token head has nothing to train
+        return lm_loss, {"lm": lm_loss.item()}
+    aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
     return lm_loss + aux_weight * aux, {"lm": lm_loss.item(), "aux": aux.item()}
 
 
-def tower_step(model, proc, head, capture: list, rng: random.Random, n: int) -> float:
+def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
+    """The LLM's visual tokens for these scenes, from the tower and projector alone: [n, GRID * GRID, D]."""
+    capture.clear()
+    model.model.get_image_features(**proc.image_processor([world.render(s) for s in scenes], return_tensors="pt"))
+    return capture[0].reshape(len(scenes), GRID * GRID, -1)
+
+
+def tower_step(model, proc, head, capture: list, rng: random.Random, n: int) -> torch.Tensor:
     """Phase 1: the tower and projector alone learn the per-token targets (no language model)."""
     scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
-    pixels = dict(proc.image_processor([world.render(s) for s in scenes], return_tensors="pt"))
-    capture.clear()
-    model.model.get_image_features(**pixels)
-    cells = torch.stack([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)) for s in scenes])
-    return aux_loss(head, capture[0], cells)
+    return aux_loss(aux_logits(head, tower_tokens(model, proc, capture, scenes), n), cell_targets(scenes))
 
 
-def aux_loss(head, tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the per-token heads. tokens [n_images * 64, D] or [n_images, 64, D]; cells [n_images, 64, 3]."""
-    logits = head(tokens.reshape(cells.shape[0], GRID * GRID, -1)).split(N_CLASSES, dim=-1)
+def aux_logits(head, tokens: torch.Tensor, n_images: int) -> tuple[torch.Tensor, ...]:
+    """Per-token head logits (colour, shape, centre), each [n_images, GRID * GRID, classes];
+    tokens [n_images * 64, D] or [n_images, 64, D]."""
+    return head(tokens.reshape(n_images, GRID * GRID, -1)).split(N_CLASSES, dim=-1)
+
+
+def aux_loss(logits: tuple[torch.Tensor, ...], cells: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the per-token heads; cells [n_images, 64, 3]."""
     return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1)) for i, lg in enumerate(logits))
 
 
@@ -145,10 +158,8 @@ def tower_accuracy(model, proc, head, capture: list, seed: int, n: int = 64) -> 
     """Held-out accuracy of the per-token heads on the cells an object covers (colour, shape, centre)."""
     rng = random.Random(seed)
     scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
-    capture.clear()
-    model.model.get_image_features(**proc.image_processor([world.render(s) for s in scenes], return_tensors="pt"))
-    cells = torch.stack([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)) for s in scenes])
-    logits = head(capture[0].reshape(n, GRID * GRID, -1)).split(N_CLASSES, dim=-1)
+    logits = aux_logits(head, tower_tokens(model, proc, capture, scenes), n)
+    cells = cell_targets(scenes)
     obj = cells[..., 1] > 0
     return {name: round((lg.argmax(-1)[obj] == cells[..., i][obj]).float().mean().item(), 4)
             for i, (name, lg) in enumerate(zip(("colour", "shape", "centre"), logits))}
@@ -265,7 +276,8 @@ def main(argv=None):
         sched.step()
         opt.zero_grad()
         if step % 25 == 0:
-            print(f"step {step} lm {info['lm']:.3f} aux {info['aux']:.3f} {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in info.items()) + f" {time.time() - t0:.0f}s",
+                  flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             acc = {"image": evaluate(model, proc, eos_id, args.eval_n, 10_000 + args.seed, video=False)}
             if args.video_batch:
