@@ -121,6 +121,18 @@ def table(cells: list[dict], kind: str) -> str:
     return "\n".join(lines)
 
 
+def per_type(cells: list[dict]) -> str:
+    """Markdown: the full-token accuracy of each model per question type (the quality bar of issue 5)."""
+    full = [c for c in cells if c["pruner"] == "none" and "accuracy" in c]
+    keys = sorted({k for c in full for k in c["accuracy"] if "/" in k}, key=lambda k: (k.split("/")[0] != "image", k))
+    lines = ["| model | " + " | ".join(keys) + " | image | video |", "|" + "---|" * (3 + len(keys))]
+    for c in full:
+        cols = [f"{100 * c['accuracy'][k]:.0f} (n={c['n'][k]})" if k in c["accuracy"] else "" for k in keys]
+        cols += [f"{100 * c['accuracy'][k]:.1f}" if k in c["accuracy"] else "" for k in ("image", "video")]
+        lines.append(f"| {c['model']} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
 def _pct(cell: dict | None, kind: str) -> str:
     if cell is None:
         return ""
@@ -155,7 +167,8 @@ def plot(cells: list[dict], path: str) -> None:
 
 
 def write(cells: list[dict], out: str) -> str:
-    md = ["# Accuracy versus visual-token budget (held-out, full-token row first)", ""]
+    md = ["# Accuracy versus visual-token budget (held-out, full-token row first)", "",
+          "## Full-token accuracy per question type (%)", "", per_type(cells), ""]
     for kind in ("image", "video"):
         if any(kind in c.get("accuracy", {}) for c in cells):
             md += [f"## {kind} questions (accuracy %)", "", table(cells, kind), ""]
@@ -172,7 +185,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(shipped.MODELS),
                     help=f"shipped model names ({', '.join(shipped.MODELS)}) or checkpoint directories")
-    ap.add_argument("--pruners", nargs="+", default=list(REGISTRY))
+    ap.add_argument("--pruners", nargs="*", default=list(REGISTRY),
+                    help="registered pruners (default: all); none given: only the full-token baseline")
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     ap.add_argument("--n-images", type=int, default=240)
     ap.add_argument("--n-videos", type=int, default=64)

@@ -186,6 +186,19 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
     return {k: round(right[k] / total[k], 4) for k in sorted(total)}
 
 
+def load_tower(model, path: str, lm: set[int]) -> None:
+    """Copy every parameter outside the language model (tower, projector / merger) from the checkpoint at ``path``."""
+    saved = dict(type(model).from_pretrained(path).named_parameters())
+    names = [n for n, p in model.named_parameters() if id(p) not in lm]
+    missing = [n for n in names if n not in saved or saved[n].shape != dict(model.named_parameters())[n].shape]
+    if missing:
+        raise SystemExit(f"--tower-from {path}: no {missing[0]} (and {len(missing) - 1} more) of this shape in it")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if id(p) not in lm:
+                p.copy_(saved[n])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="llava", choices=sorted(tiny_models.BUILDERS))
@@ -200,6 +213,9 @@ def main(argv=None):
                          "--video-from); multiple choice once all are open; 0: everything from the start")
     ap.add_argument("--tower-steps", type=int, default=400,
                     help="phase 1: steps (of 64 images) training only the tower + projector on the per-token targets")
+    ap.add_argument("--tower-from", default=None,
+                    help="start from the tower + projector of this checkpoint (a fresh language model; implies no phase 1)")
+    ap.add_argument("--embed-std", type=float, default=None, help="initial std of the word embeddings (default: the config's)")
     ap.add_argument("--freeze-tower", action="store_true",
                     help="after phase 1, keep the tower and projector fixed (LLaVA's stage-2 recipe freezes the tower)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
@@ -223,9 +239,14 @@ def main(argv=None):
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
     head = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_CLASSES))
+    if args.embed_std:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embed_std)
     capture: list = []
     tiny_models.visual_tokens(model).register_forward_hook(lambda mod, inp, out: capture.append(out))
     lm = set(map(id, model.get_decoder().parameters())) | set(map(id, model.get_output_embeddings().parameters()))
+    if args.tower_from:
+        load_tower(model, args.tower_from, lm)
+        args.tower_steps = 0
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
                              {"params": [p for p in params if id(p) in lm], "lr": args.lm_lr or args.lr}],

@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 210, 40),
            "orange": (245, 140, 25), "purple": (150, 60, 190), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-SIZES = {"small": 0.10, "big": 0.17}  # half-extent as a fraction of the image side
+LATTICE = 8  # random scenes sit on a LATTICE x LATTICE grid of cells: the tiny models' visual-token raster
+SIZES = {"small": 0.05, "big": 0.105}  # half-extent as a fraction of the image side: 1 cell / 2 x 2 cells
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
@@ -109,7 +110,7 @@ def object_map(scene: Scene) -> np.ndarray:
     return np.asarray(img)
 
 
-def cell_labels(scene: Scene, grid: int, min_cover: float = 0.2) -> dict[str, np.ndarray]:
+def cell_labels(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[str, np.ndarray]:
     """What each cell of a ``grid`` x ``grid`` raster (the visual tokens' layout) shows.
 
     Returns ``colour`` / ``shape`` [grid * grid] int64 (0 = background, else 1 + index into COLOURS /
@@ -134,11 +135,29 @@ def cell_labels(scene: Scene, grid: int, min_cover: float = 0.2) -> dict[str, np
 
 # ---- random scenes -----------------------------------------------------------------------------
 
+def _cells(size: str, x: float, y: float) -> set[tuple[int, int]]:
+    """The lattice cells (row, col) an object of ``size`` centred at (x, y) occupies."""
+    if size == "small":
+        return {(int(y * LATTICE), int(x * LATTICE))}
+    r, c = round(y * LATTICE) - 1, round(x * LATTICE) - 1
+    return {(r + i, c + j) for i in (0, 1) for j in (0, 1)}
+
+
+def _free(cells: set[tuple[int, int]], objs: list[Obj]) -> bool:
+    """No cell of ``cells`` is occupied by or next to (8-neighbourhood) a cell of ``objs``."""
+    taken = set().union(*(_cells(o.size, o.x, o.y) for o in objs)) if objs else set()
+    return not any((r + i, c + j) in taken for r, c in cells for i in (-1, 0, 1) for j in (-1, 0, 1))
+
+
 def _place(rng: random.Random, objs: list[Obj], size: str) -> tuple[float, float] | None:
-    r = SIZES[size]
+    """A free lattice position: a small object fills one cell (centre at the cell's centre), a big one
+    2 x 2 cells (centre on a lattice corner); objects never touch, so every cell shows at most one."""
     for _ in range(200):
-        x, y = rng.uniform(r + 0.02, 1 - r - 0.02), rng.uniform(r + 0.02, 1 - r - 0.02)
-        if all(math.hypot(x - o.x, y - o.y) > r + SIZES[o.size] + 0.03 for o in objs):
+        if size == "small":
+            x, y = (rng.randrange(LATTICE) + 0.5) / LATTICE, (rng.randrange(LATTICE) + 0.5) / LATTICE
+        else:
+            x, y = rng.randrange(1, LATTICE) / LATTICE, rng.randrange(1, LATTICE) / LATTICE
+        if _free(_cells(size, x, y), objs):
             return x, y
     return None
 
@@ -207,7 +226,7 @@ def image_questions(scene: Scene, rng: random.Random) -> list[QA]:
     else:
         out.append(QA(f"is there a {absent_name(objs, rng)} ?", "no", "exist"))
     unique_names = _unique(objs, lambda o: o.name)
-    clear = [o for o in unique_names if abs(o.x - 0.5) > 0.08 and abs(o.y - 0.5) > 0.08]
+    clear = [o for o in unique_names if abs(o.x - 0.5) > 0.03 and abs(o.y - 0.5) > 0.03]
     if clear:
         o = rng.choice(clear)
         kind = rng.choice(["horizontal", "vertical", "quadrant"])
@@ -239,10 +258,12 @@ SEGMENTS = 8  # a video's events happen at segment boundaries
 
 
 def random_video(rng: random.Random, n_frames: int | None = None, size: int = 128) -> Video:
-    """Objects (distinct names) appear, disappear and move; ``meta`` records each one's first and last frame.
+    """Objects (distinct names) appear, disappear and move on the lattice; ``meta`` records each one's
+    first and last frame.
 
     The video is cut into SEGMENTS equal segments and objects appear / disappear only at segment
-    boundaries, so any SEGMENTS evenly spaced frames (what the engine samples) see every event.
+    boundaries (and move one cell at a boundary), so any SEGMENTS evenly spaced frames (what the engine
+    samples) see every event.
     """
     n_frames = n_frames or rng.choice([8, 16, 24, 32])
     if n_frames % SEGMENTS:
@@ -252,18 +273,22 @@ def random_video(rng: random.Random, n_frames: int | None = None, size: int = 12
     starts = [0] + sorted(rng.sample(range(1, SEGMENTS - 1), len(pool) - 1))
     rng.shuffle(pool)
     spans = {o.uid: (s * seg, rng.randint(s + 1, SEGMENTS) * seg) for o, s in zip(pool, starts)}
-    velocity = {o.uid: (rng.uniform(-0.01, 0.01) * 8 / n_frames, rng.uniform(-0.01, 0.01) * 8 / n_frames) for o in pool}
+    at = [pool]  # positions per segment: each object steps one lattice cell per segment when it can
+    step = {o.uid: (rng.choice((-1, 0, 1)) / LATTICE, rng.choice((-1, 0, 1)) / LATTICE) for o in pool}
+    for _ in range(1, SEGMENTS):
+        moved = list(at[-1])
+        for i, o in enumerate(moved):
+            dx, dy = step[o.uid]
+            cand = replace(o, x=o.x + dx, y=o.y + dy)
+            inside = all(0 <= r < LATTICE and 0 <= c < LATTICE for r, c in _cells(o.size, cand.x, cand.y))
+            if inside and _free(_cells(o.size, cand.x, cand.y), moved[:i] + moved[i + 1:]):
+                moved[i] = cand
+            else:
+                step[o.uid] = (-dx, -dy)  # bounce
+        at.append(moved)
     bg = rng.randrange(2**31)
-    frames = []
-    for f in range(n_frames):
-        objs = []
-        for o in pool:
-            s, e = spans[o.uid]
-            if s <= f < e:
-                dx, dy = velocity[o.uid]
-                r = SIZES[o.size]
-                objs.append(replace(o, x=min(max(o.x + dx * (f - s), r), 1 - r), y=min(max(o.y + dy * (f - s), r), 1 - r)))
-        frames.append(Scene(objs, size=size, background_seed=bg))
+    frames = [Scene([o for o in at[f // seg] if spans[o.uid][0] <= f < spans[o.uid][1]], size=size, background_seed=bg)
+              for f in range(n_frames)]
     return Video(frames, meta={"spans": spans, "objects": {o.uid: o for o in pool}})
 
 

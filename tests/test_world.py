@@ -74,16 +74,35 @@ def test_write_dataset(tmp_path):
 
 def test_cell_labels_name_what_each_token_cell_shows():
     from tokensieve.eval.world import SHAPES, cell_labels
-    # a big red square centred in cell (row 2, col 1) of an 8 x 8 grid on a 96 px image (cells of 12 px)
-    scene = Scene([Obj("square", "red", "big", 1.5 / 8, 2.5 / 8)], size=96)
+    # on a 96 px image (8 x 8 cells of 12 px): a big red square centred on the lattice corner (x 2/8, y 3/8)
+    # and a small blue circle centred in cell (row 6, col 5)
+    scene = Scene([Obj("square", "red", "big", 2 / 8, 3 / 8), Obj("circle", "blue", "small", 5.5 / 8, 6.5 / 8)], size=96)
     lab = cell_labels(scene, 8)
     red, square = 1 + list(COLOURS).index("red"), 1 + SHAPES.index("square")
-    # the square spans 0.85 * 0.17 * 96 = 13.9 px either side of its centre pixel (18, 30): cells 0-2 by 1-3
-    expected = np.zeros((8, 8), dtype=int)
-    expected[1:4, 0:3] = 1
-    assert (lab["colour"].reshape(8, 8) == expected * red).all()
-    assert (lab["shape"].reshape(8, 8) == expected * square).all()
-    assert lab["centre"].reshape(8, 8)[2, 1] == 1 and lab["centre"].sum() == 1
+    blue, circle = 1 + list(COLOURS).index("blue"), 1 + SHAPES.index("circle")
+    # the square spans 0.85 * 0.105 * 96 = 8.6 px either side of pixel (x 24, y 36): x 15-33, y 27-45 -> rows 2-3, cols 1-2
+    expected_colour, expected_shape = np.zeros((8, 8), dtype=int), np.zeros((8, 8), dtype=int)
+    expected_colour[2:4, 1:3], expected_shape[2:4, 1:3] = red, square
+    expected_colour[6, 5], expected_shape[6, 5] = blue, circle
+    assert (lab["colour"].reshape(8, 8) == expected_colour).all()
+    assert (lab["shape"].reshape(8, 8) == expected_shape).all()
+    centre = lab["centre"].reshape(8, 8)
+    assert centre[3, 2] == 1 and centre[6, 5] == 1 and centre.sum() == 2
+
+
+def test_random_scenes_sit_on_the_token_lattice():
+    """Each object of a random 96 px scene covers exactly its own cells (1 small, 4 big) and no cell
+    shows two objects, so each visual token of the tiny models is about one object or background."""
+    from tokensieve.eval.world import object_map, random_scene
+    rng = random.Random(3)
+    for _ in range(30):
+        scene = random_scene(rng, size=96)
+        ids = object_map(scene)
+        cells = ids.reshape(8, 12, 8, 12).transpose(0, 2, 1, 3).reshape(64, -1)
+        for i, o in enumerate(scene.objects):
+            covering = [k for k, block in enumerate(cells) if (block == i + 1).any()]
+            assert len(covering) == (1 if o.size == "small" else 4), o
+        assert all(len(set(block.tolist()) - {0}) <= 1 for block in cells)
 
 
 def test_video_events_are_seen_by_evenly_sampled_frames():
