@@ -84,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args(argv)
     try:
@@ -93,7 +94,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     write_config(args.out)  # then build the model the way users will load it (random init: no weights yet)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{args.out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{args.out}")

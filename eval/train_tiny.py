@@ -33,7 +33,8 @@ from . import tiny_models, world
 from .tiny_models import GRID, IMAGE
 
 VIDEO_FRAMES = 8
-N_CLASSES = (1 + len(world.COLOURS), 1 + len(world.SHAPES), 2)  # colour, shape, centre
+TARGETS = ("colour", "shape", "centre", "row", "col")  # what each visual token is trained to tell
+N_CLASSES = (1 + len(world.COLOURS), 1 + len(world.SHAPES), 2, GRID, GRID)
 
 
 def vocabulary(seed: int = 0, n: int = 3000) -> list[str]:
@@ -83,8 +84,8 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
 
 def collate(proc, examples: list[dict], eos_id: int) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
-    prompt); ``labels`` keep each answer and the eos after it; ``cells`` [n_images, GRID * GRID, 3]
-    are the per-token targets (colour, shape, centre)."""
+    prompt); ``labels`` keep each answer and the eos after it; ``cells`` [n_images, GRID * GRID, len(TARGETS)]
+    are the per-token targets (TARGETS)."""
     texts, images, frames = [], [], []
     for ex in examples:
         messages = []
@@ -104,12 +105,37 @@ def collate(proc, examples: list[dict], eos_id: int) -> dict:
     is_eos[:, 1:] = answer[:, :-1] & (ids[:, 1:] == eos_id)
     batch["labels"] = torch.where(answer | is_eos, ids, -100)
     batch["cells"] = cell_targets(frames)
+    batch["ground"] = grounding_targets(proc, examples, ids, marker)
     return batch
 
 
+def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int):
+    """Where each answer should look: (example index [T], position of the token that predicts the
+    answer [T], mask over the sequence of the visual tokens showing the question's objects [T, L]),
+    one row per turn whose question refers to objects (``QA.refs``) visible in some frame."""
+    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    rows, pos, masks = [], [], []
+    for b, ex in enumerate(examples):
+        slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
+        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
+        for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
+            mask = torch.zeros(ids.shape[1], dtype=torch.bool)
+            for f, by_uid in enumerate(cells):
+                for uid in qa.refs:
+                    mask[slots[f, by_uid.get(uid, [])]] = True
+            if mask.any():
+                rows.append(b), pos.append(at), masks.append(mask)
+    if not rows:
+        return None
+    return torch.tensor(rows), torch.tensor(pos), torch.stack(masks)
+
+
 def cell_targets(scenes: list) -> torch.Tensor:
-    """[n_images, GRID * GRID, 3] per-token targets (colour, shape, centre) of ``world.cell_labels``."""
-    return torch.stack([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)) for s in scenes])
+    """[n_images, GRID * GRID, 5] per-token targets: colour, shape, centre (``world.cell_labels``) and the
+    token's row and column in the raster (so a token knows where it is: position questions)."""
+    where = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij"), -1).reshape(-1, 2)
+    return torch.stack([torch.cat([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)), where], -1)
+                        for s in scenes])
 
 
 def assistant_marker(proc) -> str:
@@ -119,14 +145,33 @@ def assistant_marker(proc) -> str:
     return prompt.split()[-1]
 
 
-def train_step(model, head, capture: list, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict]:
+def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0
+               ) -> tuple[torch.Tensor, dict]:
     capture.clear()
-    cells = batch.pop("cells")
-    lm_loss = model(**batch).loss
-    if not aux_weight:  # frozen tower: the per-token head has nothing to train
-        return lm_loss, {"lm": lm_loss.item()}
-    aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
-    return lm_loss + aux_weight * aux, {"lm": lm_loss.item(), "aux": aux.item()}
+    cells, ground = batch.pop("cells"), batch.pop("ground")
+    ground = ground if ground_weight else None
+    out = model(**batch, output_attentions=ground is not None)
+    loss, info = out.loss, {"lm": out.loss.item()}
+    if ground is not None:
+        g = grounding_loss(out.attentions, *ground)
+        loss, info["ground"] = loss + ground_weight * g, g.item()
+    if aux_weight:  # (a frozen tower: the per-token head has nothing to train)
+        aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
+        loss, info["aux"] = loss + aux_weight * aux, aux.item()
+    return loss, info
+
+
+def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, layer: int = 2
+                   ) -> torch.Tensor:
+    """-log of the attention mass, averaged over the heads of ``layer``, that the answer-predicting
+    token puts on the question's objects; attentions: per layer [B, H, L, L]; rows, pos [T]; mask [T, L].
+
+    One fixed layer and all its heads: the query must come from the question. (Taking the best head
+    of any layer instead let each head watch one kind of object whatever the question: a loss near 0
+    and answers no better.)"""
+    probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
+    mass = (probs * mask[:, None, :]).sum(-1).mean(-1)  # [T]
+    return -mass.clamp_min(1e-6).log().mean()
 
 
 def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
@@ -143,26 +188,26 @@ def tower_step(model, proc, head, capture: list, rng: random.Random, n: int) -> 
 
 
 def aux_logits(head, tokens: torch.Tensor, n_images: int) -> tuple[torch.Tensor, ...]:
-    """Per-token head logits (colour, shape, centre), each [n_images, GRID * GRID, classes];
+    """Per-token head logits (one per TARGETS), each [n_images, GRID * GRID, classes];
     tokens [n_images * 64, D] or [n_images, 64, D]."""
     return head(tokens.reshape(n_images, GRID * GRID, -1)).split(N_CLASSES, dim=-1)
 
 
 def aux_loss(logits: tuple[torch.Tensor, ...], cells: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the per-token heads; cells [n_images, 64, 3]."""
+    """Summed cross-entropy of the per-token heads; cells [n_images, 64, len(TARGETS)]."""
     return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1)) for i, lg in enumerate(logits))
 
 
 @torch.no_grad()
 def tower_accuracy(model, proc, head, capture: list, seed: int, n: int = 64) -> dict:
-    """Held-out accuracy of the per-token heads on the cells an object covers (colour, shape, centre)."""
+    """Held-out accuracy of the per-token heads on the cells an object covers (TARGETS)."""
     rng = random.Random(seed)
     scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
     logits = aux_logits(head, tower_tokens(model, proc, capture, scenes), n)
     cells = cell_targets(scenes)
     obj = cells[..., 1] > 0
     return {name: round((lg.argmax(-1)[obj] == cells[..., i][obj]).float().mean().item(), 4)
-            for i, (name, lg) in enumerate(zip(("colour", "shape", "centre"), logits))}
+            for i, (name, lg) in enumerate(zip(TARGETS, logits))}
 
 
 @torch.no_grad()
@@ -175,7 +220,7 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
     for start in range(0, n, batch):
         examples = sample_examples(rng, min(batch, n - start), video)
         b = collate(proc, examples, eos_id)
-        b.pop("cells")
+        b.pop("cells"), b.pop("ground")
         gold = b.pop("labels")[:, -2]
         pred = model(**b).logits[:, -3].argmax(-1)
         for p, g, ex in zip(pred.tolist(), gold.tolist(), examples):
@@ -223,6 +268,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lm-lr", type=float, default=None, help="learning rate of the language model (default: --lr)")
     ap.add_argument("--aux-weight", type=float, default=1.0)
+    ap.add_argument("--ground-weight", type=float, default=1.0,
+                    help="weight of the grounding loss: the answer token's attention on the question's objects "
+                         "(needs eager attention in the LM while training; 0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--save-every", type=int, default=250)
@@ -235,6 +283,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tok = make_tokenizer(tuple(vocabulary()))
     model, proc = tiny_models.BUILDERS[args.family](tok)
+    if args.ground_weight:  # the grounding loss reads attention probabilities
+        model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
@@ -289,7 +339,8 @@ def main(argv=None):
         if args.video_batch and step >= args.video_from:
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
         for examples in parts:
-            loss, info = train_step(model, head, capture, collate(proc, examples, eos_id), args.aux_weight)
+            loss, info = train_step(model, head, capture, collate(proc, examples, eos_id), args.aux_weight,
+                                    args.ground_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
         if args.clip:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], args.clip)

@@ -133,6 +133,16 @@ def cell_labels(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[str, np
     return {"colour": colour, "shape": shape, "centre": centre}
 
 
+def object_cells(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[int, list[int]]:
+    """uid -> the cells (row-major indices of a ``grid`` x ``grid`` raster) the object covers by at
+    least ``min_cover``: the visual tokens a question about it should read."""
+    ids = object_map(scene)
+    cell = scene.size // grid
+    blocks = ids[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    return {o.uid: [k for k, block in enumerate(blocks) if (block == i + 1).mean() >= min_cover]
+            for i, o in enumerate(scene.objects)}
+
+
 # ---- random scenes -----------------------------------------------------------------------------
 
 def _cells(size: str, x: float, y: float) -> set[tuple[int, int]]:
@@ -188,6 +198,7 @@ class QA:
     answer: str
     type: str
     options: list[str] = field(default_factory=list)
+    refs: tuple[int, ...] = ()  # uids of the objects the answer is read from (random scenes: distinct uids)
 
 
 def _unique(objs, key):
@@ -211,18 +222,20 @@ def image_questions(scene: Scene, rng: random.Random) -> list[QA]:
     by_shape, by_colour = _unique(objs, lambda o: o.shape), _unique(objs, lambda o: o.colour)
     if by_shape:
         o = rng.choice(by_shape)
-        out.append(QA(f"what colour is the {o.shape} ?", o.colour, "colour"))
+        out.append(QA(f"what colour is the {o.shape} ?", o.colour, "colour", refs=(o.uid,)))
     if by_colour:
         o = rng.choice(by_colour)
-        out.append(QA(f"what shape is the {o.colour} object ?", o.shape, "shape"))
+        out.append(QA(f"what shape is the {o.colour} object ?", o.shape, "shape", refs=(o.uid,)))
     c = rng.choice(list(COLOURS))
-    out.append(QA(f"how many {c} objects are there ?", str(sum(o.colour == c for o in objs)), "count"))
+    out.append(QA(f"how many {c} objects are there ?", str(sum(o.colour == c for o in objs)), "count",
+                  refs=tuple(o.uid for o in objs if o.colour == c)))
     s = rng.choice(SHAPES)
-    out.append(QA(f"how many {s} objects are there ?", str(sum(o.shape == s for o in objs)), "count"))
+    out.append(QA(f"how many {s} objects are there ?", str(sum(o.shape == s for o in objs)), "count",
+                  refs=tuple(o.uid for o in objs if o.shape == s)))
     present = rng.random() < 0.5 and objs
     if present:
         o = rng.choice(objs)
-        out.append(QA(f"is there a {o.colour} {o.shape} ?", "yes", "exist"))
+        out.append(QA(f"is there a {o.colour} {o.shape} ?", "yes", "exist", refs=(o.uid,)))
     else:
         out.append(QA(f"is there a {absent_name(objs, rng)} ?", "no", "exist"))
     unique_names = _unique(objs, lambda o: o.name)
@@ -231,11 +244,13 @@ def image_questions(scene: Scene, rng: random.Random) -> list[QA]:
         o = rng.choice(clear)
         kind = rng.choice(["horizontal", "vertical", "quadrant"])
         if kind == "horizontal":
-            out.append(QA(f"is the {o.name} on the left or right ?", "left" if o.x < 0.5 else "right", "position"))
+            out.append(QA(f"is the {o.name} on the left or right ?", "left" if o.x < 0.5 else "right", "position",
+                          refs=(o.uid,)))
         elif kind == "vertical":
-            out.append(QA(f"is the {o.name} at the top or bottom ?", "top" if o.y < 0.5 else "bottom", "position"))
+            out.append(QA(f"is the {o.name} at the top or bottom ?", "top" if o.y < 0.5 else "bottom", "position",
+                          refs=(o.uid,)))
         else:
-            out.append(QA(f"which quadrant is the {o.name} in ?", quadrant(o), "position"))
+            out.append(QA(f"which quadrant is the {o.name} in ?", quadrant(o), "position", refs=(o.uid,)))
     return out
 
 
@@ -249,7 +264,7 @@ def multiple_choice(qa: QA, rng: random.Random) -> QA:
     rng.shuffle(opts)
     letters = "ABCD"[: len(opts)]
     return QA(qa.question + " " + " ".join(f"{l} . {o}" for l, o in zip(letters, opts)),
-              letters[opts.index(qa.answer)], qa.type, [f"{l}. {o}" for l, o in zip(letters, opts)])
+              letters[opts.index(qa.answer)], qa.type, [f"{l}. {o}" for l, o in zip(letters, opts)], qa.refs)
 
 
 # ---- videos ------------------------------------------------------------------------------------
@@ -299,21 +314,21 @@ def video_questions(video: Video, rng: random.Random) -> list[QA]:
     late = [o for o in order if spans[o.uid][0] > 0 and sum(p.name == o.name for p in order) == 1]
     if late:
         o = rng.choice(late)
-        out.append(QA(f"what colour is the {o.shape} that appeared ?", o.colour, "appeared")
+        out.append(QA(f"what colour is the {o.shape} that appeared ?", o.colour, "appeared", refs=(o.uid,))
                     if sum(p.shape == o.shape for p in order) == 1 else
-                    QA(f"what shape is the {o.colour} object that appeared ?", o.shape, "appeared"))
+                    QA(f"what shape is the {o.colour} object that appeared ?", o.shape, "appeared", refs=(o.uid,)))
     firsts = [(a, b) for a in order for b in order if spans[a.uid][0] < spans[b.uid][0] and a.shape != b.shape]
     if firsts:
         a, b = rng.choice(firsts)
         pair = [a.shape, b.shape]
         rng.shuffle(pair)
-        out.append(QA(f"which shape came first , {pair[0]} or {pair[1]} ?", a.shape, "order"))
+        out.append(QA(f"which shape came first , {pair[0]} or {pair[1]} ?", a.shape, "order", refs=(a.uid, b.uid)))
     if rng.random() < 0.5:
         o = rng.choice(order)
-        out.append(QA(f"was there ever a {o.colour} {o.shape} ?", "yes", "ever"))
+        out.append(QA(f"was there ever a {o.colour} {o.shape} ?", "yes", "ever", refs=(o.uid,)))
     else:
         out.append(QA(f"was there ever a {absent_name(order, rng)} ?", "no", "ever"))
-    out.append(QA("how many distinct objects appeared ?", str(len(objs)), "distinct"))
+    out.append(QA("how many distinct objects appeared ?", str(len(objs)), "distinct", refs=tuple(objs)))
     return out
 
 

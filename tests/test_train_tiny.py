@@ -40,20 +40,36 @@ def test_training_batches_match_the_engine_prompt(family, tmp_path):
     labelled = batch["labels"][0][batch["labels"][0] != -100]
     expected = [t for qa in ex["qas"] for t in (tok.convert_tokens_to_ids(qa.answer), eos)]
     assert labelled.tolist() == expected
-    assert batch["cells"].shape == (1, tiny_models.GRID ** 2, 3)
+    assert batch["cells"].shape == (1, tiny_models.GRID ** 2, len(train_tiny.TARGETS))
 
 
-def test_unlocked_curriculum():
-    assert train_tiny.unlocked(("a", "b", "c"), 0, 10) == ("a",)
-    assert train_tiny.unlocked(("a", "b", "c"), 10, 10) == ("a", "b")
-    assert train_tiny.unlocked(("a", "b", "c"), 5, 0) == ("a", "b", "c")
+@pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
+def test_grounding_targets_point_at_the_question_objects_tokens(family):
+    """The grounding mask of a turn covers exactly the visual tokens of the cells its object fills,
+    and its position is the token right before the answer."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS[family](tok)
+    # small red circle in cell (row 1, col 6); big blue square over cells rows 4-5, cols 2-3
+    scene = world.Scene([world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0),
+                         world.Obj("square", "blue", "big", 3 / 8, 5 / 8, uid=1)], size=tiny_models.IMAGE)
+    qas = [world.QA("what colour is the circle ?", "red", "colour", refs=(0,)),
+           world.QA("how many green objects are there ?", "0", "count"),
+           world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
+    batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
+    rows, pos, mask = batch["ground"]
+    ids = batch["input_ids"][0]
+    image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
+    assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
+    answers = (batch["labels"][0] != -100).nonzero().flatten()[::2]  # answer tokens (each followed by eos)
+    assert pos.tolist() == [answers[0].item() - 1, answers[2].item() - 1]
+    assert mask[0].nonzero().flatten().tolist() == [image[1 * 8 + 6].item()]
+    assert mask[1].nonzero().flatten().tolist() == sorted(image[[4 * 8 + 2, 4 * 8 + 3, 5 * 8 + 2, 5 * 8 + 3]].tolist())
 
 
-def test_two_steps_then_load(tmp_path):
-    train_tiny.main(["--out", str(tmp_path), "--steps", "2", "--batch", "2", "--video-batch", "1", "--tower-steps", "1",
-                     "--eval-every", "2", "--eval-n", "2", "--save-every", "2", "--freeze-tower"])
-    assert (tmp_path / "train_log.jsonl").read_text().count("held_out") == 1
-    with tokensieve.load(str(tmp_path)) as engine:
-        img = world.render(world.random_scene(random.Random(0), size=tiny_models.IMAGE))
-        res = engine.generate("what colour is the circle ?", images=[img], plan="cls:keep=0.25", max_new_tokens=2)
-    assert res.stats["visual_tokens"] == 64 and res.stats["kept_tokens"] == 16
+def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
+    att = torch.full((3, 1, 2, 3, 3), 1 / 3)  # layers, B, H, L, L
+    att[2, 0, 1, 2] = torch.tensor([0.1, 0.1, 0.8])  # layer 2, head 1, row 2 puts 0.8 on token 2 (head 0: 1/3)
+    att[1, 0, :, 2] = torch.tensor([0.0, 0.0, 1.0])  # layer 1 is not supervised
+    mask = torch.tensor([[False, False, True]])
+    loss = train_tiny.grounding_loss(list(att), torch.tensor([0]), torch.tensor([2]), mask, layer=2)
+    assert loss.item() == pytest.approx(-torch.log(torch.tensor((0.8 + 1 / 3) / 2)).item())

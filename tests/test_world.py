@@ -117,3 +117,23 @@ def test_video_events_are_seen_by_evenly_sampled_frames():
         assert len(names) == len(set(names))
     with pytest.raises(ValueError, match="multiple of 8"):
         random_video(random.Random(0), n_frames=12)
+
+
+def test_question_refs_name_the_objects_the_answer_is_read_from():
+    from tokensieve.eval.world import image_questions, random_scene
+    rng = random.Random(11)
+    for _ in range(100):
+        scene = random_scene(rng, size=96)
+        by_uid = {o.uid: o for o in scene.objects}
+        for qa in image_questions(scene, rng):
+            refs = [by_uid[u] for u in qa.refs]
+            if qa.type == "colour":
+                assert [o.colour for o in refs] == [qa.answer] and refs[0].shape in qa.question
+            elif qa.type == "shape":
+                assert [o.shape for o in refs] == [qa.answer] and refs[0].colour in qa.question
+            elif qa.type == "count":
+                assert len(refs) == int(qa.answer)
+            elif qa.type == "exist":
+                assert (qa.answer == "yes") == bool(refs) and all(o.name in qa.question for o in refs)
+            else:
+                assert len(refs) == 1 and refs[0].name in qa.question
