@@ -14,23 +14,14 @@ __version__ = "0.1.0"
 
 
 def default_model() -> str:
-    """Path of the embedded default model.
-
-    The tiny LLaVA trained on the shape world once it ships in the package
-    (``tokensieve.eval.shipped``, docs/training.md); until then a tiny random LLaVA written on
-    first use into $TOKENSIEVE_HOME (default ~/.cache/tokensieve). Nothing is downloaded.
-    """
-    import os
-
+    """Path of the embedded default model: ``tiny-llava``, the LLaVA-1.5 trained on the shape world
+    that ships inside the package (``tokensieve.eval.shipped``, docs/training.md). Nothing is downloaded."""
     from .eval import shipped
-    from .testing import make_tiny
 
-    if shipped.available("llava"):
-        return shipped.path("llava")
-    path = os.path.join(os.path.expanduser(os.environ.get("TOKENSIEVE_HOME", "~/.cache/tokensieve")), "tiny-llava")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        make_tiny("llava", path)
-    return path
+    if not shipped.available("llava"):
+        raise FileNotFoundError(f"the embedded default model is missing from the package ({shipped.path('llava')}): "
+                                "reinstall tokensieve, or pass a model")
+    return shipped.path("llava")
 
 
 def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, max_new_tokens: int = 32) -> Engine:

@@ -153,12 +153,14 @@ def plot(cells: list[dict], path: str) -> None:
         ax = axes[i][j]
         mine = [c for c in cells if c["model"] == model and kind in c.get("accuracy", {})]
         full = next((c["accuracy"][kind] for c in mine if c["pruner"] == "none"), None)
-        for p in dict.fromkeys(c["pruner"] for c in mine if c["pruner"] != "none"):
+        for n, p in enumerate(dict.fromkeys(c["pruner"] for c in mine if c["pruner"] != "none")):
             pts = sorted((c["budget"], c["accuracy"][kind]) for c in mine if c["pruner"] == p)
-            ax.plot([100 * b for b, _ in pts], [100 * a for _, a in pts], marker="o", label=p)
+            ax.plot([100 * b for b, _ in pts], [100 * a for _, a in pts], marker="o", label=p,
+                    color=plt.cm.tab20(n % 20), linestyle="-" if n < 10 else "--")
         if full is not None:
             ax.axhline(100 * full, color="black", linestyle="--", label="all tokens")
         ax.set(xscale="log", xlabel="visual tokens kept (%)", ylabel="accuracy (%)", title=f"{model}: {kind} questions")
+        ax.minorticks_off()
         ax.set_xticks([5, 11, 25, 50], ["5", "11", "25", "50"])
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
@@ -188,8 +190,8 @@ def main(argv=None):
     ap.add_argument("--pruners", nargs="*", default=list(REGISTRY),
                     help="registered pruners (default: all); none given: only the full-token baseline")
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    ap.add_argument("--n-images", type=int, default=240)
-    ap.add_argument("--n-videos", type=int, default=64)
+    ap.add_argument("--n-images", type=int, default=120)
+    ap.add_argument("--n-videos", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default="eval/results/pruning")
     args = ap.parse_args(argv)

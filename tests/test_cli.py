@@ -25,15 +25,16 @@ def test_cli_json_two_plans(tiny_path, tmp_path):
     assert len(pruned["kept"][0]) == 8 and pruned["prefill_flops"] < full["prefill_flops"]
 
 
-def test_cli_table_on_default_model(tmp_path):
-    img = tmp_path / "scene.png"
-    noise_image(1).save(img)
-    out = _run("--image", str(img), "--prompt", "what", "--max-new-tokens", "2",
-               env={"TOKENSIEVE_HOME": str(tmp_path / "home")})
+def test_cli_readme_command_on_the_default_model():
+    """The README's main command: the shipped tiny LLaVA answers the example scene, full and pruned."""
+    scene = os.path.join(os.path.dirname(__file__), "..", "examples", "scene.png")
+    out = _run("--image", scene, "--prompt", "what colour is the circle ?")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:4] == ["plan", "answer", "visual_tokens", "kept_tokens"]
-    assert "(none)" in lines[2] and "uniform" in lines[3]
+    full, pruned = lines[2].split(), lines[3].split()
+    assert full[:4] == ["(none)", "red", "64", "64"]
+    assert pruned[0].startswith("uniform") and pruned[2:4] == ["64", "16"]
 
 
 def test_cli_bad_image_is_one_clear_error(tmp_path):
