@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from ..engine.errors import PlanError
 from ..pruners import REGISTRY
 from . import world
-from .tiny_models import IMAGE
+from .tiny_models import IMAGE, VIDEO_FRAMES
 
 BUDGETS = (0.5, 0.25, 0.11, 0.05)
 LLM_LAYER = 2
-VIDEO_FRAMES = 8
 
 
 @dataclass

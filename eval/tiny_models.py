@@ -20,6 +20,7 @@ from ..testing import CHAT_TEMPLATES
 
 IMAGE = 96
 GRID = 8  # visual tokens per side
+VIDEO_FRAMES = 8  # a video is 8 frames, one image placeholder each (the engine's format)
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
 LM = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,

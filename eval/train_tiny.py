@@ -9,11 +9,11 @@ are rendered on the fly from ``--seed``; the held-out split uses another seed. E
 through the model's own processor and chat template, exactly as the engine builds its prompts
 (a video is 8 frames, one image placeholder each).
 
-Besides the answer's cross-entropy, a linear head on the LLM's visual tokens predicts what each
-token's cell shows (colour, shape, whether an object's centre is there: ``world.cell_labels``).
-This dense loss trains the tower from the first step (through the LLM alone it learned ~1e-3 as
-fast, docs/training.md) and keeps each visual token about its own patch, which is what makes
-token pruning matter. The head is dropped from the saved checkpoint.
+Besides the answer's cross-entropy: a linear head on the LLM's visual tokens predicts what each
+token's cell shows (colour, shape, object centre: ``world.cell_labels``; and the token's row and
+column), which trains the tower and keeps each visual token about its own cell (the head is not
+saved); and a grounding loss pulls the answer-predicting token's attention (LM layer 2) onto the
+tokens of the objects the question is about (``QA.refs``). docs/training.md has the measurements.
 """
 from __future__ import annotations
 
@@ -30,9 +30,8 @@ import torch.nn.functional as F
 
 from ..testing import make_tokenizer
 from . import tiny_models, world
-from .tiny_models import GRID, IMAGE
+from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
-VIDEO_FRAMES = 8
 TARGETS = ("colour", "shape", "centre", "row", "col")  # what each visual token is trained to tell
 N_CLASSES = (1 + len(world.COLOURS), 1 + len(world.SHAPES), 2, GRID, GRID)
 
@@ -82,10 +81,10 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
     return out
 
 
-def collate(proc, examples: list[dict], eos_id: int) -> dict:
+def collate(proc, examples: list[dict], eos_id: int, targets: bool = True) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
-    prompt); ``labels`` keep each answer and the eos after it; ``cells`` [n_images, GRID * GRID, len(TARGETS)]
-    are the per-token targets (TARGETS)."""
+    prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
+    [n_images, GRID * GRID, len(TARGETS)] (the per-token targets) and ``ground`` (grounding_targets)."""
     texts, images, frames = [], [], []
     for ex in examples:
         messages = []
@@ -104,8 +103,9 @@ def collate(proc, examples: list[dict], eos_id: int) -> dict:
     is_eos = torch.zeros_like(answer)
     is_eos[:, 1:] = answer[:, :-1] & (ids[:, 1:] == eos_id)
     batch["labels"] = torch.where(answer | is_eos, ids, -100)
-    batch["cells"] = cell_targets(frames)
-    batch["ground"] = grounding_targets(proc, examples, ids, marker)
+    if targets:
+        batch["cells"] = cell_targets(frames)
+        batch["ground"] = grounding_targets(proc, examples, ids, marker)
     return batch
 
 
@@ -219,8 +219,7 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
     right, total = {}, {}
     for start in range(0, n, batch):
         examples = sample_examples(rng, min(batch, n - start), video)
-        b = collate(proc, examples, eos_id)
-        b.pop("cells"), b.pop("ground")
+        b = collate(proc, examples, eos_id, targets=False)
         gold = b.pop("labels")[:, -2]
         pred = model(**b).logits[:, -3].argmax(-1)
         for p, g, ex in zip(pred.tolist(), gold.tolist(), examples):
@@ -234,14 +233,13 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
 def load_tower(model, path: str, lm: set[int]) -> None:
     """Copy every parameter outside the language model (tower, projector / merger) from the checkpoint at ``path``."""
     saved = dict(type(model).from_pretrained(path).named_parameters())
-    names = [n for n, p in model.named_parameters() if id(p) not in lm]
-    missing = [n for n in names if n not in saved or saved[n].shape != dict(model.named_parameters())[n].shape]
+    tower = {n: p for n, p in model.named_parameters() if id(p) not in lm}
+    missing = [n for n, p in tower.items() if n not in saved or saved[n].shape != p.shape]
     if missing:
         raise SystemExit(f"--tower-from {path}: no {missing[0]} (and {len(missing) - 1} more) of this shape in it")
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if id(p) not in lm:
-                p.copy_(saved[n])
+        for n, p in tower.items():
+            p.copy_(saved[n])
 
 
 def main(argv=None):
@@ -287,7 +285,7 @@ def main(argv=None):
         model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
+    model.generation_config.eos_token_id = eos_id
     head = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_CLASSES))
     if args.embed_std:
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embed_std)

@@ -110,6 +110,13 @@ def object_map(scene: Scene) -> np.ndarray:
     return np.asarray(img)
 
 
+def _cell_blocks(scene: Scene, grid: int) -> np.ndarray:
+    """object_map cut into the cells of a ``grid`` x ``grid`` raster: [grid * grid, pixels per cell], row-major."""
+    ids = object_map(scene)
+    cell = scene.size // grid
+    return ids[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+
+
 def cell_labels(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[str, np.ndarray]:
     """What each cell of a ``grid`` x ``grid`` raster (the visual tokens' layout) shows.
 
@@ -117,9 +124,7 @@ def cell_labels(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[str, np
     SHAPES; the object covering most of the cell, when it covers at least ``min_cover`` of it) and
     ``centre`` [grid * grid] (1 where an object's centre falls). Row-major, like the tokens.
     """
-    ids = object_map(scene)
-    cell = scene.size // grid
-    blocks = ids[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    blocks = _cell_blocks(scene, grid)
     colour, shape, centre = (np.zeros(grid * grid, dtype=np.int64) for _ in range(3))
     names = list(COLOURS)
     for k, block in enumerate(blocks):
@@ -136,9 +141,7 @@ def cell_labels(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[str, np
 def object_cells(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[int, list[int]]:
     """uid -> the cells (row-major indices of a ``grid`` x ``grid`` raster) the object covers by at
     least ``min_cover``: the visual tokens a question about it should read."""
-    ids = object_map(scene)
-    cell = scene.size // grid
-    blocks = ids[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    blocks = _cell_blocks(scene, grid)
     return {o.uid: [k for k, block in enumerate(blocks) if (block == i + 1).mean() >= min_cover]
             for i, o in enumerate(scene.objects)}
 
