@@ -230,15 +230,16 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
     return {k: round(right[k] / total[k], 4) for k in sorted(total)}
 
 
-def load_tower(model, path: str, lm: set[int]) -> None:
-    """Copy every parameter outside the language model (tower, projector / merger) from the checkpoint at ``path``."""
+def load_weights(model, path: str, keep: set[int] | None = None) -> None:
+    """Copy parameters from the checkpoint at ``path``: every one, or with ``keep`` (ids of parameters
+    left as they are: the language model for ``--tower-from``) every other one."""
     saved = dict(type(model).from_pretrained(path).named_parameters())
-    tower = {n: p for n, p in model.named_parameters() if id(p) not in lm}
-    missing = [n for n, p in tower.items() if n not in saved or saved[n].shape != p.shape]
+    wanted = {n: p for n, p in model.named_parameters() if keep is None or id(p) not in keep}
+    missing = [n for n, p in wanted.items() if n not in saved or saved[n].shape != p.shape]
     if missing:
-        raise SystemExit(f"--tower-from {path}: no {missing[0]} (and {len(missing) - 1} more) of this shape in it")
+        raise SystemExit(f"{path}: no {missing[0]} (and {len(missing) - 1} more) of this shape in it")
     with torch.no_grad():
-        for n, p in tower.items():
+        for n, p in wanted.items():
             p.copy_(saved[n])
 
 
@@ -258,9 +259,13 @@ def main(argv=None):
                     help="phase 1: steps (of 64 images) training only the tower + projector on the per-token targets")
     ap.add_argument("--tower-from", default=None,
                     help="start from the tower + projector of this checkpoint (a fresh language model; implies no phase 1)")
+    ap.add_argument("--init-from", default=None,
+                    help="start from every weight of this checkpoint (continue training a model; implies no phase 1)")
     ap.add_argument("--embed-std", type=float, default=None, help="initial std of the word embeddings (default: the config's)")
     ap.add_argument("--freeze-tower", action="store_true",
                     help="after phase 1, keep the tower and projector fixed (LLaVA's stage-2 recipe freezes the tower)")
+    ap.add_argument("--train-projector", action="store_true",
+                    help="with --freeze-tower, still train the projector / merger (LLaVA's stage 2 trains it)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -277,6 +282,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         raise SystemExit("--steps and --batch must be positive")
+    if args.init_from and args.tower_from:
+        raise SystemExit("--init-from already holds a tower: give --init-from or --tower-from, not both")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tok = make_tokenizer(tuple(vocabulary()))
@@ -292,8 +299,8 @@ def main(argv=None):
     capture: list = []
     tiny_models.visual_tokens(model).register_forward_hook(lambda mod, inp, out: capture.append(out))
     lm = set(map(id, model.get_decoder().parameters())) | set(map(id, model.get_output_embeddings().parameters()))
-    if args.tower_from:
-        load_tower(model, args.tower_from, lm)
+    if args.tower_from or args.init_from:
+        load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
         args.tower_steps = 0
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
@@ -325,8 +332,9 @@ def main(argv=None):
                 log.flush()
                 print(f"tower step {step} held-out object cells {acc}", flush=True)
     if args.freeze_tower:
+        projector = set(map(id, tiny_models.visual_tokens(model).parameters())) if args.train_projector else set()
         for p in params:
-            if id(p) not in lm:
+            if id(p) not in lm | projector:
                 p.requires_grad_(False)
         args.aux_weight = 0.0
     for step in range(1, args.steps + 1):

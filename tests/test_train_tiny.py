@@ -73,3 +73,38 @@ def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
     mask = torch.tensor([[False, False, True]])
     loss = train_tiny.grounding_loss(list(att), torch.tensor([0]), torch.tensor([2]), mask, layer=2)
     assert loss.item() == pytest.approx(-torch.log(torch.tensor((0.8 + 1 / 3) / 2)).item())
+
+
+def _weights(path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
+def test_init_from_continues_a_checkpoint_and_train_projector_trains_only_the_projector(family, tmp_path):
+    """--init-from starts from every saved weight (a step at learning rate 0 saves them unchanged);
+    with --freeze-tower --train-projector one step changes the projector and the LM, never the tower."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary()))
+    model, proc = tiny_models.BUILDERS[family](tok)
+    model.save_pretrained(tmp_path / "src")
+    proc.save_pretrained(tmp_path / "src")
+    common = ["--family", family, "--init-from", str(tmp_path / "src"), "--steps", "1", "--batch", "2",
+              "--video-batch", "0", "--curriculum", "0", "--eval-n", "2", "--threads", "1", "--ground-weight", "0"]
+    train_tiny.main(common + ["--out", str(tmp_path / "same"), "--lr", "0"])
+    src, same = _weights(tmp_path / "src"), _weights(tmp_path / "same")
+    assert src.keys() == same.keys() and all(torch.equal(src[k], same[k]) for k in src)
+
+    train_tiny.main(common + ["--out", str(tmp_path / "step"), "--lr", "1e-2", "--freeze-tower", "--train-projector"])
+    step = _weights(tmp_path / "step")
+    changed = {k for k in src if not torch.equal(src[k], step[k])}
+    projector = {n for n, _ in tiny_models.visual_tokens(model).named_parameters()}
+    is_projector = lambda k: any(k.endswith(n) and ("projector" in k or "merger" in k) for n in projector)
+    tower = {k for k in src if ("vision_tower" in k or "visual" in k) and not is_projector(k)}
+    assert tower and not tower & changed  # the frozen tower never moves
+    assert any(is_projector(k) for k in changed)  # the projector / merger trains
+    assert any("language_model" in k or "lm_head" in k for k in changed)  # so does the LM
+
+
+def test_init_from_and_tower_from_together_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="not both"):
+        train_tiny.main(["--out", str(tmp_path), "--init-from", "a", "--tower-from", "b"])
