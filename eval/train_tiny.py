@@ -110,11 +110,13 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True) -> di
 
 
 def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int):
-    """Where each answer should look: (example index [T], position of the token that predicts the
-    answer [T], mask over the sequence of the visual tokens showing the question's objects [T, L]),
-    one row per turn whose question refers to objects (``QA.refs``) visible in some frame."""
+    """Where each answer should look and what it should find there: (example index [T], position of
+    the token that predicts the answer [T], mask over the sequence of the visual tokens showing the
+    question's objects [T, L], the object's attributes [T, len(READOUT)] or -100 where the turn is not
+    about one object of a still image), one row per turn whose question refers to objects
+    (``QA.refs``) visible in some frame."""
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-    rows, pos, masks = [], [], []
+    rows, pos, masks, attrs = [], [], [], []
     for b, ex in enumerate(examples):
         slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
@@ -125,9 +127,21 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                     mask[slots[f, by_uid.get(uid, [])]] = True
             if mask.any():
                 rows.append(b), pos.append(at), masks.append(mask)
+                one = len(qa.refs) == 1 and len(ex["scenes"]) == 1
+                attrs.append(object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * len(READOUT))
     if not rows:
         return None
-    return torch.tensor(rows), torch.tensor(pos), torch.stack(masks)
+    return torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs)
+
+
+READOUT = ("colour", "shape", "right", "bottom")  # what the readout loss asks of the answer token
+N_READOUT = (len(world.COLOURS), len(world.SHAPES), 2, 2)
+
+
+def object_attributes(scene, uid: int) -> list[int]:
+    """The READOUT classes of object ``uid``: colour and shape index, right half, bottom half."""
+    o = next(o for o in scene.objects if o.uid == uid)
+    return [list(world.COLOURS).index(o.colour), world.SHAPES.index(o.shape), int(o.x >= 0.5), int(o.y >= 0.5)]
 
 
 def cell_targets(scenes: list) -> torch.Tensor:
@@ -145,16 +159,19 @@ def assistant_marker(proc) -> str:
     return prompt.split()[-1]
 
 
-def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0
-               ) -> tuple[torch.Tensor, dict]:
+def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
+               reader=None, readout_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, ground = batch.pop("cells"), batch.pop("ground")
-    ground = ground if ground_weight else None
-    out = model(**batch, output_attentions=ground is not None)
+    out = model(**batch, output_attentions=ground is not None and ground_weight > 0,
+                output_hidden_states=ground is not None and readout_weight > 0)
     loss, info = out.loss, {"lm": out.loss.item()}
-    if ground is not None:
-        g = grounding_loss(out.attentions, *ground)
+    if ground is not None and ground_weight:
+        g = grounding_loss(out.attentions, *ground[:3])
         loss, info["ground"] = loss + ground_weight * g, g.item()
+    if ground is not None and readout_weight and (ground[3] >= 0).any():
+        r = readout_loss(reader, out.hidden_states, ground[0], ground[1], ground[3])
+        loss, info["readout"] = loss + readout_weight * r, r.item()
     if aux_weight:  # (a frozen tower: the per-token head has nothing to train)
         aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
         loss, info["aux"] = loss + aux_weight * aux, aux.item()
@@ -172,6 +189,16 @@ def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torc
     probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
     mass = (probs * mask[:, None, :]).sum(-1).mean(-1)  # [T]
     return -mass.clamp_min(1e-6).log().mean()
+
+
+def readout_loss(reader, hidden_states, rows: torch.Tensor, pos: torch.Tensor, attrs: torch.Tensor,
+                 layer: int = 2) -> torch.Tensor:
+    """Summed cross-entropy of a linear ``reader`` that tells, from the answer-predicting token's hidden
+    state right after ``layer`` (the grounded one), the READOUT attributes of the object the question is
+    about: what the grounded attention gathered must reach the answer. hidden_states: per layer
+    [B, L, D] (index 0 = embeddings); rows, pos [T]; attrs [T, len(READOUT)] (-100: no target)."""
+    logits = reader(hidden_states[layer + 1][rows, pos]).split(N_READOUT, dim=-1)  # each [T, classes]
+    return sum(F.cross_entropy(lg, attrs[:, i], ignore_index=-100) for i, lg in enumerate(logits))
 
 
 def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
@@ -274,6 +301,9 @@ def main(argv=None):
     ap.add_argument("--ground-weight", type=float, default=1.0,
                     help="weight of the grounding loss: the answer token's attention on the question's objects "
                          "(needs eager attention in the LM while training; 0: off)")
+    ap.add_argument("--readout-weight", type=float, default=0.0,
+                    help="weight of the readout loss: a linear reader (not saved) must tell the referred object's "
+                         "colour, shape and half-plane from the answer token right after the grounded layer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--save-every", type=int, default=250)
@@ -298,11 +328,13 @@ def main(argv=None):
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embed_std)
     capture: list = []
     tiny_models.visual_tokens(model).register_forward_hook(lambda mod, inp, out: capture.append(out))
+    reader = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_READOUT))
     lm = set(map(id, model.get_decoder().parameters())) | set(map(id, model.get_output_embeddings().parameters()))
+    lm |= set(map(id, reader.parameters()))  # trains with the LM
     if args.tower_from or args.init_from:
         load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
         args.tower_steps = 0
-    params = list(model.parameters()) + list(head.parameters())
+    params = list(model.parameters()) + list(head.parameters()) + list(reader.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
                              {"params": [p for p in params if id(p) in lm], "lr": args.lm_lr or args.lr}],
                             weight_decay=0.01)
@@ -344,10 +376,12 @@ def main(argv=None):
         parts = [sample_examples(rng, args.batch, False, args.turns, mc, img_types)]
         if args.video_batch and step >= args.video_from:
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
-        for examples in parts:
-            loss, info = train_step(model, head, capture, collate(proc, examples, eos_id), args.aux_weight,
-                                    args.ground_weight)
+        info = {}
+        for kind, examples in zip(("", "video_"), parts):
+            loss, part = train_step(model, head, capture, collate(proc, examples, eos_id), args.aux_weight,
+                                    args.ground_weight, reader, args.readout_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
+            info.update({kind + k: v for k, v in part.items()})
         if args.clip:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], args.clip)
         opt.step()

@@ -56,7 +56,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask = batch["ground"]
+    rows, pos, mask, attrs = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -64,6 +64,9 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     assert pos.tolist() == [answers[0].item() - 1, answers[2].item() - 1]
     assert mask[0].nonzero().flatten().tolist() == [image[1 * 8 + 6].item()]
     assert mask[1].nonzero().flatten().tolist() == sorted(image[[4 * 8 + 2, 4 * 8 + 3, 5 * 8 + 2, 5 * 8 + 3]].tolist())
+    # readout targets: red circle (colour 0, shape 0) on the right, at the top; blue square (2, 1) left, bottom
+    assert list(world.COLOURS)[:3] == ["red", "green", "blue"] and world.SHAPES[:2] == ("circle", "square")
+    assert attrs.tolist() == [[0, 0, 1, 0], [2, 1, 0, 1]]
 
 
 def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
@@ -73,6 +76,21 @@ def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
     mask = torch.tensor([[False, False, True]])
     loss = train_tiny.grounding_loss(list(att), torch.tensor([0]), torch.tensor([2]), mask, layer=2)
     assert loss.item() == pytest.approx(-torch.log(torch.tensor((0.8 + 1 / 3) / 2)).item())
+
+
+def test_readout_loss_is_the_readers_cross_entropy_at_the_answer_token_after_the_layer():
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 5, 4) for _ in range(5)]  # embeddings + 4 layers, [B, L, D]
+    reader = torch.nn.Linear(4, sum(train_tiny.N_READOUT))
+    rows, pos = torch.tensor([1, 0]), torch.tensor([3, 2])
+    attrs = torch.tensor([[1, 2, 0, 1], [-100, -100, -100, -100]])  # the second turn has no single object
+    loss = train_tiny.readout_loss(reader, hidden, rows, pos, attrs, layer=2)
+    logits = reader(hidden[3][1, 3])  # after layer 2 = hidden_states[3]; only the first turn counts
+    expected, start = 0.0, 0
+    for n, target in zip(train_tiny.N_READOUT, attrs[0].tolist()):
+        expected += -torch.log_softmax(logits[start:start + n], -1)[target].item()
+        start += n
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def _weights(path) -> dict:
