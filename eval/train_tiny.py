@@ -12,8 +12,11 @@ through the model's own processor and chat template, exactly as the engine build
 Besides the answer's cross-entropy: a linear head on the LLM's visual tokens predicts what each
 token's cell shows (colour, shape, object centre: ``world.cell_labels``; and the token's row and
 column), which trains the tower and keeps each visual token about its own cell (the head is not
-saved); and a grounding loss pulls the answer-predicting token's attention (LM layer 2) onto the
-tokens of the objects the question is about (``QA.refs``). docs/training.md has the measurements.
+saved); a grounding loss pulls the answer-predicting token's attention (LM layer 2) onto the
+tokens of the objects the question is about (``QA.refs``); and a readout loss asks a linear reader
+(not saved) to tell that object's colour, shape and half-plane from the answer-predicting token
+right after layer 2, so what the attention found reaches the answer. ``--init-from`` continues
+from a saved checkpoint. docs/training.md has the measurements.
 """
 from __future__ import annotations
 
