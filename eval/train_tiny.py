@@ -84,7 +84,7 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
     return out
 
 
-def collate(proc, examples: list[dict], eos_id: int, targets: bool = True) -> dict:
+def collate(proc, examples: list[dict], eos_id: int, targets: bool = True, count_readout: bool = False) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
     [n_images, GRID * GRID, len(TARGETS)] (the per-token targets) and ``ground`` (grounding_targets)."""
@@ -108,18 +108,22 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True) -> di
     batch["labels"] = torch.where(answer | is_eos, ids, -100)
     if targets:
         batch["cells"] = cell_targets(frames)
-        batch["ground"] = grounding_targets(proc, examples, ids, marker)
+        batch["ground"] = grounding_targets(proc, examples, ids, marker, count_readout)
     return batch
 
 
-def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int):
+def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int, count_readout: bool = False):
     """Where each answer should look and what it should find there: (example index [T], position of
     the token that predicts the answer [T], mask over the sequence of the visual tokens showing the
-    question's objects [T, L], the object's attributes [T, len(READOUT)] or -100 where the turn is not
-    about one object of a still image), one row per turn whose question refers to objects
-    (``QA.refs``) visible in some frame."""
+    question's objects [T, L], the READOUT targets [T, len(READOUT)] (-100: none), whether the turn
+    is grounded [T]), one row per turn whose question refers to objects (``QA.refs``) visible in some
+    frame. The object's attributes are the targets of a turn about one object of a still image.
+
+    With ``count_readout`` a still image's count question is read out (its count) instead of
+    grounded (whatever the count, even 0): the grounding loss drives the attention mass on the
+    counted objects to 1, which leaves nothing in an attention average that grows with their number."""
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-    rows, pos, masks, attrs = [], [], [], []
+    rows, pos, masks, attrs, grounded = [], [], [], [], []
     for b, ex in enumerate(examples):
         slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
@@ -128,17 +132,20 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
             for f, by_uid in enumerate(cells):
                 for uid in qa.refs:
                     mask[slots[f, by_uid.get(uid, [])]] = True
-            if mask.any():
-                rows.append(b), pos.append(at), masks.append(mask)
-                one = len(qa.refs) == 1 and len(ex["scenes"]) == 1
-                attrs.append(object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * len(READOUT))
+            still = len(ex["scenes"]) == 1
+            counted = count_readout and still and qa.type == "count"
+            if mask.any() or counted:
+                rows.append(b), pos.append(at), masks.append(mask), grounded.append(not counted)
+                one = len(qa.refs) == 1 and still and not counted
+                attrs.append((object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * 4)
+                             + [len(qa.refs) if counted else -100])
     if not rows:
         return None
-    return torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs)
+    return torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs), torch.tensor(grounded)
 
 
-READOUT = ("colour", "shape", "right", "bottom")  # what the readout loss asks of the answer token
-N_READOUT = (len(world.COLOURS), len(world.SHAPES), 2, 2)
+READOUT = ("colour", "shape", "right", "bottom", "count")  # what the readout loss asks of the answer token
+N_READOUT = (len(world.COLOURS), len(world.SHAPES), 2, 2, 10)
 
 
 def object_attributes(scene, uid: int) -> list[int]:
@@ -169,8 +176,8 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     out = model(**batch, output_attentions=ground is not None and ground_weight > 0,
                 output_hidden_states=ground is not None and readout_weight > 0)
     loss, info = out.loss, {"lm": out.loss.item()}
-    if ground is not None and ground_weight:
-        g = grounding_loss(out.attentions, *ground[:3])
+    if ground is not None and ground_weight and ground[4].any():
+        g = grounding_loss(out.attentions, *(t[ground[4]] for t in ground[:3]))
         loss, info["ground"] = loss + ground_weight * g, g.item()
     if ground is not None and readout_weight and (ground[3] >= 0).any():
         r = readout_loss(reader, out.hidden_states, ground[0], ground[1], ground[3])
@@ -201,7 +208,8 @@ def readout_loss(reader, hidden_states, rows: torch.Tensor, pos: torch.Tensor, a
     about: what the grounded attention gathered must reach the answer. hidden_states: per layer
     [B, L, D] (index 0 = embeddings); rows, pos [T]; attrs [T, len(READOUT)] (-100: no target)."""
     logits = reader(hidden_states[layer + 1][rows, pos]).split(N_READOUT, dim=-1)  # each [T, classes]
-    return sum(F.cross_entropy(lg, attrs[:, i], ignore_index=-100) for i, lg in enumerate(logits))
+    return sum(F.cross_entropy(lg, attrs[:, i], ignore_index=-100) for i, lg in enumerate(logits)
+               if (attrs[:, i] >= 0).any())
 
 
 def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
@@ -307,6 +315,8 @@ def main(argv=None):
     ap.add_argument("--readout-weight", type=float, default=0.0,
                     help="weight of the readout loss: a linear reader (not saved) must tell the referred object's "
                          "colour, shape and half-plane from the answer token right after the grounded layer")
+    ap.add_argument("--count-readout", action="store_true",
+                    help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--save-every", type=int, default=250)
@@ -381,7 +391,8 @@ def main(argv=None):
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
         info = {}
         for kind, examples in zip(("", "video_"), parts):
-            loss, part = train_step(model, head, capture, collate(proc, examples, eos_id), args.aux_weight,
+            batch = collate(proc, examples, eos_id, count_readout=args.count_readout)
+            loss, part = train_step(model, head, capture, batch, args.aux_weight,
                                     args.ground_weight, reader, args.readout_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})

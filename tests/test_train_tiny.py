@@ -56,7 +56,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask, attrs = batch["ground"]
+    rows, pos, mask, attrs, grounded = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -66,7 +66,13 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     assert mask[1].nonzero().flatten().tolist() == sorted(image[[4 * 8 + 2, 4 * 8 + 3, 5 * 8 + 2, 5 * 8 + 3]].tolist())
     # readout targets: red circle (colour 0, shape 0) on the right, at the top; blue square (2, 1) left, bottom
     assert list(world.COLOURS)[:3] == ["red", "green", "blue"] and world.SHAPES[:2] == ("circle", "square")
-    assert attrs.tolist() == [[0, 0, 1, 0], [2, 1, 0, 1]]
+    assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all()
+    # with count_readout the count turn (0 green objects) is read out, not grounded
+    rows, pos, mask, attrs, grounded = train_tiny.collate(
+        proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id, count_readout=True)["ground"]
+    assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
+    assert pos.tolist() == (answers[:3] - 1).tolist() and not mask[1].any()
+    assert attrs[1].tolist() == [-100, -100, -100, -100, 0]
 
 
 def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
@@ -83,12 +89,13 @@ def test_readout_loss_is_the_readers_cross_entropy_at_the_answer_token_after_the
     hidden = [torch.randn(2, 5, 4) for _ in range(5)]  # embeddings + 4 layers, [B, L, D]
     reader = torch.nn.Linear(4, sum(train_tiny.N_READOUT))
     rows, pos = torch.tensor([1, 0]), torch.tensor([3, 2])
-    attrs = torch.tensor([[1, 2, 0, 1], [-100, -100, -100, -100]])  # the second turn has no single object
+    attrs = torch.tensor([[1, 2, 0, 1, -100], [-100, -100, -100, -100, 3]])  # turn 2: a count of 3
     loss = train_tiny.readout_loss(reader, hidden, rows, pos, attrs, layer=2)
-    logits = reader(hidden[3][1, 3])  # after layer 2 = hidden_states[3]; only the first turn counts
+    logits = reader(torch.stack([hidden[3][1, 3], hidden[3][0, 2]]))  # after layer 2 = hidden_states[3]
     expected, start = 0.0, 0
-    for n, target in zip(train_tiny.N_READOUT, attrs[0].tolist()):
-        expected += -torch.log_softmax(logits[start:start + n], -1)[target].item()
+    for n, col in zip(train_tiny.N_READOUT, attrs.T.tolist()):  # each target: mean over the turns that have one
+        terms = [-torch.log_softmax(logits[t, start:start + n], -1)[c].item() for t, c in enumerate(col) if c >= 0]
+        expected += sum(terms) / len(terms)
         start += n
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
