@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -112,36 +113,64 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True, count
     return batch
 
 
-def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int, count_readout: bool = False):
-    """Where each answer should look and what it should find there: (example index [T], position of
-    the token that predicts the answer [T], mask over the sequence of the visual tokens showing the
-    question's objects [T, L], the READOUT targets [T, len(READOUT)] (-100: none), whether the turn
-    is grounded [T]), one row per turn whose question refers to objects (``QA.refs``) visible in some
-    frame. The object's attributes are the targets of a turn about one object of a still image.
+class Grounding(NamedTuple):
+    """Per-turn targets of the grounding, readout and option losses (T turns, L tokens)."""
+    rows: torch.Tensor  # [T] example index
+    pos: torch.Tensor  # [T] position of the token that predicts the answer
+    mask: torch.Tensor  # [T, L] the visual tokens showing the question's objects
+    attrs: torch.Tensor  # [T, len(READOUT)] readout targets, -100: none
+    grounded: torch.Tensor  # [T] bool: the grounding loss applies (mask is not empty)
+    option: torch.Tensor  # [T, L] multiple choice: the word of the right option (else empty)
+
+
+def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int, count_readout: bool = False
+                      ) -> Grounding | None:
+    """Where each answer should look and what it should find there: one row per turn whose question
+    refers to objects (``QA.refs``) visible in some frame, or is multiple choice. The object's
+    attributes are the readout targets of a turn about one object of a still image; a multiple-choice
+    turn also marks its right option's word (``A . red``: the ``red``; the letter before it is the answer).
 
     With ``count_readout`` a still image's count question is read out (its count) instead of
     grounded (whatever the count, even 0): the grounding loss drives the attention mass on the
     counted objects to 1, which leaves nothing in an attention average that grows with their number."""
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-    rows, pos, masks, attrs, grounded = [], [], [], [], []
+    rows, pos, masks, attrs, grounded, options = [], [], [], [], [], []
     for b, ex in enumerate(examples):
         slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
         for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
+            option = option_mask(proc.tokenizer, qa, ids[b], at)
             mask = torch.zeros(ids.shape[1], dtype=torch.bool)
             for f, by_uid in enumerate(cells):
                 for uid in qa.refs:
                     mask[slots[f, by_uid.get(uid, [])]] = True
             still = len(ex["scenes"]) == 1
             counted = count_readout and still and qa.type == "count"
-            if mask.any() or counted:
-                rows.append(b), pos.append(at), masks.append(mask), grounded.append(not counted)
+            if mask.any() or counted or option.any():
+                rows.append(b), pos.append(at), masks.append(mask), options.append(option)
+                grounded.append(bool(mask.any()) and not counted)
                 one = len(qa.refs) == 1 and still and not counted
                 attrs.append((object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * 4)
                              + [len(qa.refs) if counted else -100])
     if not rows:
         return None
-    return torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs), torch.tensor(grounded)
+    return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
+                     torch.tensor(grounded), torch.stack(options))
+
+
+def option_mask(tok, qa, ids: torch.Tensor, at: int) -> torch.Tensor:
+    """[L] bool: the word of a multiple-choice question's right option (``<letter> . <word>``, the last
+    such triple before position ``at``); empty for an open question."""
+    mask = torch.zeros(ids.shape[0], dtype=torch.bool)
+    right = [o for o in qa.options if o.startswith(qa.answer + ". ")]
+    if not right:
+        return mask
+    letter, dot, word = tok.convert_tokens_to_ids([qa.answer, ".", right[0].split(". ", 1)[1]])
+    p = torch.arange(2, at)
+    hit = p[(ids[p - 2] == letter) & (ids[p - 1] == dot) & (ids[p] == word)]
+    if len(hit):
+        mask[hit[-1]] = True
+    return mask
 
 
 READOUT = ("colour", "shape", "right", "bottom", "count")  # what the readout loss asks of the answer token
@@ -170,18 +199,23 @@ def assistant_marker(proc) -> str:
 
 
 def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
-               reader=None, readout_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               reader=None, readout_weight: float = 0.0, option_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     capture.clear()
-    cells, ground = batch.pop("cells"), batch.pop("ground")
-    out = model(**batch, output_attentions=ground is not None and ground_weight > 0,
-                output_hidden_states=ground is not None and readout_weight > 0)
+    cells, g = batch.pop("cells"), batch.pop("ground")
+    out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0),
+                output_hidden_states=g is not None and readout_weight > 0)
     loss, info = out.loss, {"lm": out.loss.item()}
-    if ground is not None and ground_weight and ground[4].any():
-        g = grounding_loss(out.attentions, *(t[ground[4]] for t in ground[:3]))
-        loss, info["ground"] = loss + ground_weight * g, g.item()
-    if ground is not None and readout_weight and (ground[3] >= 0).any():
-        r = readout_loss(reader, out.hidden_states, ground[0], ground[1], ground[3])
-        loss, info["readout"] = loss + readout_weight * r, r.item()
+    if g is not None and ground_weight and g.grounded.any():
+        sel = g.grounded
+        term = grounding_loss(out.attentions, g.rows[sel], g.pos[sel], g.mask[sel])
+        loss, info["ground"] = loss + ground_weight * term, term.item()
+    if g is not None and option_weight and g.option.any():
+        sel = g.option.any(-1)
+        term = grounding_loss(out.attentions, g.rows[sel], g.pos[sel], g.option[sel], layer=len(out.attentions) - 1)
+        loss, info["option"] = loss + option_weight * term, term.item()
+    if g is not None and readout_weight and (g.attrs >= 0).any():
+        term = readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs)
+        loss, info["readout"] = loss + readout_weight * term, term.item()
     if aux_weight:  # (a frozen tower: the per-token head has nothing to train)
         aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
         loss, info["aux"] = loss + aux_weight * aux, aux.item()
@@ -315,6 +349,9 @@ def main(argv=None):
     ap.add_argument("--readout-weight", type=float, default=0.0,
                     help="weight of the readout loss: a linear reader (not saved) must tell the referred object's "
                          "colour, shape and half-plane from the answer token right after the grounded layer")
+    ap.add_argument("--option-weight", type=float, default=0.0,
+                    help="weight of the option loss: on a multiple-choice turn, the answer token's attention in the "
+                         "last LM layer (mean of its heads) on the right option's word, whose letter is the answer")
     ap.add_argument("--count-readout", action="store_true",
                     help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--seed", type=int, default=0)
@@ -331,7 +368,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tok = make_tokenizer(tuple(vocabulary()))
     model, proc = tiny_models.BUILDERS[args.family](tok)
-    if args.ground_weight:  # the grounding loss reads attention probabilities
+    if args.ground_weight or args.option_weight:  # the grounding and option losses read attention probabilities
         model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -392,8 +429,8 @@ def main(argv=None):
         info = {}
         for kind, examples in zip(("", "video_"), parts):
             batch = collate(proc, examples, eos_id, count_readout=args.count_readout)
-            loss, part = train_step(model, head, capture, batch, args.aux_weight,
-                                    args.ground_weight, reader, args.readout_weight)
+            loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
+                                    args.readout_weight, args.option_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

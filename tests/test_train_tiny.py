@@ -56,7 +56,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask, attrs, grounded = batch["ground"]
+    rows, pos, mask, attrs, grounded, option = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -66,13 +66,32 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     assert mask[1].nonzero().flatten().tolist() == sorted(image[[4 * 8 + 2, 4 * 8 + 3, 5 * 8 + 2, 5 * 8 + 3]].tolist())
     # readout targets: red circle (colour 0, shape 0) on the right, at the top; blue square (2, 1) left, bottom
     assert list(world.COLOURS)[:3] == ["red", "green", "blue"] and world.SHAPES[:2] == ("circle", "square")
-    assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all()
+    assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all() and not option.any()
     # with count_readout the count turn (0 green objects) is read out, not grounded
-    rows, pos, mask, attrs, grounded = train_tiny.collate(
+    rows, pos, mask, attrs, grounded, option = train_tiny.collate(
         proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id, count_readout=True)["ground"]
     assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
     assert pos.tolist() == (answers[:3] - 1).tolist() and not mask[1].any()
     assert attrs[1].tolist() == [-100, -100, -100, -100, 0]
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
+def test_option_mask_marks_the_right_options_word(family):
+    """A multiple-choice turn marks the word after its answer letter ("B . blue" -> "blue"), never the same
+    word in the question's stem; such a turn gets a row even when it refers to no object."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS[family](tok)
+    scene = world.Scene([world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0)], size=tiny_models.IMAGE)
+    qas = [world.QA("is the red circle on the left or right ? A . top B . right C . left D . bottom", "B", "position",
+                    ["A. top", "B. right", "C. left", "D. bottom"], refs=(0,)),
+           world.QA("is there a blue star ? A . yes B . no", "B", "exist", ["A. yes", "B. no"])]
+    g = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)["ground"]
+    ids = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], 0, targets=False)["input_ids"][0]
+    words = tok.convert_ids_to_tokens(ids.tolist())
+    marked = [(i, words[i - 2 : i + 1]) for i in g.option.nonzero()[:, 1].tolist()]
+    assert [m for _, m in marked] == [["B", ".", "right"], ["B", ".", "no"]]
+    assert marked[0][0] > words.index("right")  # the option's "right", not the stem's
+    assert g.grounded.tolist() == [True, False]  # the absent object: no grounding, the option still counts
 
 
 def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
