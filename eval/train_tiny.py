@@ -284,8 +284,8 @@ def tower_accuracy(model, proc, head, capture: list, seed: int, n: int = 64) -> 
 
 @torch.no_grad()
 def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32) -> dict:
-    """Greedy accuracy of the answer word per question type on held-out single-question examples
-    (another seed), in exactly the engine's prompt format."""
+    """Greedy accuracy of the answer word per question type (and over open / multiple-choice questions)
+    on held-out single-question examples (another seed), in exactly the engine's prompt format."""
     model.eval()
     rng = random.Random(seed)
     right, total = {}, {}
@@ -295,7 +295,7 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
         gold = b.pop("labels")[:, -2]
         pred = model(**b).logits[:, -3].argmax(-1)
         for p, g, ex in zip(pred.tolist(), gold.tolist(), examples):
-            for key in ("all", ex["qas"][0].type):
+            for key in ("all", ex["qas"][0].type, "multiple-choice" if ex["qas"][0].options else "open"):
                 right[key] = right.get(key, 0) + int(p == g)
                 total[key] = total.get(key, 0) + 1
     model.train()

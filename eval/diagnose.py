@@ -1,0 +1,116 @@
+"""Where a trained tiny VLM goes wrong: the measurements behind docs/training.md's diagnosis.
+
+    python -m tokensieve.eval.diagnose eval/models/tiny-llava
+
+On held-out image questions (seed 10 000, the report's), in the training script's prompt format:
+
+- ``accuracy``: greedy accuracy per question type, open and multiple-choice questions apart;
+- ``object_mass``: per question type and LM layer, the attention mass (mean of the heads) that the
+  answer-predicting token puts on the visual tokens of the objects the question is about;
+- ``left_right_probe``: held-out accuracy of a logistic probe reading "left or right" from the
+  answer-predicting token's hidden state after each layer (0 = the embeddings), and the same probe
+  reading each visual token's column at the LM input: is the object's place in the tokens, and does
+  it reach the answer?
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import defaultdict
+
+import torch
+
+from . import train_tiny
+from .tiny_models import GRID
+
+SEED = 10_000
+
+
+def _batches(proc, eos_id: int, n: int, types=None, mc_fraction: float = 0.2, batch: int = 32):
+    rng = random.Random(SEED)
+    for start in range(0, n, batch):
+        examples = train_tiny.sample_examples(rng, min(batch, n - start), False, 1, mc_fraction, types)
+        yield examples, train_tiny.collate(proc, examples, eos_id)
+
+
+@torch.no_grad()
+def accuracy_and_mass(model, proc, eos_id: int, n: int) -> tuple[dict, dict]:
+    right, mass = defaultdict(list), defaultdict(list)
+    for examples, b in _batches(proc, eos_id, n):
+        b.pop("cells")
+        g = b.pop("ground")  # train_tiny.Grounding: the question's objects' visual tokens per turn
+        gold = b.pop("labels")[:, -2]
+        out = model(**b, output_attentions=True)
+        pred = out.logits[:, -3].argmax(-1)
+        for i, ex in enumerate(examples):
+            qa = ex["qas"][0]
+            right[f"{qa.type}/{'multiple-choice' if qa.options else 'open'}"].append(int(pred[i] == gold[i]))
+        if g is not None:
+            for r, p, m in zip(g.rows.tolist(), g.pos.tolist(), g.mask):
+                if m.any():
+                    layers = [(a[r, :, p] * m).sum(-1).mean().item() for a in out.attentions]
+                    mass[examples[r]["qas"][0].type].append(layers)
+    acc = {k: {"accuracy": round(sum(v) / len(v), 3), "n": len(v)} for k, v in sorted(right.items())}
+    per_layer = {k: [round(sum(x[i] for x in v) / len(v), 3) for i in range(len(v[0]))] for k, v in sorted(mass.items())}
+    return acc, per_layer
+
+
+def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, train: float = 0.7, steps: int = 300) -> float:
+    """Held-out accuracy of an L2-regularised logistic probe (first ``train`` of the rows fit it)."""
+    cut = int(len(y) * train)
+    x = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-6)
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(x[:cut] @ w + b, y[:cut]) + 1e-3 * (w ** 2).sum()
+        opt.zero_grad(), loss.backward(), opt.step()
+    return round(((x[cut:] @ w + b).argmax(-1) == y[cut:]).float().mean().item(), 3)
+
+
+@torch.no_grad()
+def left_right_probe(model, proc, eos_id: int, n: int) -> dict:
+    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    hidden, side, tokens, cols = defaultdict(list), [], [], []
+    for examples, b in _batches(proc, eos_id, n, types=("position",), mc_fraction=0.0):
+        keep = [i for i, ex in enumerate(examples) if "left or right" in ex["qas"][0].question]
+        for k in ("cells", "ground", "labels"):
+            b.pop(k)
+        out = model(**b, output_hidden_states=True)
+        for layer, h in enumerate(out.hidden_states):
+            hidden[layer].append(h[keep, -1])  # the last prompt token predicts the answer
+        side += [int(examples[i]["qas"][0].answer == "right") for i in keep]
+        for i in keep:
+            tokens.append(out.hidden_states[0][i, b["input_ids"][i] == image_id])
+            cols.append(torch.arange(GRID * GRID) % GRID)
+    with torch.enable_grad():
+        y = torch.tensor(side)
+        return {"answer_token_after_layer": [_probe(torch.cat(h).float(), y, 2) for _, h in sorted(hidden.items())],
+                "visual_token_column_at_lm_input": _probe(torch.cat(tokens).float(), torch.cat(cols), GRID),
+                "n": len(side), "right_fraction": round(y.float().mean().item(), 3)}
+
+
+def main(argv=None):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a trained checkpoint directory")
+    ap.add_argument("--n", type=int, default=256, help="held-out image questions (the probe uses 3x as many position ones)")
+    ap.add_argument("--out", default=None, help="also write the result here (JSON)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager").eval()
+    proc = AutoProcessor.from_pretrained(args.model)
+    eos_id = model.config.get_text_config().eos_token_id
+    acc, mass = accuracy_and_mass(model, proc, eos_id, args.n)
+    result = {"model": args.model, "accuracy": acc, "object_mass": mass,
+              "left_right_probe": left_right_probe(model, proc, eos_id, 3 * args.n)}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
