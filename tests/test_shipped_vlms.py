@@ -11,10 +11,10 @@ from tokensieve.eval.world import Obj, Scene, render
 
 FAMILIES = sorted(shipped.MODELS)
 MAX_BYTES = 25 * 2**20
-# Floors under the accuracy measured on these 40 image / 16 video questions (82.5% / 56% LLaVA,
-# 82.5% / 50% Qwen2-VL) and above what the same models score with 5% of the visual tokens kept at
-# random (42.5% / 25% LLaVA, 30% / 25% Qwen2-VL).
-MIN_ACCURACY = {"llava": {"image": 0.65, "video": 0.4}, "qwen2_vl": {"image": 0.65, "video": 0.4}}
+# Floors under the accuracy measured on these questions (the report's: its first 40 image and its 32
+# video questions; 82.5% / 66% LLaVA, 90% / 66% Qwen2-VL) and above what the same models score with
+# 5% of the visual tokens kept at random (35% / 22% LLaVA, 30% / 34% Qwen2-VL).
+MIN_ACCURACY = {"llava": {"image": 0.65, "video": 0.45}, "qwen2_vl": {"image": 0.65, "video": 0.45}}
 
 
 def _plain_answer(path: str, image, question: str) -> str:
@@ -48,7 +48,8 @@ def test_shipped_vlm_loads_and_answers_an_explicit_scene(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_vlm_answers_held_out_questions(family):
     import tokensieve
-    questions = report.held_out(n_images=40, n_videos=16)
+    questions = report.held_out(n_images=120, n_videos=32)
+    questions = questions[:40] + [q for q in questions if q.kind == "video"]
     with tokensieve.load(shipped.path(family)) as engine:
         acc = report.measure(engine, questions, plan="", batch_size=16)["accuracy"]
     for kind, floor in MIN_ACCURACY[family].items():
