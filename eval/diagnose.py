@@ -27,11 +27,11 @@ from .tiny_models import GRID
 SEED = 10_000
 
 
-def _batches(proc, eos_id: int, n: int, types=None, mc_fraction: float = 0.2, batch: int = 32):
+def _batches(proc, eos_id: int, n: int, types=None, mc_fraction: float = 0.2, batch: int = 32, targets: bool = True):
     rng = random.Random(SEED)
     for start in range(0, n, batch):
         examples = train_tiny.sample_examples(rng, min(batch, n - start), False, 1, mc_fraction, types)
-        yield examples, train_tiny.collate(proc, examples, eos_id)
+        yield examples, train_tiny.collate(proc, examples, eos_id, targets=targets)
 
 
 @torch.no_grad()
@@ -73,10 +73,9 @@ def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, train: float = 0.7, s
 def left_right_probe(model, proc, eos_id: int, n: int) -> dict:
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
     hidden, side, tokens, cols = defaultdict(list), [], [], []
-    for examples, b in _batches(proc, eos_id, n, types=("position",), mc_fraction=0.0):
+    for examples, b in _batches(proc, eos_id, n, types=("position",), mc_fraction=0.0, targets=False):
         keep = [i for i, ex in enumerate(examples) if "left or right" in ex["qas"][0].question]
-        for k in ("cells", "ground", "labels"):
-            b.pop(k)
+        b.pop("labels")
         out = model(**b, output_hidden_states=True)
         for layer, h in enumerate(out.hidden_states):
             hidden[layer].append(h[keep, -1])  # the last prompt token predicts the answer

@@ -150,7 +150,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                 rows.append(b), pos.append(at), masks.append(mask), options.append(option)
                 grounded.append(bool(mask.any()) and not counted)
                 one = len(qa.refs) == 1 and still and not counted
-                attrs.append((object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * 4)
+                attrs.append((object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * (len(READOUT) - 1))
                              + [len(qa.refs) if counted else -100])
     if not rows:
         return None
