@@ -121,6 +121,7 @@ class Grounding(NamedTuple):
     attrs: torch.Tensor  # [T, len(READOUT)] readout targets, -100: none
     grounded: torch.Tensor  # [T] bool: the grounding loss applies (mask is not empty)
     option: torch.Tensor  # [T, L] multiple choice: the word of the right option (else empty)
+    letters: torch.Tensor  # [T, L] multiple choice: each option's word holds its letter (0-3), -100 elsewhere
 
 
 def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int, count_readout: bool = False
@@ -128,18 +129,20 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     """Where each answer should look and what it should find there: one row per turn whose question
     refers to objects (``QA.refs``) visible in some frame, or is multiple choice. The object's
     attributes are the readout targets of a turn about one object of a still image; a multiple-choice
-    turn also marks its right option's word (``A . red``: the ``red``; the letter before it is the answer).
+    turn also marks its right option's word (``A . red``: the ``red``; the letter before it is the answer)
+    and the letter of every option at that option's word (the letter loss).
 
     With ``count_readout`` a still image's count question is read out (its count) instead of
     grounded (whatever the count, even 0): the grounding loss drives the attention mass on the
     counted objects to 1, which leaves nothing in an attention average that grows with their number."""
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-    rows, pos, masks, attrs, grounded, options = [], [], [], [], [], []
+    rows, pos, masks, attrs, grounded, options, letters = [], [], [], [], [], [], []
     for b, ex in enumerate(examples):
         slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
         for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
-            option = option_mask(proc.tokenizer, qa, ids[b], at)
+            letter = option_letters(proc.tokenizer, qa, ids[b], at)
+            option = letter == LETTERS.find(qa.answer) if qa.options else torch.zeros_like(letter, dtype=torch.bool)
             mask = torch.zeros(ids.shape[1], dtype=torch.bool)
             for f, by_uid in enumerate(cells):
                 for uid in qa.refs:
@@ -147,7 +150,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
             still = len(ex["scenes"]) == 1
             counted = count_readout and still and qa.type == "count"
             if mask.any() or counted or option.any():
-                rows.append(b), pos.append(at), masks.append(mask), options.append(option)
+                rows.append(b), pos.append(at), masks.append(mask), options.append(option), letters.append(letter)
                 grounded.append(bool(mask.any()) and not counted)
                 one = len(qa.refs) == 1 and still and not counted
                 attrs.append((object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * (len(READOUT) - 1))
@@ -155,22 +158,26 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     if not rows:
         return None
     return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
-                     torch.tensor(grounded), torch.stack(options))
+                     torch.tensor(grounded), torch.stack(options), torch.stack(letters))
 
 
-def option_mask(tok, qa, ids: torch.Tensor, at: int) -> torch.Tensor:
-    """[L] bool: the word of a multiple-choice question's right option (``<letter> . <word>``, the last
-    such triple before position ``at``); empty for an open question."""
-    mask = torch.zeros(ids.shape[0], dtype=torch.bool)
-    right = [o for o in qa.options if o.startswith(qa.answer + ". ")]
-    if not right:
-        return mask
-    letter, dot, word = tok.convert_tokens_to_ids([qa.answer, ".", right[0].split(". ", 1)[1]])
+LETTERS = "ABCD"  # multiple-choice option letters (world.multiple_choice)
+
+
+def option_letters(tok, qa, ids: torch.Tensor, at: int) -> torch.Tensor:
+    """[L] long: at the word of each option of a multiple-choice question (``<letter> . <word>``, the
+    last such triple before position ``at``) the index of its letter in LETTERS; -100 elsewhere and
+    everywhere for an open question."""
+    out = torch.full((ids.shape[0],), -100, dtype=torch.long)
+    dot = tok.convert_tokens_to_ids(".")
     p = torch.arange(2, at)
-    hit = p[(ids[p - 2] == letter) & (ids[p - 1] == dot) & (ids[p] == word)]
-    if len(hit):
-        mask[hit[-1]] = True
-    return mask
+    for option in qa.options:
+        letter, word = option.split(". ", 1)
+        letter_id, word_id = tok.convert_tokens_to_ids([letter, word])
+        hit = p[(ids[p - 2] == letter_id) & (ids[p - 1] == dot) & (ids[p] == word_id)]
+        if len(hit):
+            out[hit[-1]] = LETTERS.index(letter)
+    return out
 
 
 READOUT = ("colour", "shape", "right", "bottom", "count")  # what the readout loss asks of the answer token
@@ -199,11 +206,12 @@ def assistant_marker(proc) -> str:
 
 
 def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
-               reader=None, readout_weight: float = 0.0, option_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
+               letter_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g = batch.pop("cells"), batch.pop("ground")
     out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0),
-                output_hidden_states=g is not None and readout_weight > 0)
+                output_hidden_states=g is not None and (readout_weight > 0 or letter_weight > 0))
     loss, info = out.loss, {"lm": out.loss.item()}
     if g is not None and ground_weight and g.grounded.any():
         sel = g.grounded
@@ -216,6 +224,9 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     if g is not None and readout_weight and (g.attrs >= 0).any():
         term = readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs)
         loss, info["readout"] = loss + readout_weight * term, term.item()
+    if g is not None and letter_weight and (g.letters >= 0).any():
+        term = letter_loss(letter_reader, out.hidden_states, g.rows, g.letters)
+        loss, info["letter"] = loss + letter_weight * term, term.item()
     if aux_weight:  # (a frozen tower: the per-token head has nothing to train)
         aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
         loss, info["aux"] = loss + aux_weight * aux, aux.item()
@@ -244,6 +255,16 @@ def readout_loss(reader, hidden_states, rows: torch.Tensor, pos: torch.Tensor, a
     logits = reader(hidden_states[layer + 1][rows, pos]).split(N_READOUT, dim=-1)  # each [T, classes]
     return sum(F.cross_entropy(lg, attrs[:, i], ignore_index=-100) for i, lg in enumerate(logits)
                if (attrs[:, i] >= 0).any())
+
+
+def letter_loss(reader, hidden_states, rows: torch.Tensor, letters: torch.Tensor, layer: int = 2) -> torch.Tensor:
+    """Cross-entropy of a linear ``reader`` (D -> len(LETTERS)) that tells each option word's letter from
+    its hidden state right after ``layer``: the word must carry the letter before it, so that the last
+    layer's attention on the right option's word (the option loss) brings back a letter to answer.
+    hidden_states: per layer [B, L, D]; rows [T]; letters [T, L] (-100: not an option word)."""
+    hidden = hidden_states[layer + 1][rows]  # [T, L, D]
+    sel = letters >= 0
+    return F.cross_entropy(reader(hidden[sel]), letters[sel])
 
 
 def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
@@ -352,6 +373,9 @@ def main(argv=None):
     ap.add_argument("--option-weight", type=float, default=0.0,
                     help="weight of the option loss: on a multiple-choice turn, the answer token's attention in the "
                          "last LM layer (mean of its heads) on the right option's word, whose letter is the answer")
+    ap.add_argument("--letter-weight", type=float, default=0.0,
+                    help="weight of the letter loss: a linear reader (not saved) must tell each multiple-choice "
+                         "option word's letter from its hidden state after layer 2")
     ap.add_argument("--count-readout", action="store_true",
                     help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--seed", type=int, default=0)
@@ -380,11 +404,12 @@ def main(argv=None):
     tiny_models.visual_tokens(model).register_forward_hook(lambda mod, inp, out: capture.append(out))
     reader = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_READOUT))
     lm = set(map(id, model.get_decoder().parameters())) | set(map(id, model.get_output_embeddings().parameters()))
-    lm |= set(map(id, reader.parameters()))  # trains with the LM
+    letter_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, len(LETTERS))
+    lm |= set(map(id, reader.parameters())) | set(map(id, letter_reader.parameters()))  # train with the LM
     if args.tower_from or args.init_from:
         load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
         args.tower_steps = 0
-    params = list(model.parameters()) + list(head.parameters()) + list(reader.parameters())
+    params = [*model.parameters(), *head.parameters(), *reader.parameters(), *letter_reader.parameters()]
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
                              {"params": [p for p in params if id(p) in lm], "lr": args.lm_lr or args.lr}],
                             weight_decay=0.01)
@@ -430,7 +455,7 @@ def main(argv=None):
         for kind, examples in zip(("", "video_"), parts):
             batch = collate(proc, examples, eos_id, count_readout=args.count_readout)
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
-                                    args.readout_weight, args.option_weight)
+                                    args.readout_weight, args.option_weight, letter_reader, args.letter_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

@@ -56,7 +56,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask, attrs, grounded, option = batch["ground"]
+    rows, pos, mask, attrs, grounded, option, letters = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -67,8 +67,9 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     # readout targets: red circle (colour 0, shape 0) on the right, at the top; blue square (2, 1) left, bottom
     assert list(world.COLOURS)[:3] == ["red", "green", "blue"] and world.SHAPES[:2] == ("circle", "square")
     assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all() and not option.any()
+    assert (letters == -100).all()  # open questions: no option letters
     # with count_readout the count turn (0 green objects) is read out, not grounded
-    rows, pos, mask, attrs, grounded, option = train_tiny.collate(
+    rows, pos, mask, attrs, grounded, option, letters = train_tiny.collate(
         proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id, count_readout=True)["ground"]
     assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
     assert pos.tolist() == (answers[:3] - 1).tolist() and not mask[1].any()
@@ -92,6 +93,22 @@ def test_option_mask_marks_the_right_options_word(family):
     assert [m for _, m in marked] == [["B", ".", "right"], ["B", ".", "no"]]
     assert marked[0][0] > words.index("right")  # the option's "right", not the stem's
     assert g.grounded.tolist() == [True, False]  # the absent object: no grounding, the option still counts
+    # letter targets: every option's word holds its letter's index (A=0 ... D=3), per turn
+    lettered = [[(words[i - 2 : i + 1], c) for i, c in enumerate(row.tolist()) if c != -100] for row in g.letters]
+    assert lettered == [[(["A", ".", "top"], 0), (["B", ".", "right"], 1), (["C", ".", "left"], 2), (["D", ".", "bottom"], 3)],
+                        [(["A", ".", "yes"], 0), (["B", ".", "no"], 1)]]
+
+
+def test_letter_loss_is_the_readers_cross_entropy_at_the_option_words_after_the_layer():
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 6, 4) for _ in range(5)]  # embeddings + 4 layers, [B, L, D]
+    reader = torch.nn.Linear(4, 4)
+    letters = torch.full((2, 6), -100)
+    letters[0, 2], letters[0, 5], letters[1, 1] = 0, 3, 2  # turn 0 (example 1): two options; turn 1 (example 0): one
+    loss = train_tiny.letter_loss(reader, hidden, torch.tensor([1, 0]), letters, layer=2)
+    logits = reader(torch.stack([hidden[3][1, 2], hidden[3][1, 5], hidden[3][0, 1]]))  # after layer 2
+    expected = -sum(torch.log_softmax(logits[i], -1)[c] for i, c in enumerate([0, 3, 2])).item() / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
@@ -127,7 +144,8 @@ def _weights(path) -> dict:
 @pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
 def test_init_from_continues_a_checkpoint_and_train_projector_trains_only_the_projector(family, tmp_path):
     """--init-from starts from every saved weight (a step at learning rate 0 saves them unchanged);
-    with --freeze-tower --train-projector one step changes the projector and the LM, never the tower."""
+    with --freeze-tower --train-projector one step (every loss on) changes the projector and the LM,
+    never the tower."""
     tok = make_tokenizer(tuple(train_tiny.vocabulary()))
     model, proc = tiny_models.BUILDERS[family](tok)
     model.save_pretrained(tmp_path / "src")
@@ -138,7 +156,9 @@ def test_init_from_continues_a_checkpoint_and_train_projector_trains_only_the_pr
     src, same = _weights(tmp_path / "src"), _weights(tmp_path / "same")
     assert src.keys() == same.keys() and all(torch.equal(src[k], same[k]) for k in src)
 
-    train_tiny.main(common + ["--out", str(tmp_path / "step"), "--lr", "1e-2", "--freeze-tower", "--train-projector"])
+    every_loss = ["--readout-weight", "1", "--option-weight", "1", "--letter-weight", "1", "--count-readout"]
+    train_tiny.main(common + ["--out", str(tmp_path / "step"), "--lr", "1e-2", "--freeze-tower", "--train-projector",
+                              *every_loss])
     step = _weights(tmp_path / "step")
     changed = {k for k in src if not torch.equal(src[k], step[k])}
     projector = {n for n, _ in tiny_models.visual_tokens(model).named_parameters()}
