@@ -85,7 +85,8 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
     return out
 
 
-def collate(proc, examples: list[dict], eos_id: int, targets: bool = True, count_readout: bool = False) -> dict:
+def collate(proc, examples: list[dict], eos_id: int, targets: bool = True, count_readout: bool = False,
+            distinct_readout: bool = False) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
     [n_images, GRID * GRID, len(TARGETS)] (the per-token targets) and ``ground`` (grounding_targets)."""
@@ -109,7 +110,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True, count
     batch["labels"] = torch.where(answer | is_eos, ids, -100)
     if targets:
         batch["cells"] = cell_targets(frames)
-        batch["ground"] = grounding_targets(proc, examples, ids, marker, count_readout)
+        batch["ground"] = grounding_targets(proc, examples, ids, marker, count_readout, distinct_readout)
     return batch
 
 
@@ -124,8 +125,8 @@ class Grounding(NamedTuple):
     letters: torch.Tensor  # [T, L] multiple choice: each option's word holds its letter (0-3), -100 elsewhere
 
 
-def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int, count_readout: bool = False
-                      ) -> Grounding | None:
+def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int, count_readout: bool = False,
+                      distinct_readout: bool = False) -> Grounding | None:
     """Where each answer should look and what it should find there: one row per turn whose question
     refers to objects (``QA.refs``) visible in some frame, or is multiple choice. The object's
     attributes are the readout targets of a turn about one object of a still image; a multiple-choice
@@ -134,7 +135,9 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
 
     With ``count_readout`` a still image's count question is read out (its count) instead of
     grounded (whatever the count, even 0): the grounding loss drives the attention mass on the
-    counted objects to 1, which leaves nothing in an attention average that grows with their number."""
+    counted objects to 1, which leaves nothing in an attention average that grows with their number.
+    With ``distinct_readout`` a video's distinct question ("how many distinct objects appeared ?") is
+    read out the same way (the number of its objects) instead of grounded on every frame."""
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
     rows, pos, masks, attrs, grounded, options, letters = [], [], [], [], [], [], []
     for b, ex in enumerate(examples):
@@ -148,7 +151,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                 for uid in qa.refs:
                     mask[slots[f, by_uid.get(uid, [])]] = True
             still = len(ex["scenes"]) == 1
-            counted = count_readout and still and qa.type == "count"
+            counted = (count_readout and still and qa.type == "count") or (distinct_readout and qa.type == "distinct")
             if mask.any() or counted or option.any():
                 rows.append(b), pos.append(at), masks.append(mask), options.append(option), letters.append(letter)
                 grounded.append(bool(mask.any()) and not counted)
@@ -378,6 +381,8 @@ def main(argv=None):
                          "option word's letter from its hidden state after layer 2")
     ap.add_argument("--count-readout", action="store_true",
                     help="count questions are read out (the count, from the same token) instead of grounded")
+    ap.add_argument("--distinct-readout", action="store_true",
+                    help="video distinct questions are read out (the number of objects) instead of grounded")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--save-every", type=int, default=250)
@@ -453,7 +458,8 @@ def main(argv=None):
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
         info = {}
         for kind, examples in zip(("", "video_"), parts):
-            batch = collate(proc, examples, eos_id, count_readout=args.count_readout)
+            batch = collate(proc, examples, eos_id, count_readout=args.count_readout,
+                            distinct_readout=args.distinct_readout)
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()

@@ -172,3 +172,19 @@ def test_init_from_continues_a_checkpoint_and_train_projector_trains_only_the_pr
 def test_init_from_and_tower_from_together_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not both"):
         train_tiny.main(["--out", str(tmp_path), "--init-from", "a", "--tower-from", "b"])
+
+
+def test_distinct_readout_reads_out_the_number_of_objects_in_the_video_instead_of_grounding():
+    import random
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS["llava"](tok)
+    video = world.random_video(random.Random(3), n_frames=tiny_models.VIDEO_FRAMES, size=tiny_models.IMAGE)
+    distinct = [qa for qa in world.video_questions(video, random.Random(3)) if qa.type == "distinct"]
+    example = [{"scenes": video.frames, "qas": distinct}]
+    n_objects = len({o.uid for frame in video.frames for o in frame.objects})
+    eos = model.config.get_text_config().eos_token_id
+    plain = train_tiny.collate(proc, example, eos)["ground"]
+    assert plain.grounded.tolist() == [True] and (plain.attrs == -100).all()  # grounded on every frame
+    read = train_tiny.collate(proc, example, eos, distinct_readout=True)["ground"]
+    assert read.grounded.tolist() == [False]  # read out, not grounded
+    assert read.attrs[0].tolist() == [-100] * (len(train_tiny.READOUT) - 1) + [n_objects]
