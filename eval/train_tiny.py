@@ -145,7 +145,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
         for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
             letter = option_letters(proc.tokenizer, qa, ids[b], at)
-            option = letter == LETTERS.find(qa.answer) if qa.options else torch.zeros_like(letter, dtype=torch.bool)
+            option = letter == LETTERS.find(qa.answer)  # (an open question's letters are all -100)
             mask = torch.zeros(ids.shape[1], dtype=torch.bool)
             for f, by_uid in enumerate(cells):
                 for uid in qa.refs:
