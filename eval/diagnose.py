@@ -39,7 +39,7 @@ def accuracy_and_mass(model, proc, eos_id: int, n: int) -> tuple[dict, dict]:
     right, mass = defaultdict(list), defaultdict(list)
     for examples, b in _batches(proc, eos_id, n):
         b.pop("cells")
-        g = b.pop("ground")  # train_tiny.Grounding: the question's objects' visual tokens per turn
+        g = b.pop("ground")  # objectives.Grounding: the question's objects' visual tokens per turn
         gold = b.pop("labels")[:, -2]
         out = model(**b, output_attentions=True)
         pred = out.logits[:, -3].argmax(-1)

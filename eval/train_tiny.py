@@ -15,8 +15,9 @@ column), which trains the tower and keeps each visual token about its own cell (
 saved); a grounding loss pulls the answer-predicting token's attention (LM layer 2) onto the
 tokens of the objects the question is about (``QA.refs``); and a readout loss asks a linear reader
 (not saved) to tell that object's colour, shape and half-plane from the answer-predicting token
-right after layer 2, so what the attention found reaches the answer. ``--init-from`` continues
-from a saved checkpoint. docs/training.md has the measurements.
+right after layer 2, so what the attention found reaches the answer (the targets and losses are
+in ``objectives``). ``--init-from`` continues from a saved checkpoint. docs/training.md has the
+measurements.
 """
 from __future__ import annotations
 
@@ -26,18 +27,13 @@ import math
 import os
 import random
 import time
-from typing import NamedTuple
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..testing import make_tokenizer
 from . import tiny_models, world
+from .objectives import (LETTERS, N_CLASSES, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss, cell_targets,
+                         grounding_loss, grounding_targets, letter_loss, readout_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
-
-TARGETS = ("colour", "shape", "centre", "row", "col")  # what each visual token is trained to tell
-N_CLASSES = (1 + len(world.COLOURS), 1 + len(world.SHAPES), 2, GRID, GRID)
 
 
 def vocabulary(seed: int = 0, n: int = 3000) -> list[str]:
@@ -85,8 +81,8 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
     return out
 
 
-def collate(proc, examples: list[dict], eos_id: int, targets: bool = True, count_readout: bool = False,
-            distinct_readout: bool = False) -> dict:
+def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
+            options: TargetOptions = TargetOptions()) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
     [n_images, GRID * GRID, len(TARGETS)] (the per-token targets) and ``ground`` (grounding_targets)."""
@@ -110,95 +106,8 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True, count
     batch["labels"] = torch.where(answer | is_eos, ids, -100)
     if targets:
         batch["cells"] = cell_targets(frames)
-        batch["ground"] = grounding_targets(proc, examples, ids, marker, count_readout, distinct_readout)
+        batch["ground"] = grounding_targets(proc, examples, ids, marker, options)
     return batch
-
-
-class Grounding(NamedTuple):
-    """Per-turn targets of the grounding, readout and option losses (T turns, L tokens)."""
-    rows: torch.Tensor  # [T] example index
-    pos: torch.Tensor  # [T] position of the token that predicts the answer
-    mask: torch.Tensor  # [T, L] the visual tokens showing the question's objects
-    attrs: torch.Tensor  # [T, len(READOUT)] readout targets, -100: none
-    grounded: torch.Tensor  # [T] bool: the grounding loss applies (mask is not empty)
-    option: torch.Tensor  # [T, L] multiple choice: the word of the right option (else empty)
-    letters: torch.Tensor  # [T, L] multiple choice: each option's word holds its letter (0-3), -100 elsewhere
-
-
-def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int, count_readout: bool = False,
-                      distinct_readout: bool = False) -> Grounding | None:
-    """Where each answer should look and what it should find there: one row per turn whose question
-    refers to objects (``QA.refs``) visible in some frame, or is multiple choice. The object's
-    attributes are the readout targets of a turn about one object of a still image; a multiple-choice
-    turn also marks its right option's word (``A . red``: the ``red``; the letter before it is the answer)
-    and the letter of every option at that option's word (the letter loss).
-
-    With ``count_readout`` a still image's count question is read out (its count) instead of
-    grounded (whatever the count, even 0): the grounding loss drives the attention mass on the
-    counted objects to 1, which leaves nothing in an attention average that grows with their number.
-    With ``distinct_readout`` a video's distinct question ("how many distinct objects appeared ?") is
-    read out the same way (the number of its objects) instead of grounded on every frame."""
-    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-    rows, pos, masks, attrs, grounded, options, letters = [], [], [], [], [], [], []
-    for b, ex in enumerate(examples):
-        slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
-        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
-        for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
-            letter = option_letters(proc.tokenizer, qa, ids[b], at)
-            option = letter == LETTERS.find(qa.answer)  # (an open question's letters are all -100)
-            mask = torch.zeros(ids.shape[1], dtype=torch.bool)
-            for f, by_uid in enumerate(cells):
-                for uid in qa.refs:
-                    mask[slots[f, by_uid.get(uid, [])]] = True
-            still = len(ex["scenes"]) == 1
-            counted = (count_readout and still and qa.type == "count") or (distinct_readout and qa.type == "distinct")
-            if mask.any() or counted or option.any():
-                rows.append(b), pos.append(at), masks.append(mask), options.append(option), letters.append(letter)
-                grounded.append(bool(mask.any()) and not counted)
-                one = len(qa.refs) == 1 and still and not counted
-                attrs.append((object_attributes(ex["scenes"][0], qa.refs[0]) if one else [-100] * (len(READOUT) - 1))
-                             + [len(qa.refs) if counted else -100])
-    if not rows:
-        return None
-    return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
-                     torch.tensor(grounded), torch.stack(options), torch.stack(letters))
-
-
-LETTERS = "ABCD"  # multiple-choice option letters (world.multiple_choice)
-
-
-def option_letters(tok, qa, ids: torch.Tensor, at: int) -> torch.Tensor:
-    """[L] long: at the word of each option of a multiple-choice question (``<letter> . <word>``, the
-    last such triple before position ``at``) the index of its letter in LETTERS; -100 elsewhere and
-    everywhere for an open question."""
-    out = torch.full((ids.shape[0],), -100, dtype=torch.long)
-    dot = tok.convert_tokens_to_ids(".")
-    p = torch.arange(2, at)
-    for option in qa.options:
-        letter, word = option.split(". ", 1)
-        letter_id, word_id = tok.convert_tokens_to_ids([letter, word])
-        hit = p[(ids[p - 2] == letter_id) & (ids[p - 1] == dot) & (ids[p] == word_id)]
-        if len(hit):
-            out[hit[-1]] = LETTERS.index(letter)
-    return out
-
-
-READOUT = ("colour", "shape", "right", "bottom", "count")  # what the readout loss asks of the answer token
-N_READOUT = (len(world.COLOURS), len(world.SHAPES), 2, 2, 10)
-
-
-def object_attributes(scene, uid: int) -> list[int]:
-    """The READOUT classes of object ``uid``: colour and shape index, right half, bottom half."""
-    o = next(o for o in scene.objects if o.uid == uid)
-    return [list(world.COLOURS).index(o.colour), world.SHAPES.index(o.shape), int(o.x >= 0.5), int(o.y >= 0.5)]
-
-
-def cell_targets(scenes: list) -> torch.Tensor:
-    """[n_images, GRID * GRID, 5] per-token targets: colour, shape, centre (``world.cell_labels``) and the
-    token's row and column in the raster (so a token knows where it is: position questions)."""
-    where = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij"), -1).reshape(-1, 2)
-    return torch.stack([torch.cat([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)), where], -1)
-                        for s in scenes])
 
 
 def assistant_marker(proc) -> str:
@@ -236,40 +145,6 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     return loss, info
 
 
-def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, layer: int = 2
-                   ) -> torch.Tensor:
-    """-log of the attention mass, averaged over the heads of ``layer``, that the answer-predicting
-    token puts on the question's objects; attentions: per layer [B, H, L, L]; rows, pos [T]; mask [T, L].
-
-    One fixed layer and all its heads: the query must come from the question. (Taking the best head
-    of any layer instead let each head watch one kind of object whatever the question: a loss near 0
-    and answers no better.)"""
-    probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
-    mass = (probs * mask[:, None, :]).sum(-1).mean(-1)  # [T]
-    return -mass.clamp_min(1e-6).log().mean()
-
-
-def readout_loss(reader, hidden_states, rows: torch.Tensor, pos: torch.Tensor, attrs: torch.Tensor,
-                 layer: int = 2) -> torch.Tensor:
-    """Summed cross-entropy of a linear ``reader`` that tells, from the answer-predicting token's hidden
-    state right after ``layer`` (the grounded one), the READOUT attributes of the object the question is
-    about: what the grounded attention gathered must reach the answer. hidden_states: per layer
-    [B, L, D] (index 0 = embeddings); rows, pos [T]; attrs [T, len(READOUT)] (-100: no target)."""
-    logits = reader(hidden_states[layer + 1][rows, pos]).split(N_READOUT, dim=-1)  # each [T, classes]
-    return sum(F.cross_entropy(lg, attrs[:, i], ignore_index=-100) for i, lg in enumerate(logits)
-               if (attrs[:, i] >= 0).any())
-
-
-def letter_loss(reader, hidden_states, rows: torch.Tensor, letters: torch.Tensor, layer: int = 2) -> torch.Tensor:
-    """Cross-entropy of a linear ``reader`` (D -> len(LETTERS)) that tells each option word's letter from
-    its hidden state right after ``layer``: the word must carry the letter before it, so that the last
-    layer's attention on the right option's word (the option loss) brings back a letter to answer.
-    hidden_states: per layer [B, L, D]; rows [T]; letters [T, L] (-100: not an option word)."""
-    hidden = hidden_states[layer + 1][rows]  # [T, L, D]
-    sel = letters >= 0
-    return F.cross_entropy(reader(hidden[sel]), letters[sel])
-
-
 def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
     """The LLM's visual tokens for these scenes, from the tower and projector alone: [n, GRID * GRID, D]."""
     capture.clear()
@@ -281,17 +156,6 @@ def tower_step(model, proc, head, capture: list, rng: random.Random, n: int) -> 
     """Phase 1: the tower and projector alone learn the per-token targets (no language model)."""
     scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
     return aux_loss(aux_logits(head, tower_tokens(model, proc, capture, scenes), n), cell_targets(scenes))
-
-
-def aux_logits(head, tokens: torch.Tensor, n_images: int) -> tuple[torch.Tensor, ...]:
-    """Per-token head logits (one per TARGETS), each [n_images, GRID * GRID, classes];
-    tokens [n_images * 64, D] or [n_images, 64, D]."""
-    return head(tokens.reshape(n_images, GRID * GRID, -1)).split(N_CLASSES, dim=-1)
-
-
-def aux_loss(logits: tuple[torch.Tensor, ...], cells: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the per-token heads; cells [n_images, 64, len(TARGETS)]."""
-    return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1)) for i, lg in enumerate(logits))
 
 
 @torch.no_grad()
@@ -383,6 +247,9 @@ def main(argv=None):
                     help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--distinct-readout", action="store_true",
                     help="video distinct questions are read out (the number of objects) instead of grounded")
+    ap.add_argument("--order-first", action="store_true",
+                    help="order questions are grounded on the earlier object before the later one shows, and read "
+                         "out its colour and shape (default: grounded on both objects in every frame)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--save-every", type=int, default=250)
@@ -449,6 +316,7 @@ def main(argv=None):
             if id(p) not in lm | projector:
                 p.requires_grad_(False)
         args.aux_weight = 0.0
+    targets = TargetOptions(args.count_readout, args.distinct_readout, args.order_first)
     for step in range(1, args.steps + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
@@ -458,8 +326,7 @@ def main(argv=None):
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
         info = {}
         for kind, examples in zip(("", "video_"), parts):
-            batch = collate(proc, examples, eos_id, count_readout=args.count_readout,
-                            distinct_readout=args.distinct_readout)
+            batch = collate(proc, examples, eos_id, options=targets)
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()

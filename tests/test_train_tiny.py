@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokensieve
-from tokensieve.eval import tiny_models, train_tiny, world
+from tokensieve.eval import objectives, tiny_models, train_tiny, world
 from tokensieve.testing import make_tokenizer
 
 
@@ -40,7 +40,7 @@ def test_training_batches_match_the_engine_prompt(family, tmp_path):
     labelled = batch["labels"][0][batch["labels"][0] != -100]
     expected = [t for qa in ex["qas"] for t in (tok.convert_tokens_to_ids(qa.answer), eos)]
     assert labelled.tolist() == expected
-    assert batch["cells"].shape == (1, tiny_models.GRID ** 2, len(train_tiny.TARGETS))
+    assert batch["cells"].shape == (1, tiny_models.GRID ** 2, len(objectives.TARGETS))
 
 
 @pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
@@ -70,7 +70,8 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     assert (letters == -100).all()  # open questions: no option letters
     # with count_readout the count turn (0 green objects) is read out, not grounded
     rows, pos, mask, attrs, grounded, option, letters = train_tiny.collate(
-        proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id, count_readout=True)["ground"]
+        proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id,
+        options=objectives.TargetOptions(count_readout=True))["ground"]
     assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
     assert pos.tolist() == (answers[:3] - 1).tolist() and not mask[1].any()
     assert attrs[1].tolist() == [-100, -100, -100, -100, 0]
@@ -105,7 +106,7 @@ def test_letter_loss_is_the_readers_cross_entropy_at_the_option_words_after_the_
     reader = torch.nn.Linear(4, 4)
     letters = torch.full((2, 6), -100)
     letters[0, 2], letters[0, 5], letters[1, 1] = 0, 3, 2  # turn 0 (example 1): two options; turn 1 (example 0): one
-    loss = train_tiny.letter_loss(reader, hidden, torch.tensor([1, 0]), letters, layer=2)
+    loss = objectives.letter_loss(reader, hidden, torch.tensor([1, 0]), letters, layer=2)
     logits = reader(torch.stack([hidden[3][1, 2], hidden[3][1, 5], hidden[3][0, 1]]))  # after layer 2
     expected = -sum(torch.log_softmax(logits[i], -1)[c] for i, c in enumerate([0, 3, 2])).item() / 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -116,20 +117,20 @@ def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
     att[2, 0, 1, 2] = torch.tensor([0.1, 0.1, 0.8])  # layer 2, head 1, row 2 puts 0.8 on token 2 (head 0: 1/3)
     att[1, 0, :, 2] = torch.tensor([0.0, 0.0, 1.0])  # layer 1 is not supervised
     mask = torch.tensor([[False, False, True]])
-    loss = train_tiny.grounding_loss(list(att), torch.tensor([0]), torch.tensor([2]), mask, layer=2)
+    loss = objectives.grounding_loss(list(att), torch.tensor([0]), torch.tensor([2]), mask, layer=2)
     assert loss.item() == pytest.approx(-torch.log(torch.tensor((0.8 + 1 / 3) / 2)).item())
 
 
 def test_readout_loss_is_the_readers_cross_entropy_at_the_answer_token_after_the_layer():
     torch.manual_seed(0)
     hidden = [torch.randn(2, 5, 4) for _ in range(5)]  # embeddings + 4 layers, [B, L, D]
-    reader = torch.nn.Linear(4, sum(train_tiny.N_READOUT))
+    reader = torch.nn.Linear(4, sum(objectives.N_READOUT))
     rows, pos = torch.tensor([1, 0]), torch.tensor([3, 2])
     attrs = torch.tensor([[1, 2, 0, 1, -100], [-100, -100, -100, -100, 3]])  # turn 2: a count of 3
-    loss = train_tiny.readout_loss(reader, hidden, rows, pos, attrs, layer=2)
+    loss = objectives.readout_loss(reader, hidden, rows, pos, attrs, layer=2)
     logits = reader(torch.stack([hidden[3][1, 3], hidden[3][0, 2]]))  # after layer 2 = hidden_states[3]
     expected, start = 0.0, 0
-    for n, col in zip(train_tiny.N_READOUT, attrs.T.tolist()):  # each target: mean over the turns that have one
+    for n, col in zip(objectives.N_READOUT, attrs.T.tolist()):  # each target: mean over the turns that have one
         terms = [-torch.log_softmax(logits[t, start:start + n], -1)[c].item() for t, c in enumerate(col) if c >= 0]
         expected += sum(terms) / len(terms)
         start += n
@@ -185,6 +186,33 @@ def test_distinct_readout_reads_out_the_number_of_objects_in_the_video_instead_o
     eos = model.config.get_text_config().eos_token_id
     plain = train_tiny.collate(proc, example, eos)["ground"]
     assert plain.grounded.tolist() == [True] and (plain.attrs == -100).all()  # grounded on every frame
-    read = train_tiny.collate(proc, example, eos, distinct_readout=True)["ground"]
+    read = train_tiny.collate(proc, example, eos, options=objectives.TargetOptions(distinct_readout=True))["ground"]
     assert read.grounded.tolist() == [False]  # read out, not grounded
-    assert read.attrs[0].tolist() == [-100] * (len(train_tiny.READOUT) - 1) + [n_objects]
+    assert read.attrs[0].tolist() == [-100] * (len(objectives.READOUT) - 1) + [n_objects]
+
+
+def test_order_first_grounds_on_the_earlier_object_before_the_later_one_shows():
+    """Hand-made 8-frame video: a red circle from frame 0, a blue square from frame 3 (both to the end).
+    "which shape came first ?" looks at the circle's tokens in frames 0-2 only, and reads out its colour
+    and shape; without order_first it looks at both objects in every frame."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS["llava"](tok)
+    circle = world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0)  # cell (1, 6)
+    square = world.Obj("square", "blue", "small", 2.5 / 8, 5.5 / 8, uid=1)  # cell (5, 2)
+    frames = [world.Scene([circle] + ([square] if f >= 3 else []), size=tiny_models.IMAGE, background_seed=1)
+              for f in range(tiny_models.VIDEO_FRAMES)]
+    qa = world.QA("which shape came first , square or circle ?", "circle", "order", refs=(0, 1))
+    eos = model.config.get_text_config().eos_token_id
+    batch = train_tiny.collate(proc, [{"scenes": frames, "qas": [qa]}], eos,
+                               options=objectives.TargetOptions(order_first=True))
+    ids = batch["input_ids"][0]
+    slots = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten().reshape(len(frames), 64)
+    g = batch["ground"]
+    assert g.grounded.tolist() == [True]
+    assert g.mask[0].nonzero().flatten().tolist() == [slots[f, 1 * 8 + 6].item() for f in range(3)]
+    red, circle_shape = list(world.COLOURS).index("red"), world.SHAPES.index("circle")
+    assert g.attrs[0].tolist() == [red, circle_shape, -100, -100, -100]
+    plain = train_tiny.collate(proc, [{"scenes": frames, "qas": [qa]}], eos)["ground"]
+    expected = sorted([slots[f, 1 * 8 + 6].item() for f in range(8)] + [slots[f, 5 * 8 + 2].item() for f in range(3, 8)])
+    assert plain.mask[0].nonzero().flatten().tolist() == expected
+    assert (plain.attrs == -100).all()

@@ -1,0 +1,172 @@
+"""What the tiny VLMs are trained toward besides the answer: per-turn targets (where the answer token
+should look, what it should find there, the multiple-choice letters) built from the world's ground
+truth, per-token targets of the visual tokens, and the losses that use them (``train_tiny``).
+
+Pure functions of tensors and scenes; shapes in the docstrings (T turns, L tokens, D hidden size)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+from .tiny_models import GRID
+
+TARGETS = ("colour", "shape", "centre", "row", "col")  # what each visual token is trained to tell
+N_CLASSES = (1 + len(world.COLOURS), 1 + len(world.SHAPES), 2, GRID, GRID)
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Which questions are read out instead of grounded, and where order questions look."""
+    count_readout: bool = False  # a still image's count question: read out its count
+    distinct_readout: bool = False  # a video's distinct question: read out its number of objects
+    order_first: bool = False  # an order question: ground on (and read out) the earlier object, before the later one shows
+
+
+class Grounding(NamedTuple):
+    """Per-turn targets of the grounding, readout and option losses (T turns, L tokens)."""
+    rows: torch.Tensor  # [T] example index
+    pos: torch.Tensor  # [T] position of the token that predicts the answer
+    mask: torch.Tensor  # [T, L] the visual tokens showing the question's objects
+    attrs: torch.Tensor  # [T, len(READOUT)] readout targets, -100: none
+    grounded: torch.Tensor  # [T] bool: the grounding loss applies (mask is not empty)
+    option: torch.Tensor  # [T, L] multiple choice: the word of the right option (else empty)
+    letters: torch.Tensor  # [T, L] multiple choice: each option's word holds its letter (0-3), -100 elsewhere
+
+
+def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int,
+                      options: TargetOptions = TargetOptions()) -> Grounding | None:
+    """Where each answer should look and what it should find there: one row per turn whose question
+    refers to objects (``QA.refs``) visible in some frame, or is multiple choice. The object's
+    attributes are the readout targets of a turn about one object of a still image; a multiple-choice
+    turn also marks its right option's word (``A . red``: the ``red``; the letter before it is the answer)
+    and the letter of every option at that option's word (the letter loss).
+
+    With ``options.count_readout`` a still image's count question is read out (its count) instead of
+    grounded (whatever the count, even 0): the grounding loss drives the attention mass on the
+    counted objects to 1, which leaves nothing in an attention average that grows with their number.
+    With ``options.distinct_readout`` a video's distinct question ("how many distinct objects appeared ?") is
+    read out the same way (the number of its objects) instead of grounded on every frame. With
+    ``options.order_first`` an order question ("which shape came first , X or Y ?", refs: the earlier
+    object, then the later) is grounded on the earlier object in the frames before the later one shows
+    (both objects on every frame tell nothing of which came first), and that object's colour and shape
+    are its readout targets."""
+    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    rows, pos, masks, attrs, grounded, right_options, letters = [], [], [], [], [], [], []
+    for b, ex in enumerate(examples):
+        slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
+        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
+        for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
+            letter = option_letters(proc.tokenizer, qa, ids[b], at)
+            option = letter == LETTERS.find(qa.answer)  # (an open question's letters are all -100)
+            refs, frames = qa.refs, len(cells)
+            ordered = options.order_first and qa.type == "order"
+            if ordered:  # the earlier object, in the frames before the later one first shows
+                refs, frames = qa.refs[:1], next(f for f, by_uid in enumerate(cells) if qa.refs[1] in by_uid)
+            mask = torch.zeros(ids.shape[1], dtype=torch.bool)
+            for f, by_uid in enumerate(cells[:frames]):
+                for uid in refs:
+                    mask[slots[f, by_uid.get(uid, [])]] = True
+            still = len(ex["scenes"]) == 1
+            counted = ((options.count_readout and still and qa.type == "count")
+                       or (options.distinct_readout and qa.type == "distinct"))
+            if mask.any() or counted or option.any():
+                rows.append(b), pos.append(at), masks.append(mask), right_options.append(option), letters.append(letter)
+                grounded.append(bool(mask.any()) and not counted)
+                about = [-100] * (len(READOUT) - 1)  # colour, shape, right, bottom of the object asked about
+                if len(qa.refs) == 1 and still and not counted:
+                    about = object_attributes(ex["scenes"][0], qa.refs[0])
+                elif ordered:  # its colour and shape (it may move: no half-plane)
+                    shown = next(f for f, by_uid in enumerate(cells) if refs[0] in by_uid)
+                    about = object_attributes(ex["scenes"][shown], refs[0])[:2] + [-100, -100]
+                attrs.append(about + [len(qa.refs) if counted else -100])
+    if not rows:
+        return None
+    return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
+                     torch.tensor(grounded), torch.stack(right_options), torch.stack(letters))
+
+
+LETTERS = "ABCD"  # multiple-choice option letters (world.multiple_choice)
+
+
+def option_letters(tok, qa, ids: torch.Tensor, at: int) -> torch.Tensor:
+    """[L] long: at the word of each option of a multiple-choice question (``<letter> . <word>``, the
+    last such triple before position ``at``) the index of its letter in LETTERS; -100 elsewhere and
+    everywhere for an open question."""
+    out = torch.full((ids.shape[0],), -100, dtype=torch.long)
+    dot = tok.convert_tokens_to_ids(".")
+    p = torch.arange(2, at)
+    for option in qa.options:
+        letter, word = option.split(". ", 1)
+        letter_id, word_id = tok.convert_tokens_to_ids([letter, word])
+        hit = p[(ids[p - 2] == letter_id) & (ids[p - 1] == dot) & (ids[p] == word_id)]
+        if len(hit):
+            out[hit[-1]] = LETTERS.index(letter)
+    return out
+
+
+READOUT = ("colour", "shape", "right", "bottom", "count")  # what the readout loss asks of the answer token
+N_READOUT = (len(world.COLOURS), len(world.SHAPES), 2, 2, 10)
+
+
+def object_attributes(scene, uid: int) -> list[int]:
+    """The READOUT classes of object ``uid``: colour and shape index, right half, bottom half."""
+    o = next(o for o in scene.objects if o.uid == uid)
+    return [list(world.COLOURS).index(o.colour), world.SHAPES.index(o.shape), int(o.x >= 0.5), int(o.y >= 0.5)]
+
+
+def cell_targets(scenes: list) -> torch.Tensor:
+    """[n_images, GRID * GRID, 5] per-token targets: colour, shape, centre (``world.cell_labels``) and the
+    token's row and column in the raster (so a token knows where it is: position questions)."""
+    where = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij"), -1).reshape(-1, 2)
+    return torch.stack([torch.cat([torch.from_numpy(np.stack(list(world.cell_labels(s, GRID).values()), -1)), where], -1)
+                        for s in scenes])
+
+
+def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, layer: int = 2
+                   ) -> torch.Tensor:
+    """-log of the attention mass, averaged over the heads of ``layer``, that the answer-predicting
+    token puts on the question's objects; attentions: per layer [B, H, L, L]; rows, pos [T]; mask [T, L].
+
+    One fixed layer and all its heads: the query must come from the question. (Taking the best head
+    of any layer instead let each head watch one kind of object whatever the question: a loss near 0
+    and answers no better.)"""
+    probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
+    mass = (probs * mask[:, None, :]).sum(-1).mean(-1)  # [T]
+    return -mass.clamp_min(1e-6).log().mean()
+
+
+def readout_loss(reader, hidden_states, rows: torch.Tensor, pos: torch.Tensor, attrs: torch.Tensor,
+                 layer: int = 2) -> torch.Tensor:
+    """Summed cross-entropy of a linear ``reader`` that tells, from the answer-predicting token's hidden
+    state right after ``layer`` (the grounded one), the READOUT attributes of the object the question is
+    about: what the grounded attention gathered must reach the answer. hidden_states: per layer
+    [B, L, D] (index 0 = embeddings); rows, pos [T]; attrs [T, len(READOUT)] (-100: no target)."""
+    logits = reader(hidden_states[layer + 1][rows, pos]).split(N_READOUT, dim=-1)  # each [T, classes]
+    return sum(F.cross_entropy(lg, attrs[:, i], ignore_index=-100) for i, lg in enumerate(logits)
+               if (attrs[:, i] >= 0).any())
+
+
+def letter_loss(reader, hidden_states, rows: torch.Tensor, letters: torch.Tensor, layer: int = 2) -> torch.Tensor:
+    """Cross-entropy of a linear ``reader`` (D -> len(LETTERS)) that tells each option word's letter from
+    its hidden state right after ``layer``: the word must carry the letter before it, so that the last
+    layer's attention on the right option's word (the option loss) brings back a letter to answer.
+    hidden_states: per layer [B, L, D]; rows [T]; letters [T, L] (-100: not an option word)."""
+    hidden = hidden_states[layer + 1][rows]  # [T, L, D]
+    sel = letters >= 0
+    return F.cross_entropy(reader(hidden[sel]), letters[sel])
+
+
+def aux_logits(head, tokens: torch.Tensor, n_images: int) -> tuple[torch.Tensor, ...]:
+    """Per-token head logits (one per TARGETS), each [n_images, GRID * GRID, classes];
+    tokens [n_images * 64, D] or [n_images, 64, D]."""
+    return head(tokens.reshape(n_images, GRID * GRID, -1)).split(N_CLASSES, dim=-1)
+
+
+def aux_loss(logits: tuple[torch.Tensor, ...], cells: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the per-token heads; cells [n_images, 64, len(TARGETS)]."""
+    return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1)) for i, lg in enumerate(logits))
