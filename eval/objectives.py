@@ -60,13 +60,17 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     for b, ex in enumerate(examples):
         slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
+        first_shown = {}  # uid -> the first frame it shows in
+        for f, by_uid in enumerate(cells):
+            for uid in by_uid:
+                first_shown.setdefault(uid, f)
         for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
             letter = option_letters(proc.tokenizer, qa, ids[b], at)
             option = letter == LETTERS.find(qa.answer)  # (an open question's letters are all -100)
             refs, frames = qa.refs, len(cells)
             ordered = options.order_first and qa.type == "order"
             if ordered:  # the earlier object, in the frames before the later one first shows
-                refs, frames = qa.refs[:1], next(f for f, by_uid in enumerate(cells) if qa.refs[1] in by_uid)
+                refs, frames = qa.refs[:1], first_shown[qa.refs[1]]
             mask = torch.zeros(ids.shape[1], dtype=torch.bool)
             for f, by_uid in enumerate(cells[:frames]):
                 for uid in refs:
@@ -81,8 +85,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                 if len(qa.refs) == 1 and still and not counted:
                     about = object_attributes(ex["scenes"][0], qa.refs[0])
                 elif ordered:  # its colour and shape (it may move: no half-plane)
-                    shown = next(f for f, by_uid in enumerate(cells) if refs[0] in by_uid)
-                    about = object_attributes(ex["scenes"][shown], refs[0])[:2] + [-100, -100]
+                    about = object_attributes(ex["scenes"][first_shown[refs[0]]], refs[0])[:2] + [-100, -100]
                 attrs.append(about + [len(qa.refs) if counted else -100])
     if not rows:
         return None

@@ -316,7 +316,7 @@ def main(argv=None):
             if id(p) not in lm | projector:
                 p.requires_grad_(False)
         args.aux_weight = 0.0
-    targets = TargetOptions(args.count_readout, args.distinct_readout, args.order_first)
+    target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first)
     for step in range(1, args.steps + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
@@ -326,7 +326,7 @@ def main(argv=None):
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
         info = {}
         for kind, examples in zip(("", "video_"), parts):
-            batch = collate(proc, examples, eos_id, options=targets)
+            batch = collate(proc, examples, eos_id, options=target_options)
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()

@@ -176,7 +176,6 @@ def test_init_from_and_tower_from_together_is_one_clear_error(tmp_path):
 
 
 def test_distinct_readout_reads_out_the_number_of_objects_in_the_video_instead_of_grounding():
-    import random
     tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
     model, proc = tiny_models.BUILDERS["llava"](tok)
     video = world.random_video(random.Random(3), n_frames=tiny_models.VIDEO_FRAMES, size=tiny_models.IMAGE)
