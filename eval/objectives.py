@@ -55,15 +55,11 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     object, then the later) is grounded on the earlier object in the frames before the later one shows
     (both objects on every frame tell nothing of which came first), and that object's colour and shape
     are its readout targets."""
-    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
     rows, pos, masks, attrs, grounded, right_options, letters = [], [], [], [], [], [], []
     for b, ex in enumerate(examples):
-        slots = (ids[b] == image_id).nonzero().flatten().reshape(len(ex["scenes"]), GRID * GRID)  # [frames, 64]
+        slots = frame_slots(proc, ids[b], len(ex["scenes"]))  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
-        first_shown = {}  # uid -> the first frame it shows in
-        for f, by_uid in enumerate(cells):
-            for uid in by_uid:
-                first_shown.setdefault(uid, f)
+        first_shown = first_frames(cells)
         for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
             letter = option_letters(proc.tokenizer, qa, ids[b], at)
             option = letter == LETTERS.find(qa.answer)  # (an open question's letters are all -100)
@@ -91,6 +87,40 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
         return None
     return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
                      torch.tensor(grounded), torch.stack(right_options), torch.stack(letters))
+
+
+def frame_slots(proc, ids: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """[n_frames, GRID * GRID] the positions of each image's (frame's) visual tokens in ``ids`` [L]."""
+    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    return (ids == image_id).nonzero().flatten().reshape(n_frames, GRID * GRID)
+
+
+def first_frames(cells: list[dict]) -> dict[int, int]:
+    """uid -> the first frame it shows in; cells: per frame, ``world.object_cells`` (uid -> token indices)."""
+    first: dict[int, int] = {}
+    for f, by_uid in enumerate(cells):
+        for uid in by_uid:
+            first.setdefault(uid, f)
+    return first
+
+
+def novelty_targets(proc, examples: list[dict], ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] long: on a video frame's tokens that show an object, 1 where this is the first frame it
+    shows in ("new": no earlier frame showed that colour and shape, the world's video objects having
+    distinct names), 0 where an earlier frame showed it; -100 on every other token (background, text,
+    still images). The number of objects ever new is the answer to "how many distinct objects
+    appeared ?": a causal LM can tell "new" at a token by looking back for its name, one lookup."""
+    out = torch.full(ids.shape, -100, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        if len(ex["scenes"]) < 2:
+            continue
+        slots = frame_slots(proc, ids[b], len(ex["scenes"]))
+        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
+        first = first_frames(cells)
+        for f, by_uid in enumerate(cells):
+            for uid, where in by_uid.items():
+                out[b, slots[f, where]] = int(first[uid] == f)
+    return out
 
 
 LETTERS = "ABCD"  # multiple-choice option letters (world.multiple_choice)
@@ -162,6 +192,14 @@ def letter_loss(reader, hidden_states, rows: torch.Tensor, letters: torch.Tensor
     hidden = hidden_states[layer + 1][rows]  # [T, L, D]
     sel = letters >= 0
     return F.cross_entropy(reader(hidden[sel]), letters[sel])
+
+
+def novelty_loss(reader, hidden_states, novelty: torch.Tensor, layer: int = 1) -> torch.Tensor:
+    """Cross-entropy of a linear ``reader`` (D -> 2) that tells from a visual token's hidden state right
+    after LM ``layer`` (the input of the grounded layer 2) whether its object is new in this frame.
+    hidden_states: per layer [B, L, D] (index 0 = embeddings); novelty [B, L] (novelty_targets)."""
+    sel = novelty >= 0
+    return F.cross_entropy(reader(hidden_states[layer + 1][sel]), novelty[sel])
 
 
 def aux_logits(head, tokens: torch.Tensor, n_images: int) -> tuple[torch.Tensor, ...]:

@@ -31,7 +31,7 @@ import torch
 
 from ..testing import make_tokenizer
 from . import tiny_models, world
-from .objectives import (LETTERS, N_CLASSES, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss, cell_targets,
+from .objectives import (LETTERS, N_CLASSES, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss, cell_targets, novelty_loss, novelty_targets,
                          grounding_loss, grounding_targets, letter_loss, readout_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
@@ -85,7 +85,8 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
             options: TargetOptions = TargetOptions()) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
-    [n_images, GRID * GRID, len(TARGETS)] (the per-token targets) and ``ground`` (grounding_targets)."""
+    [n_images, GRID * GRID, len(TARGETS)] (the per-token targets), ``ground`` (grounding_targets) and
+    ``novelty`` [B, L] (novelty_targets)."""
     texts, images, frames = [], [], []
     for ex in examples:
         messages = []
@@ -107,6 +108,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
     if targets:
         batch["cells"] = cell_targets(frames)
         batch["ground"] = grounding_targets(proc, examples, ids, marker, options)
+        batch["novelty"] = novelty_targets(proc, examples, ids)
     return batch
 
 
@@ -119,11 +121,13 @@ def assistant_marker(proc) -> str:
 
 def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
                reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
-               letter_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0
+               ) -> tuple[torch.Tensor, dict]:
     capture.clear()
-    cells, g = batch.pop("cells"), batch.pop("ground")
+    cells, g, novelty = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty")
+    novel = novelty_weight > 0 and bool((novelty >= 0).any())
     out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0),
-                output_hidden_states=g is not None and (readout_weight > 0 or letter_weight > 0))
+                output_hidden_states=novel or (g is not None and (readout_weight > 0 or letter_weight > 0)))
     loss, info = out.loss, {"lm": out.loss.item()}
     if g is not None and ground_weight and g.grounded.any():
         sel = g.grounded
@@ -139,6 +143,9 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     if g is not None and letter_weight and (g.letters >= 0).any():
         term = letter_loss(letter_reader, out.hidden_states, g.rows, g.letters)
         loss, info["letter"] = loss + letter_weight * term, term.item()
+    if novel:
+        term = novelty_loss(novelty_reader, out.hidden_states, novelty)
+        loss, info["novelty"] = loss + novelty_weight * term, term.item()
     if aux_weight:  # (a frozen tower: the per-token head has nothing to train)
         aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
         loss, info["aux"] = loss + aux_weight * aux, aux.item()
@@ -243,6 +250,9 @@ def main(argv=None):
     ap.add_argument("--letter-weight", type=float, default=0.0,
                     help="weight of the letter loss: a linear reader (not saved) must tell each multiple-choice "
                          "option word's letter from its hidden state after layer 2")
+    ap.add_argument("--novelty-weight", type=float, default=0.0,
+                    help="weight of the novelty loss: a linear reader (not saved) must tell from each video object "
+                         "token's hidden state after LM layer 1 whether its object is new in that frame")
     ap.add_argument("--count-readout", action="store_true",
                     help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--distinct-readout", action="store_true",
@@ -277,11 +287,13 @@ def main(argv=None):
     reader = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_READOUT))
     lm = set(map(id, model.get_decoder().parameters())) | set(map(id, model.get_output_embeddings().parameters()))
     letter_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, len(LETTERS))
-    lm |= set(map(id, reader.parameters())) | set(map(id, letter_reader.parameters()))  # train with the LM
+    novelty_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, 2)
+    readers = [*reader.parameters(), *letter_reader.parameters(), *novelty_reader.parameters()]
+    lm |= set(map(id, readers))  # train with the LM
     if args.tower_from or args.init_from:
         load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
         args.tower_steps = 0
-    params = [*model.parameters(), *head.parameters(), *reader.parameters(), *letter_reader.parameters()]
+    params = [*model.parameters(), *head.parameters(), *readers]
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
                              {"params": [p for p in params if id(p) in lm], "lr": args.lm_lr or args.lr}],
                             weight_decay=0.01)
@@ -328,7 +340,8 @@ def main(argv=None):
         for kind, examples in zip(("", "video_"), parts):
             batch = collate(proc, examples, eos_id, options=target_options)
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
-                                    args.readout_weight, args.option_weight, letter_reader, args.letter_weight)
+                                    args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
+                                    novelty_reader, args.novelty_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

@@ -215,3 +215,41 @@ def test_order_first_grounds_on_the_earlier_object_before_the_later_one_shows():
     expected = sorted([slots[f, 1 * 8 + 6].item() for f in range(8)] + [slots[f, 5 * 8 + 2].item() for f in range(3, 8)])
     assert plain.mask[0].nonzero().flatten().tolist() == expected
     assert (plain.attrs == -100).all()
+
+
+def test_novelty_targets_mark_each_video_object_new_in_its_first_frame_only():
+    """Hand-made 8-frame video: a red circle in frames 0-4, a blue square from frame 3 to the end;
+    in the same batch a still image of the circle. The circle's token is new (1) in frame 0 and seen (0)
+    in frames 1-4; the square's is new in frame 3 and seen in 4-7; every other token, and every token
+    of the still image, is -100."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS["llava"](tok)
+    circle = world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0)  # cell (1, 6)
+    square = world.Obj("square", "blue", "small", 2.5 / 8, 5.5 / 8, uid=1)  # cell (5, 2)
+    frames = [world.Scene(([circle] if f <= 4 else []) + ([square] if f >= 3 else []), size=tiny_models.IMAGE,
+                          background_seed=1) for f in range(tiny_models.VIDEO_FRAMES)]
+    still = world.Scene([circle], size=tiny_models.IMAGE, background_seed=2)
+    qa = world.QA("how many distinct objects appeared ?", "2", "distinct", refs=(0, 1))
+    examples = [{"scenes": frames, "qas": [qa]}, {"scenes": [still], "qas": [world.QA("how many circles are there ?", "1", "count")]}]
+    batch = train_tiny.collate(proc, examples, model.config.get_text_config().eos_token_id)
+    ids, novelty = batch["input_ids"][0], batch["novelty"]
+    slots = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten().reshape(len(frames), 64)
+    expected = torch.full_like(novelty[0], -100)
+    for f in range(5):
+        expected[slots[f, 1 * 8 + 6]] = int(f == 0)
+    for f in range(3, 8):
+        expected[slots[f, 5 * 8 + 2]] = int(f == 3)
+    assert novelty[0].tolist() == expected.tolist()
+    assert (novelty[1] == -100).all()
+
+
+def test_novelty_loss_is_the_readers_cross_entropy_at_the_marked_tokens_after_the_layer():
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 6, 4) for _ in range(5)]  # embeddings + 4 layers, [B, L, D]
+    reader = torch.nn.Linear(4, 2)
+    novelty = torch.full((2, 6), -100)
+    novelty[0, 1], novelty[1, 4], novelty[1, 5] = 1, 0, 1
+    loss = objectives.novelty_loss(reader, hidden, novelty, layer=1)
+    logits = reader(torch.stack([hidden[2][0, 1], hidden[2][1, 4], hidden[2][1, 5]]))  # after layer 1
+    expected = -sum(torch.log_softmax(logits[i], -1)[c] for i, c in enumerate([1, 0, 1])).item() / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
