@@ -25,6 +25,7 @@ class TargetOptions:
     count_readout: bool = False  # a still image's count question: read out its count
     distinct_readout: bool = False  # a video's distinct question: read out its number of objects
     order_first: bool = False  # an order question: ground on (and read out) the earlier object, before the later one shows
+    novelty_centres: bool = False  # novelty targets on each object's centre token only (one token per object)
 
 
 class Grounding(NamedTuple):
@@ -104,12 +105,17 @@ def first_frames(cells: list[dict]) -> dict[int, int]:
     return first
 
 
-def novelty_targets(proc, examples: list[dict], ids: torch.Tensor) -> torch.Tensor:
+def novelty_targets(proc, examples: list[dict], ids: torch.Tensor, options: TargetOptions = TargetOptions()
+                    ) -> torch.Tensor:
     """[B, L] long: on a video frame's tokens that show an object, 1 where this is the first frame it
     shows in ("new": no earlier frame showed that colour and shape, the world's video objects having
     distinct names), 0 where an earlier frame showed it; -100 on every other token (background, text,
     still images). The number of objects ever new is the answer to "how many distinct objects
-    appeared ?": a causal LM can tell "new" at a token by looking back for its name, one lookup."""
+    appeared ?": a causal LM can tell "new" at a token by looking back for its name, one lookup.
+
+    With ``options.novelty_centres`` only the token of each object's centre (``world.cell_labels``) has
+    a target: one token per object, so the number of new ones is the number of objects whatever their
+    sizes (a large object covers four tokens, a small one one)."""
     out = torch.full(ids.shape, -100, dtype=torch.long)
     for b, ex in enumerate(examples):
         if len(ex["scenes"]) < 2:
@@ -119,8 +125,16 @@ def novelty_targets(proc, examples: list[dict], ids: torch.Tensor) -> torch.Tens
         first = first_frames(cells)
         for f, by_uid in enumerate(cells):
             for uid, where in by_uid.items():
+                if options.novelty_centres:
+                    where = [centre_cell(ex["scenes"][f], uid)]
                 out[b, slots[f, where]] = int(first[uid] == f)
     return out
+
+
+def centre_cell(scene, uid: int) -> int:
+    """The row-major GRID x GRID cell that object ``uid``'s centre falls in (``world.cell_labels``' centre)."""
+    o = next(o for o in scene.objects if o.uid == uid)
+    return min(int(o.y * GRID), GRID - 1) * GRID + min(int(o.x * GRID), GRID - 1)
 
 
 LETTERS = "ABCD"  # multiple-choice option letters (world.multiple_choice)

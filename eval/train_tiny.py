@@ -108,7 +108,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
     if targets:
         batch["cells"] = cell_targets(frames)
         batch["ground"] = grounding_targets(proc, examples, ids, marker, options)
-        batch["novelty"] = novelty_targets(proc, examples, ids)
+        batch["novelty"] = novelty_targets(proc, examples, ids, options)
     return batch
 
 
@@ -253,6 +253,8 @@ def main(argv=None):
     ap.add_argument("--novelty-weight", type=float, default=0.0,
                     help="weight of the novelty loss: a linear reader (not saved) must tell from each video object "
                          "token's hidden state after LM layer 1 whether its object is new in that frame")
+    ap.add_argument("--novelty-centres", action="store_true",
+                    help="the novelty target on each object's centre token only (one token per object)")
     ap.add_argument("--count-readout", action="store_true",
                     help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--distinct-readout", action="store_true",
@@ -328,7 +330,8 @@ def main(argv=None):
             if id(p) not in lm | projector:
                 p.requires_grad_(False)
         args.aux_weight = 0.0
-    target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first)
+    target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first,
+                                   args.novelty_centres)
     for step in range(1, args.steps + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)

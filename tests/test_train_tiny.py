@@ -253,3 +253,29 @@ def test_novelty_loss_is_the_readers_cross_entropy_at_the_marked_tokens_after_th
     logits = reader(torch.stack([hidden[2][0, 1], hidden[2][1, 4], hidden[2][1, 5]]))  # after layer 1
     expected = -sum(torch.log_softmax(logits[i], -1)[c] for i, c in enumerate([1, 0, 1])).item() / 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_novelty_centres_mark_one_token_per_object_whatever_its_size():
+    """A big blue square (2 x 2 cells, centre on the corner of cells (3, 3)-(4, 4)) in every frame and a
+    small red circle (cell (1, 6)) from frame 2: with novelty_centres only the token of each centre has
+    a target (the square's: cell (4, 4)), 1 in the object's first frame and 0 after; without it all
+    four of the square's tokens have one."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS["llava"](tok)
+    square = world.Obj("square", "blue", "big", 4 / 8, 4 / 8, uid=0)
+    circle = world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=1)
+    frames = [world.Scene([square] + ([circle] if f >= 2 else []), size=tiny_models.IMAGE, background_seed=1)
+              for f in range(tiny_models.VIDEO_FRAMES)]
+    example = [{"scenes": frames, "qas": [world.QA("how many distinct objects appeared ?", "2", "distinct", refs=(0, 1))]}]
+    eos = model.config.get_text_config().eos_token_id
+    batch = train_tiny.collate(proc, example, eos, options=objectives.TargetOptions(novelty_centres=True))
+    ids, novelty = batch["input_ids"][0], batch["novelty"][0]
+    slots = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten().reshape(len(frames), 64)
+    expected = torch.full_like(novelty, -100)
+    for f in range(8):
+        expected[slots[f, 4 * 8 + 4]] = int(f == 0)
+        if f >= 2:
+            expected[slots[f, 1 * 8 + 6]] = int(f == 2)
+    assert novelty.tolist() == expected.tolist()
+    every_cell = train_tiny.collate(proc, example, eos)["novelty"][0]
+    assert [(every_cell[slots[0, 8 * r + c]]).item() for r in (3, 4) for c in (3, 4)] == [1, 1, 1, 1]
