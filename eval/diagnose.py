@@ -38,7 +38,8 @@ def _batches(proc, eos_id: int, n: int, types=None, mc_fraction: float = 0.2, ba
 def accuracy_and_mass(model, proc, eos_id: int, n: int) -> tuple[dict, dict]:
     right, mass = defaultdict(list), defaultdict(list)
     for examples, b in _batches(proc, eos_id, n):
-        b.pop("cells"), b.pop("novelty")
+        for unused in ("cells", "novelty"):
+            b.pop(unused)
         g = b.pop("ground")  # objectives.Grounding: the question's objects' visual tokens per turn
         gold = b.pop("labels")[:, -2]
         out = model(**b, output_attentions=True)

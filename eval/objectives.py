@@ -123,18 +123,11 @@ def novelty_targets(proc, examples: list[dict], ids: torch.Tensor, options: Targ
         slots = frame_slots(proc, ids[b], len(ex["scenes"]))
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
         first = first_frames(cells)
-        for f, by_uid in enumerate(cells):
-            for uid, where in by_uid.items():
-                if options.novelty_centres:
-                    where = [centre_cell(ex["scenes"][f], uid)]
-                out[b, slots[f, where]] = int(first[uid] == f)
+        for f, (scene, by_uid) in enumerate(zip(ex["scenes"], cells)):
+            for o in scene.objects:
+                where = [world.centre_cell(o, GRID)] if options.novelty_centres else by_uid[o.uid]
+                out[b, slots[f, where]] = int(first[o.uid] == f)
     return out
-
-
-def centre_cell(scene, uid: int) -> int:
-    """The row-major GRID x GRID cell that object ``uid``'s centre falls in (``world.cell_labels``' centre)."""
-    o = next(o for o in scene.objects if o.uid == uid)
-    return min(int(o.y * GRID), GRID - 1) * GRID + min(int(o.x * GRID), GRID - 1)
 
 
 LETTERS = "ABCD"  # multiple-choice option letters (world.multiple_choice)

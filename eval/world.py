@@ -134,8 +134,13 @@ def cell_labels(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[str, np
             o = scene.objects[counts.argmax() - 1]
             colour[k], shape[k] = 1 + names.index(o.colour), 1 + SHAPES.index(o.shape)
     for o in scene.objects:
-        centre[min(int(o.y * grid), grid - 1) * grid + min(int(o.x * grid), grid - 1)] = 1
+        centre[centre_cell(o, grid)] = 1
     return {"colour": colour, "shape": shape, "centre": centre}
+
+
+def centre_cell(o: Obj, grid: int) -> int:
+    """The row-major cell of a ``grid`` x ``grid`` raster that the object's centre falls in."""
+    return min(int(o.y * grid), grid - 1) * grid + min(int(o.x * grid), grid - 1)
 
 
 def object_cells(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[int, list[int]]:
