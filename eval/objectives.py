@@ -26,6 +26,7 @@ class TargetOptions:
     distinct_readout: bool = False  # a video's distinct question: read out its number of objects
     order_first: bool = False  # an order question: ground on (and read out) the earlier object, before the later one shows
     novelty_centres: bool = False  # novelty targets on each object's centre token only (one token per object)
+    distinct_sink: float = 0.0  # > 0: a distinct question's attention target, sink weight vs 1 per object (share)
 
 
 class Grounding(NamedTuple):
@@ -37,6 +38,7 @@ class Grounding(NamedTuple):
     grounded: torch.Tensor  # [T] bool: the grounding loss applies (mask is not empty)
     option: torch.Tensor  # [T, L] multiple choice: the word of the right option (else empty)
     letters: torch.Tensor  # [T, L] multiple choice: each option's word holds its letter (0-3), -100 elsewhere
+    share: torch.Tensor  # [T, L] float: a target attention distribution (rows sum to 1), else all 0
 
 
 def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int,
@@ -55,8 +57,10 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     ``options.order_first`` an order question ("which shape came first , X or Y ?", refs: the earlier
     object, then the later) is grounded on the earlier object in the frames before the later one shows
     (both objects on every frame tell nothing of which came first), and that object's colour and shape
-    are its readout targets."""
-    rows, pos, masks, attrs, grounded, right_options, letters = [], [], [], [], [], [], []
+    are its readout targets. With ``options.distinct_sink`` = c > 0 a distinct question also gets a
+    ``share`` target (``sink_share``)."""
+    rows, pos, masks, attrs, grounded, right_options, letters, shares = [], [], [], [], [], [], [], []
+    pad = proc.tokenizer.pad_token_id
     for b, ex in enumerate(examples):
         slots = frame_slots(proc, ids[b], len(ex["scenes"]))  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
@@ -84,10 +88,30 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                 elif ordered:  # its colour and shape (it may move: no half-plane)
                     about = object_attributes(ex["scenes"][first_shown[refs[0]]], refs[0])[:2] + [-100, -100]
                 attrs.append(about + [len(qa.refs) if counted else -100])
+                share = torch.zeros(ids.shape[1])
+                if options.distinct_sink and qa.type == "distinct":
+                    sink = int((ids[b] != pad).nonzero()[0])
+                    share = sink_share(ex["scenes"], slots, qa.refs, sink, ids.shape[1], options.distinct_sink)
+                shares.append(share)
     if not rows:
         return None
     return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
-                     torch.tensor(grounded), torch.stack(right_options), torch.stack(letters))
+                     torch.tensor(grounded), torch.stack(right_options), torch.stack(letters), torch.stack(shares))
+
+
+def sink_share(scenes: list, slots: torch.Tensor, uids, sink: int, length: int, weight: float) -> torch.Tensor:
+    """[length] the attention a "how many distinct objects" answer should pay: ``weight`` on the ``sink``
+    token (the first of the sequence) and 1 on each object's centre token in the first frame it shows,
+    normalised. With n objects the objects' share is n / (n + weight), a number that grows with n: an
+    attention average over the objects alone is the same whatever n, a fixed sink gives it a
+    denominator. slots [frames, GRID * GRID] (frame_slots)."""
+    share = torch.zeros(length)
+    share[sink] = weight
+    first = first_frames([world.object_cells(s, GRID) for s in scenes])
+    for uid in uids:
+        o = next(o for o in scenes[first[uid]].objects if o.uid == uid)
+        share[slots[first[uid], world.centre_cell(o, GRID)]] += 1.0
+    return share / share.sum()
 
 
 def frame_slots(proc, ids: torch.Tensor, n_frames: int) -> torch.Tensor:
@@ -178,6 +202,16 @@ def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torc
     probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
     mass = (probs * mask[:, None, :]).sum(-1).mean(-1)  # [T]
     return -mass.clamp_min(1e-6).log().mean()
+
+
+def share_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, share: torch.Tensor, layer: int = 2
+               ) -> torch.Tensor:
+    """KL divergence from the target distribution ``share`` [T, L] (``sink_share``) to each head's
+    attention of the answer-predicting token in ``layer``, averaged over heads and turns (0: every head
+    pays exactly the target). attentions: per layer [B, H, L, L]; rows, pos [T]."""
+    log_q = attentions[layer][rows, :, pos, :].clamp_min(1e-9).log()  # [T, H, L]
+    log_p = torch.where(share > 0, share, 1.0).log()  # [T, L] (0 log 0 = 0)
+    return (share[:, None, :] * (log_p[:, None, :] - log_q)).sum(-1).mean()
 
 
 def readout_loss(reader, hidden_states, rows: torch.Tensor, pos: torch.Tensor, attrs: torch.Tensor,

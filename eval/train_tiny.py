@@ -32,7 +32,7 @@ import torch
 from ..testing import make_tokenizer
 from . import tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss, cell_targets, novelty_loss, novelty_targets,
-                         grounding_loss, grounding_targets, letter_loss, readout_loss)
+                         grounding_loss, grounding_targets, letter_loss, readout_loss, share_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 
@@ -121,12 +121,12 @@ def assistant_marker(proc) -> str:
 
 def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
                reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
-               letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0
-               ) -> tuple[torch.Tensor, dict]:
+               letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
+               share_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty")
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
-    out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0),
+    out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0 or share_weight > 0),
                 output_hidden_states=novel or (g is not None and (readout_weight > 0 or letter_weight > 0)))
     loss, info = out.loss, {"lm": out.loss.item()}
     if g is not None and ground_weight and g.grounded.any():
@@ -137,6 +137,10 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         sel = g.option.any(-1)
         term = grounding_loss(out.attentions, g.rows[sel], g.pos[sel], g.option[sel], layer=len(out.attentions) - 1)
         loss, info["option"] = loss + option_weight * term, term.item()
+    if g is not None and share_weight and g.share.any():
+        sel = g.share.any(-1)
+        term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.share[sel])
+        loss, info["share"] = loss + share_weight * term, term.item()
     if g is not None and readout_weight and (g.attrs >= 0).any():
         term = readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs)
         loss, info["readout"] = loss + readout_weight * term, term.item()
@@ -255,6 +259,11 @@ def main(argv=None):
                          "token's hidden state after LM layer 1 whether its object is new in that frame")
     ap.add_argument("--novelty-centres", action="store_true",
                     help="the novelty target on each object's centre token only (one token per object)")
+    ap.add_argument("--distinct-sink", type=float, default=0.0,
+                    help="> 0: a distinct question's answer token is trained (loss weight: --ground-weight) to pay "
+                         "each head's attention in layer 2 as this weight on the first token (a sink) and 1 on each "
+                         "object's centre in the first frame it shows (objectives.sink_share): a share that grows "
+                         "with the number of objects")
     ap.add_argument("--count-readout", action="store_true",
                     help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--distinct-readout", action="store_true",
@@ -272,6 +281,8 @@ def main(argv=None):
         raise SystemExit("--steps and --batch must be positive")
     if args.init_from and args.tower_from:
         raise SystemExit("--init-from already holds a tower: give --init-from or --tower-from, not both")
+    if args.distinct_sink < 0:
+        raise SystemExit(f"--distinct-sink must be >= 0, got {args.distinct_sink}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tok = make_tokenizer(tuple(vocabulary()))
@@ -331,7 +342,7 @@ def main(argv=None):
                 p.requires_grad_(False)
         args.aux_weight = 0.0
     target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first,
-                                   args.novelty_centres)
+                                   args.novelty_centres, args.distinct_sink)
     for step in range(1, args.steps + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
@@ -344,7 +355,7 @@ def main(argv=None):
             batch = collate(proc, examples, eos_id, options=target_options)
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
-                                    novelty_reader, args.novelty_weight)
+                                    novelty_reader, args.novelty_weight, args.ground_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

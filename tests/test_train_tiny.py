@@ -1,5 +1,6 @@
 """The tiny-model training script: runs, saves a checkpoint that tokensieve loads, covers the world's words,
 and builds its batches in exactly the engine's prompt format."""
+import math
 import random
 
 import pytest
@@ -56,7 +57,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask, attrs, grounded, option, letters = batch["ground"]
+    rows, pos, mask, attrs, grounded, option, letters, share = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -67,9 +68,9 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     # readout targets: red circle (colour 0, shape 0) on the right, at the top; blue square (2, 1) left, bottom
     assert list(world.COLOURS)[:3] == ["red", "green", "blue"] and world.SHAPES[:2] == ("circle", "square")
     assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all() and not option.any()
-    assert (letters == -100).all()  # open questions: no option letters
+    assert (letters == -100).all() and not share.any()  # open questions: no option letters; no sink share
     # with count_readout the count turn (0 green objects) is read out, not grounded
-    rows, pos, mask, attrs, grounded, option, letters = train_tiny.collate(
+    rows, pos, mask, attrs, grounded, option, letters, share = train_tiny.collate(
         proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id,
         options=objectives.TargetOptions(count_readout=True))["ground"]
     assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
@@ -173,6 +174,11 @@ def test_init_from_continues_a_checkpoint_and_train_projector_trains_only_the_pr
 def test_init_from_and_tower_from_together_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not both"):
         train_tiny.main(["--out", str(tmp_path), "--init-from", "a", "--tower-from", "b"])
+
+
+def test_negative_distinct_sink_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--distinct-sink must be >= 0"):
+        train_tiny.main(["--out", str(tmp_path), "--distinct-sink", "-1"])
 
 
 def test_distinct_readout_reads_out_the_number_of_objects_in_the_video_instead_of_grounding():
@@ -279,3 +285,49 @@ def test_novelty_centres_mark_one_token_per_object_whatever_its_size():
     assert novelty.tolist() == expected.tolist()
     every_cell = train_tiny.collate(proc, example, eos)["novelty"][0]
     assert [(every_cell[slots[0, 8 * r + c]]).item() for r in (3, 4) for c in (3, 4)] == [1, 1, 1, 1]
+
+
+def test_distinct_sink_shares_weight_on_the_first_token_and_one_on_each_objects_first_centre():
+    """Two videos of different lengths in one batch (left padding): video 0 has a red circle (cell (1, 6))
+    in frames 0-4 and a big blue square (centre cell (4, 4)) from frame 3; with distinct_sink=2 its
+    distinct turn's share is 2/4 on its first token, 1/4 on the circle's token of frame 0 and 1/4 on the
+    square's centre token of frame 3; turns of other types get no share, nor does anything without the option."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS["llava"](tok)
+    circle = world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0)
+    square = world.Obj("square", "blue", "big", 4 / 8, 4 / 8, uid=1)
+    frames = [world.Scene(([circle] if f <= 4 else []) + ([square] if f >= 3 else []), size=tiny_models.IMAGE,
+                          background_seed=1) for f in range(tiny_models.VIDEO_FRAMES)]
+    distinct = world.QA("how many distinct objects appeared ?", "2", "distinct", refs=(0, 1))
+    ever = world.QA("was there ever a red circle ?", "yes", "ever", refs=(0,))
+    examples = [{"scenes": frames, "qas": [distinct]},
+                {"scenes": frames, "qas": [ever, world.QA("which shape came first , square or circle ?", "circle",
+                                                          "order", refs=(0, 1))]}]
+    eos = model.config.get_text_config().eos_token_id
+    batch = train_tiny.collate(proc, examples, eos, options=objectives.TargetOptions(distinct_readout=True,
+                                                                                      distinct_sink=2.0))
+    ids, g = batch["input_ids"], batch["ground"]
+    first = int((ids[0] != tok.pad_token_id).nonzero()[0])
+    assert first > 0  # the shorter conversation is left-padded: its first token is not position 0
+    slots = (ids[0] == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten().reshape(len(frames), 64)
+    expected = torch.zeros(ids.shape[1])
+    expected[first], expected[slots[0, 1 * 8 + 6]], expected[slots[3, 4 * 8 + 4]] = 0.5, 0.25, 0.25
+    rows = g.rows.tolist()
+    assert torch.allclose(g.share[rows.index(0)], expected)
+    assert not g.share[[i for i, r in enumerate(rows) if r == 1]].any()
+    plain = train_tiny.collate(proc, examples, eos, options=objectives.TargetOptions(distinct_readout=True))["ground"]
+    assert not plain.share.any()
+
+
+def test_share_loss_is_the_mean_over_heads_of_the_kl_from_the_target_to_the_heads_attention():
+    torch.manual_seed(0)
+    attentions = [torch.softmax(torch.randn(2, 3, 5, 5), -1) for _ in range(4)]  # per layer [B, H, L, L]
+    share = torch.tensor([[0.5, 0.0, 0.25, 0.25, 0.0]])
+    loss = objectives.share_loss(attentions, torch.tensor([1]), torch.tensor([4]), share, layer=2)
+    q = attentions[2][1, :, 4]  # [H, L]
+    expected = sum(sum(p * math.log(p / q[h, t].item()) for t, p in enumerate(share[0].tolist()) if p)
+                   for h in range(3)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    exact = [a.clone() for a in attentions]
+    exact[2][1, :, 4] = share[0]
+    assert objectives.share_loss(exact, torch.tensor([1]), torch.tensor([4]), share, layer=2).item() == pytest.approx(0, abs=1e-6)
