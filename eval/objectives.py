@@ -27,6 +27,7 @@ class TargetOptions:
     order_first: bool = False  # an order question: ground on (and read out) the earlier object, before the later one shows
     novelty_centres: bool = False  # novelty targets on each object's centre token only (one token per object)
     distinct_sink: float = 0.0  # > 0: a distinct question's attention target, sink weight vs 1 per object (share)
+    count_sink: float = 0.0  # > 0: the same for a still image's count question read out (count_readout)
 
 
 class Grounding(NamedTuple):
@@ -57,8 +58,9 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     ``options.order_first`` an order question ("which shape came first , X or Y ?", refs: the earlier
     object, then the later) is grounded on the earlier object in the frames before the later one shows
     (both objects on every frame tell nothing of which came first), and that object's colour and shape
-    are its readout targets. With ``options.distinct_sink`` = c > 0 a distinct question also gets a
-    ``share`` target (``sink_share``)."""
+    are its readout targets. With ``options.distinct_sink`` = c > 0 a distinct question read out also
+    gets a ``share`` target (``sink_share``), with ``options.count_sink`` a still image's count question
+    read out."""
     rows, pos, masks, attrs, grounded, right_options, letters, shares = [], [], [], [], [], [], [], []
     pad = proc.tokenizer.pad_token_id
     for b, ex in enumerate(examples):
@@ -89,9 +91,10 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                     about = object_attributes(ex["scenes"][first_shown[refs[0]]], refs[0])[:2] + [-100, -100]
                 attrs.append(about + [len(qa.refs) if counted else -100])
                 share = torch.zeros(ids.shape[1])
-                if options.distinct_sink and qa.type == "distinct":
+                weight = options.distinct_sink if qa.type == "distinct" else options.count_sink if still else 0.0
+                if counted and weight:
                     sink = int((ids[b] != pad).nonzero()[0])
-                    share = sink_share(ex["scenes"], slots, qa.refs, sink, ids.shape[1], options.distinct_sink)
+                    share = sink_share(ex["scenes"], slots, qa.refs, sink, ids.shape[1], weight)
                 shares.append(share)
     if not rows:
         return None
@@ -100,8 +103,9 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
 
 
 def sink_share(scenes: list, slots: torch.Tensor, uids, sink: int, length: int, weight: float) -> torch.Tensor:
-    """[length] the attention a "how many distinct objects" answer should pay: ``weight`` on the ``sink``
-    token (the first of the sequence) and 1 on each object's centre token in the first frame it shows,
+    """[length] the attention a count answer ("how many ...") should pay: ``weight`` on the ``sink``
+    token (the first of the sequence) and 1 on each object's centre token in the first frame it shows
+    (a still image: its one frame; no objects, e.g. a count of 0: all of it on the sink),
     normalised. With n objects the objects' share is n / (n + weight), a number that grows with n: an
     attention average over the objects alone is the same whatever n, a fixed sink gives it a
     denominator. slots [frames, GRID * GRID] (frame_slots)."""

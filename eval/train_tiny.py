@@ -264,6 +264,9 @@ def main(argv=None):
                          "each head's attention in layer 2 as this weight on the first token (a sink) and 1 on each "
                          "object's centre in the first frame it shows (objectives.sink_share): a share that grows "
                          "with the number of objects")
+    ap.add_argument("--count-sink", type=float, default=0.0,
+                    help="with --count-readout, the same attention target as --distinct-sink for a still image's "
+                         "count question: this weight on the first token, 1 on each counted object's centre")
     ap.add_argument("--count-readout", action="store_true",
                     help="count questions are read out (the count, from the same token) instead of grounded")
     ap.add_argument("--distinct-readout", action="store_true",
@@ -281,8 +284,8 @@ def main(argv=None):
         raise SystemExit("--steps and --batch must be positive")
     if args.init_from and args.tower_from:
         raise SystemExit("--init-from already holds a tower: give --init-from or --tower-from, not both")
-    if args.distinct_sink < 0:
-        raise SystemExit(f"--distinct-sink must be >= 0, got {args.distinct_sink}")
+    if args.distinct_sink < 0 or args.count_sink < 0:
+        raise SystemExit(f"--distinct-sink and --count-sink must be >= 0, got {args.distinct_sink}, {args.count_sink}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tok = make_tokenizer(tuple(vocabulary()))
@@ -342,7 +345,7 @@ def main(argv=None):
                 p.requires_grad_(False)
         args.aux_weight = 0.0
     target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first,
-                                   args.novelty_centres, args.distinct_sink)
+                                   args.novelty_centres, args.distinct_sink, args.count_sink)
     for step in range(1, args.steps + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)

@@ -177,7 +177,7 @@ def test_init_from_and_tower_from_together_is_one_clear_error(tmp_path):
 
 
 def test_negative_distinct_sink_is_one_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--distinct-sink must be >= 0"):
+    with pytest.raises(SystemExit, match="--distinct-sink and --count-sink must be >= 0"):
         train_tiny.main(["--out", str(tmp_path), "--distinct-sink", "-1"])
 
 
@@ -331,3 +331,27 @@ def test_share_loss_is_the_mean_over_heads_of_the_kl_from_the_target_to_the_head
     exact = [a.clone() for a in attentions]
     exact[2][1, :, 4] = share[0]
     assert objectives.share_loss(exact, torch.tensor([1]), torch.tensor([4]), share, layer=2).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_count_sink_shares_the_counted_objects_centres_and_a_count_of_zero_all_on_the_sink():
+    """A still image of a small red circle (cell (1, 6)) and a big red square (centre cell (4, 4)): with
+    count_readout and count_sink=1, "how many red objects" shares 1/3 each on the first token and the
+    two centres; "how many green objects" (0) puts everything on the first token; distinct_sink alone
+    gives a still image's count no share."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS["llava"](tok)
+    scene = world.Scene([world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0),
+                         world.Obj("square", "red", "big", 4 / 8, 4 / 8, uid=1)], size=tiny_models.IMAGE)
+    qas = [world.QA("how many red objects are there ?", "2", "count", refs=(0, 1)),
+           world.QA("how many green objects are there ?", "0", "count")]
+    eos = model.config.get_text_config().eos_token_id
+    opts = objectives.TargetOptions(count_readout=True, count_sink=1.0)
+    batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], eos, options=opts)
+    ids, share = batch["input_ids"][0], batch["ground"].share
+    image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()
+    expected = torch.zeros(len(ids))
+    expected[0] = expected[image[1 * 8 + 6]] = expected[image[4 * 8 + 4]] = 1 / 3
+    assert torch.allclose(share[0], expected)
+    assert share[1][0].item() == 1.0 and share[1].sum().item() == 1.0
+    only_distinct = objectives.TargetOptions(count_readout=True, distinct_sink=1.0)
+    assert not train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], eos, options=only_distinct)["ground"].share.any()
