@@ -122,7 +122,7 @@ def assistant_marker(proc) -> str:
 def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
                reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
                letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
-               share_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,)) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty")
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
@@ -142,7 +142,7 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.share[sel])
         loss, info["share"] = loss + share_weight * term, term.item()
     if g is not None and readout_weight and (g.attrs >= 0).any():
-        term = readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs)
+        term = sum(readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs, layer) for layer in readout_layers)
         loss, info["readout"] = loss + readout_weight * term, term.item()
     if g is not None and letter_weight and (g.letters >= 0).any():
         term = letter_loss(letter_reader, out.hidden_states, g.rows, g.letters)
@@ -248,6 +248,9 @@ def main(argv=None):
     ap.add_argument("--readout-weight", type=float, default=0.0,
                     help="weight of the readout loss: a linear reader (not saved) must tell the referred object's "
                          "colour, shape and half-plane from the answer token right after the grounded layer")
+    ap.add_argument("--readout-layers", type=int, nargs="+", default=[2],
+                    help="LM layers after which the readout loss applies (one reader for all): 2 3 also asks the "
+                         "last layer to keep what the grounded layer gathered")
     ap.add_argument("--option-weight", type=float, default=0.0,
                     help="weight of the option loss: on a multiple-choice turn, the answer token's attention in the "
                          "last LM layer (mean of its heads) on the right option's word, whose letter is the answer")
@@ -284,6 +287,9 @@ def main(argv=None):
         raise SystemExit("--steps and --batch must be positive")
     if args.init_from and args.tower_from:
         raise SystemExit("--init-from already holds a tower: give --init-from or --tower-from, not both")
+    n_layers = tiny_models.LM["num_hidden_layers"]
+    if not all(0 <= layer < n_layers for layer in args.readout_layers):
+        raise SystemExit(f"--readout-layers must be LM layers 0-{n_layers - 1}, got {args.readout_layers}")
     if args.distinct_sink < 0 or args.count_sink < 0:
         raise SystemExit(f"--distinct-sink and --count-sink must be >= 0, got {args.distinct_sink}, {args.count_sink}")
     torch.set_num_threads(args.threads)
@@ -358,7 +364,8 @@ def main(argv=None):
             batch = collate(proc, examples, eos_id, options=target_options)
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
-                                    novelty_reader, args.novelty_weight, args.ground_weight)
+                                    novelty_reader, args.novelty_weight, args.ground_weight,
+                                    tuple(args.readout_layers))
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

@@ -176,6 +176,11 @@ def test_init_from_and_tower_from_together_is_one_clear_error(tmp_path):
         train_tiny.main(["--out", str(tmp_path), "--init-from", "a", "--tower-from", "b"])
 
 
+def test_readout_layer_outside_the_lm_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--readout-layers must be LM layers 0-3"):
+        train_tiny.main(["--out", str(tmp_path), "--readout-layers", "2", "4"])
+
+
 def test_negative_distinct_sink_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--distinct-sink and --count-sink must be >= 0"):
         train_tiny.main(["--out", str(tmp_path), "--distinct-sink", "-1"])
