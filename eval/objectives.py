@@ -94,7 +94,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                 weight = options.distinct_sink if qa.type == "distinct" else options.count_sink if still else 0.0
                 if counted and weight:
                     sink = int((ids[b] != pad).nonzero()[0])
-                    share = sink_share(ex["scenes"], slots, qa.refs, sink, ids.shape[1], weight)
+                    share = sink_share(ex["scenes"], slots, first_shown, qa.refs, sink, ids.shape[1], weight)
                 shares.append(share)
     if not rows:
         return None
@@ -102,16 +102,16 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                      torch.tensor(grounded), torch.stack(right_options), torch.stack(letters), torch.stack(shares))
 
 
-def sink_share(scenes: list, slots: torch.Tensor, uids, sink: int, length: int, weight: float) -> torch.Tensor:
+def sink_share(scenes: list, slots: torch.Tensor, first: dict[int, int], uids, sink: int, length: int,
+               weight: float) -> torch.Tensor:
     """[length] the attention a count answer ("how many ...") should pay: ``weight`` on the ``sink``
     token (the first of the sequence) and 1 on each object's centre token in the first frame it shows
     (a still image: its one frame; no objects, e.g. a count of 0: all of it on the sink),
     normalised. With n objects the objects' share is n / (n + weight), a number that grows with n: an
     attention average over the objects alone is the same whatever n, a fixed sink gives it a
-    denominator. slots [frames, GRID * GRID] (frame_slots)."""
+    denominator. slots [frames, GRID * GRID] (frame_slots); first: uid -> first frame (first_frames)."""
     share = torch.zeros(length)
     share[sink] = weight
-    first = first_frames([world.object_cells(s, GRID) for s in scenes])
     for uid in uids:
         o = next(o for o in scenes[first[uid]].objects if o.uid == uid)
         share[slots[first[uid], world.centre_cell(o, GRID)]] += 1.0

@@ -31,8 +31,9 @@ import torch
 
 from ..testing import make_tokenizer
 from . import tiny_models, world
-from .objectives import (LETTERS, N_CLASSES, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss, cell_targets, novelty_loss, novelty_targets,
-                         grounding_loss, grounding_targets, letter_loss, readout_loss, share_loss)
+from .objectives import (LETTERS, N_CLASSES, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss, cell_targets,
+                         grounding_loss, grounding_targets, letter_loss, novelty_loss, novelty_targets, readout_loss,
+                         share_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 
