@@ -195,17 +195,21 @@ def cell_targets(scenes: list) -> torch.Tensor:
                         for s in scenes])
 
 
-def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, layer: int = 2
-                   ) -> torch.Tensor:
+def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, layer: int = 2,
+                   per_head: bool = False) -> torch.Tensor:
     """-log of the attention mass, averaged over the heads of ``layer``, that the answer-predicting
     token puts on the question's objects; attentions: per layer [B, H, L, L]; rows, pos [T]; mask [T, L].
+    With ``per_head``, the mean over heads of each head's -log mass instead: no head may look elsewhere
+    (with the mean of the masses, one head that finds a green object can cover three that do not).
 
     One fixed layer and all its heads: the query must come from the question. (Taking the best head
     of any layer instead let each head watch one kind of object whatever the question: a loss near 0
     and answers no better.)"""
     probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
-    mass = (probs * mask[:, None, :]).sum(-1).mean(-1)  # [T]
-    return -mass.clamp_min(1e-6).log().mean()
+    mass = (probs * mask[:, None, :]).sum(-1)  # [T, H]
+    if per_head:
+        return -mass.clamp_min(1e-6).log().mean()
+    return -mass.mean(-1).clamp_min(1e-6).log().mean()
 
 
 def share_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, share: torch.Tensor, layer: int = 2

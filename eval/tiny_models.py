@@ -46,7 +46,26 @@ def build_llava(tok):
     return LlavaForConditionalGeneration(cfg), proc
 
 
-def build_qwen2_vl(tok):
+def mrope_parameters(width_rope_scale: float = 1.0) -> dict:
+    """The Qwen2 LM's M-RoPE: 8 rotary pairs each for time, height and width (head_dim 48, theta 10^4).
+
+    M-RoPE gives width the lowest frequencies (10^4^(-16/24) ... : 0.0022 to 0.00015 rad per
+    position), so 8 columns differ by at most 0.015 rad and no attention can tell left from right.
+    ``width_rope_scale`` multiplies the width pairs' frequencies (21.5 gives them the height pairs'
+    frequencies) through transformers' standard ``longrope`` per-pair factors, leaving time and height
+    exactly as they were and the attention unscaled (factor 1)."""
+    head_half = LM["hidden_size"] // LM["num_attention_heads"] // 2
+    section = [head_half // 3, head_half // 3, head_half - 2 * (head_half // 3)]
+    if width_rope_scale <= 0:
+        raise ValueError(f"width_rope_scale must be > 0, got {width_rope_scale}")
+    if width_rope_scale == 1.0:
+        return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    factors = [1.0] * (section[0] + section[1]) + [1.0 / width_rope_scale] * section[2]
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "mrope_section": section, "short_factor": factors,
+            "long_factor": factors, "factor": 1.0, "original_max_position_embeddings": LM["max_position_embeddings"]}
+
+
+def build_qwen2_vl(tok, width_rope_scale: float = 1.0):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -57,11 +76,9 @@ def build_qwen2_vl(tok):
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in [("image_token_id", "<|image_pad|>"), (
         "video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
         ("vision_end_token_id", "<|vision_end|>")]}
-    head_half = LM["hidden_size"] // LM["num_attention_heads"] // 2
     text = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [head_half // 3, head_half // 3, head_half - 2 * (head_half // 3)]},
+                rope_parameters=mrope_parameters(width_rope_scale),
                 **LM)
     vision = dict(depth=4, embed_dim=128, hidden_size=LM["hidden_size"], num_heads=4, mlp_ratio=2, patch_size=patch,
                   spatial_merge_size=merge, temporal_patch_size=2, in_channels=3)

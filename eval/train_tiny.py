@@ -123,7 +123,8 @@ def assistant_marker(proc) -> str:
 def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
                reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
                letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
-               share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,)) -> tuple[torch.Tensor, dict]:
+               share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False
+               ) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty")
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
@@ -132,7 +133,7 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     loss, info = out.loss, {"lm": out.loss.item()}
     if g is not None and ground_weight and g.grounded.any():
         sel = g.grounded
-        term = grounding_loss(out.attentions, g.rows[sel], g.pos[sel], g.mask[sel])
+        term = grounding_loss(out.attentions, g.rows[sel], g.pos[sel], g.mask[sel], per_head=ground_per_head)
         loss, info["ground"] = loss + ground_weight * term, term.item()
     if g is not None and option_weight and g.option.any():
         sel = g.option.any(-1)
@@ -246,6 +247,9 @@ def main(argv=None):
     ap.add_argument("--ground-weight", type=float, default=1.0,
                     help="weight of the grounding loss: the answer token's attention on the question's objects "
                          "(needs eager attention in the LM while training; 0: off)")
+    ap.add_argument("--ground-per-head", action="store_true",
+                    help="the grounding loss per head (mean of each head's -log mass) instead of -log of the heads' "
+                         "mean mass: every head of layer 2 must find the question's objects")
     ap.add_argument("--readout-weight", type=float, default=0.0,
                     help="weight of the readout loss: a linear reader (not saved) must tell the referred object's "
                          "colour, shape and half-plane from the answer token right after the grounded layer")
@@ -278,6 +282,9 @@ def main(argv=None):
     ap.add_argument("--order-first", action="store_true",
                     help="order questions are grounded on the earlier object before the later one shows, and read "
                          "out its colour and shape (default: grounded on both objects in every frame)")
+    ap.add_argument("--width-rope-scale", type=float, default=None,
+                    help="qwen2_vl only: multiply the LM's M-RoPE width frequencies by this (21.5: as height's; "
+                         "tiny_models.mrope_parameters); with --init-from, the checkpoint's other weights are kept")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--save-every", type=int, default=250)
@@ -293,10 +300,14 @@ def main(argv=None):
         raise SystemExit(f"--readout-layers must be LM layers 0-{n_layers - 1}, got {args.readout_layers}")
     if args.distinct_sink < 0 or args.count_sink < 0:
         raise SystemExit(f"--distinct-sink and --count-sink must be >= 0, got {args.distinct_sink}, {args.count_sink}")
+    if args.width_rope_scale is not None and (args.family != "qwen2_vl" or args.width_rope_scale <= 0):
+        raise SystemExit(f"--width-rope-scale is a positive factor for --family qwen2_vl (M-RoPE), got "
+                         f"{args.width_rope_scale} for {args.family}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tok = make_tokenizer(tuple(vocabulary()))
-    model, proc = tiny_models.BUILDERS[args.family](tok)
+    extra = {} if args.width_rope_scale is None else {"width_rope_scale": args.width_rope_scale}
+    model, proc = tiny_models.BUILDERS[args.family](tok, **extra)
     if args.ground_weight or args.option_weight:  # the grounding and option losses read attention probabilities
         model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
@@ -366,7 +377,7 @@ def main(argv=None):
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
                                     novelty_reader, args.novelty_weight, args.ground_weight,
-                                    tuple(args.readout_layers))
+                                    tuple(args.readout_layers), args.ground_per_head)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

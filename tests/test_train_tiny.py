@@ -122,6 +122,16 @@ def test_grounding_loss_is_minus_log_of_the_layers_mean_head_mass():
     assert loss.item() == pytest.approx(-torch.log(torch.tensor((0.8 + 1 / 3) / 2)).item())
 
 
+def test_grounding_loss_per_head_is_the_mean_of_each_heads_minus_log_mass():
+    att = torch.full((3, 1, 2, 3, 3), 1 / 3)  # layers, B, H, L, L
+    att[2, 0, 0, 2] = torch.tensor([0.8, 0.1, 0.1])  # head 0 looks elsewhere: 0.1 on token 2
+    att[2, 0, 1, 2] = torch.tensor([0.0, 0.1, 0.9])  # head 1 finds it: 0.9
+    mask = torch.tensor([[False, False, True]])
+    args = list(att), torch.tensor([0]), torch.tensor([2]), mask
+    assert objectives.grounding_loss(*args, per_head=True).item() == pytest.approx(-(math.log(0.1) + math.log(0.9)) / 2)
+    assert objectives.grounding_loss(*args).item() == pytest.approx(-math.log(0.5))  # the heads' mean mass
+
+
 def test_readout_loss_is_the_readers_cross_entropy_at_the_answer_token_after_the_layer():
     torch.manual_seed(0)
     hidden = [torch.randn(2, 5, 4) for _ in range(5)]  # embeddings + 4 layers, [B, L, D]
@@ -184,6 +194,11 @@ def test_readout_layer_outside_the_lm_is_one_clear_error(tmp_path):
 def test_negative_distinct_sink_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--distinct-sink and --count-sink must be >= 0"):
         train_tiny.main(["--out", str(tmp_path), "--distinct-sink", "-1"])
+
+
+def test_width_rope_scale_for_llava_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--width-rope-scale is a positive factor for --family qwen2_vl"):
+        train_tiny.main(["--out", str(tmp_path), "--family", "llava", "--width-rope-scale", "21.5"])
 
 
 def test_distinct_readout_reads_out_the_number_of_objects_in_the_video_instead_of_grounding():
