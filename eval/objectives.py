@@ -40,6 +40,7 @@ class Grounding(NamedTuple):
     option: torch.Tensor  # [T, L] multiple choice: the word of the right option (else empty)
     letters: torch.Tensor  # [T, L] multiple choice: each option's word holds its letter (0-3), -100 elsewhere
     share: torch.Tensor  # [T, L] float: a target attention distribution (rows sum to 1), else all 0
+    named: torch.Tensor  # [T, len(NAMED)] the colour and shape the question names (named_words), -100: none
 
 
 def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int,
@@ -61,7 +62,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     are its readout targets. With ``options.distinct_sink`` = c > 0 a distinct question read out also
     gets a ``share`` target (``sink_share``), with ``options.count_sink`` a still image's count question
     read out."""
-    rows, pos, masks, attrs, grounded, right_options, letters, shares = [], [], [], [], [], [], [], []
+    rows, pos, masks, attrs, grounded, right_options, letters, shares, named = [], [], [], [], [], [], [], [], []
     pad = proc.tokenizer.pad_token_id
     for b, ex in enumerate(examples):
         slots = frame_slots(proc, ids[b], len(ex["scenes"]))  # [frames, 64]
@@ -96,10 +97,12 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                     sink = int((ids[b] != pad).nonzero()[0])
                     share = sink_share(ex["scenes"], slots, first_shown, qa.refs, sink, ids.shape[1], weight)
                 shares.append(share)
+                named.append(named_words(qa.question))
     if not rows:
         return None
     return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
-                     torch.tensor(grounded), torch.stack(right_options), torch.stack(letters), torch.stack(shares))
+                     torch.tensor(grounded), torch.stack(right_options), torch.stack(letters), torch.stack(shares),
+                     torch.tensor(named))
 
 
 def sink_share(scenes: list, slots: torch.Tensor, first: dict[int, int], uids, sink: int, length: int,
@@ -175,6 +178,32 @@ def option_letters(tok, qa, ids: torch.Tensor, at: int) -> torch.Tensor:
         if len(hit):
             out[hit[-1]] = LETTERS.index(letter)
     return out
+
+
+NAMED = ("colour", "shape")  # what the query loss asks of the answer token: the words the question names
+N_NAMED = (len(world.COLOURS), len(world.SHAPES))
+
+
+def named_words(question: str) -> list[int]:
+    """The colour and shape the question's stem (before its first ``?``; not the options) names, as
+    indices into COLOURS / SHAPES; -100 where it names none or several ("... , circle or square ?")."""
+    words = question.split("?")[0].split()
+    out = []
+    for vocab in (list(world.COLOURS), list(world.SHAPES)):
+        hits = [vocab.index(w) for w in words if w in vocab]
+        out.append(hits[0] if len(hits) == 1 else -100)
+    return out
+
+
+def query_loss(reader, hidden_states, rows: torch.Tensor, pos: torch.Tensor, named: torch.Tensor,
+               layer: int = 1) -> torch.Tensor:
+    """Summed cross-entropy of a linear ``reader`` that tells the colour and shape the question names
+    from the answer-predicting token's hidden state right after ``layer`` (1: the input of the grounded
+    layer 2, whose query must select the named object). hidden_states: per layer [B, L, D] (index 0 =
+    embeddings); rows, pos [T]; named [T, len(NAMED)] (-100: no target)."""
+    logits = reader(hidden_states[layer + 1][rows, pos]).split(N_NAMED, dim=-1)  # each [T, classes]
+    return sum(F.cross_entropy(lg, named[:, i], ignore_index=-100) for i, lg in enumerate(logits)
+               if (named[:, i] >= 0).any())
 
 
 READOUT = ("colour", "shape", "right", "bottom", "count")  # what the readout loss asks of the answer token

@@ -31,9 +31,9 @@ import torch
 
 from ..testing import make_tokenizer
 from . import tiny_models, world
-from .objectives import (LETTERS, N_CLASSES, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss, cell_targets,
-                         grounding_loss, grounding_targets, letter_loss, novelty_loss, novelty_targets, readout_loss,
-                         share_loss)
+from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
+                         cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, novelty_targets,
+                         query_loss, readout_loss, share_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 
@@ -123,13 +123,14 @@ def assistant_marker(proc) -> str:
 def train_step(model, head, capture: list, batch: dict, aux_weight: float, ground_weight: float = 0.0,
                reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
                letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
-               share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False
-               ) -> tuple[torch.Tensor, dict]:
+               share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False,
+               query_reader=None, query_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty")
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
     out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0 or share_weight > 0),
-                output_hidden_states=novel or (g is not None and (readout_weight > 0 or letter_weight > 0)))
+                output_hidden_states=novel or (g is not None and (readout_weight > 0 or letter_weight > 0
+                                                                  or query_weight > 0)))
     loss, info = out.loss, {"lm": out.loss.item()}
     if g is not None and ground_weight and g.grounded.any():
         sel = g.grounded
@@ -146,6 +147,9 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     if g is not None and readout_weight and (g.attrs >= 0).any():
         term = sum(readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs, layer) for layer in readout_layers)
         loss, info["readout"] = loss + readout_weight * term, term.item()
+    if g is not None and query_weight and (g.named >= 0).any():
+        term = query_loss(query_reader, out.hidden_states, g.rows, g.pos, g.named)
+        loss, info["query"] = loss + query_weight * term, term.item()
     if g is not None and letter_weight and (g.letters >= 0).any():
         term = letter_loss(letter_reader, out.hidden_states, g.rows, g.letters)
         loss, info["letter"] = loss + letter_weight * term, term.item()
@@ -250,6 +254,10 @@ def main(argv=None):
     ap.add_argument("--ground-per-head", action="store_true",
                     help="the grounding loss per head (mean of each head's -log mass) instead of -log of the heads' "
                          "mean mass: every head of layer 2 must find the question's objects")
+    ap.add_argument("--query-weight", type=float, default=0.0,
+                    help="weight of the query loss: a linear reader (not saved) must tell the colour and shape the "
+                         "question names from the answer token right after LM layer 1, the input of the grounded "
+                         "layer 2 (objectives.query_loss)")
     ap.add_argument("--readout-weight", type=float, default=0.0,
                     help="weight of the readout loss: a linear reader (not saved) must tell the referred object's "
                          "colour, shape and half-plane from the answer token right after the grounded layer")
@@ -322,7 +330,9 @@ def main(argv=None):
     lm = set(map(id, model.get_decoder().parameters())) | set(map(id, model.get_output_embeddings().parameters()))
     letter_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, len(LETTERS))
     novelty_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, 2)
-    readers = [*reader.parameters(), *letter_reader.parameters(), *novelty_reader.parameters()]
+    query_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_NAMED))
+    readers = [*reader.parameters(), *letter_reader.parameters(), *novelty_reader.parameters(),
+               *query_reader.parameters()]
     lm |= set(map(id, readers))  # train with the LM
     if args.tower_from or args.init_from:
         load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
@@ -377,7 +387,8 @@ def main(argv=None):
             loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
                                     novelty_reader, args.novelty_weight, args.ground_weight,
-                                    tuple(args.readout_layers), args.ground_per_head)
+                                    tuple(args.readout_layers), args.ground_per_head, query_reader,
+                                    args.query_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

@@ -57,7 +57,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask, attrs, grounded, option, letters, share = batch["ground"]
+    rows, pos, mask, attrs, grounded, option, letters, share, named = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -69,13 +69,14 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     assert list(world.COLOURS)[:3] == ["red", "green", "blue"] and world.SHAPES[:2] == ("circle", "square")
     assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all() and not option.any()
     assert (letters == -100).all() and not share.any()  # open questions: no option letters; no sink share
+    assert named.tolist() == [[-100, 0], [2, -100]]  # the words the questions name: circle; blue
     # with count_readout the count turn (0 green objects) is read out, not grounded
-    rows, pos, mask, attrs, grounded, option, letters, share = train_tiny.collate(
+    rows, pos, mask, attrs, grounded, option, letters, share, named = train_tiny.collate(
         proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id,
         options=objectives.TargetOptions(count_readout=True))["ground"]
     assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
     assert pos.tolist() == (answers[:3] - 1).tolist() and not mask[1].any()
-    assert attrs[1].tolist() == [-100, -100, -100, -100, 0]
+    assert attrs[1].tolist() == [-100, -100, -100, -100, 0] and named[1].tolist() == [1, -100]  # green
 
 
 @pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
@@ -130,6 +131,25 @@ def test_grounding_loss_per_head_is_the_mean_of_each_heads_minus_log_mass():
     args = list(att), torch.tensor([0]), torch.tensor([2]), mask
     assert objectives.grounding_loss(*args, per_head=True).item() == pytest.approx(-(math.log(0.1) + math.log(0.9)) / 2)
     assert objectives.grounding_loss(*args).item() == pytest.approx(-math.log(0.5))  # the heads' mean mass
+
+
+def test_named_words_are_the_stems_one_colour_and_one_shape():
+    assert objectives.named_words("is there a white star ?") == [6, 3]  # COLOURS[6], SHAPES[3]
+    assert list(world.COLOURS)[6] == "white" and world.SHAPES[3] == "star"
+    assert objectives.named_words("which shape came first , circle or cross ?") == [-100, -100]  # two shapes
+    assert objectives.named_words("what colour is the circle ? A . red B . blue") == [-100, 0]  # not the options
+
+
+def test_query_loss_is_the_readers_cross_entropy_at_the_answer_token_after_layer_1():
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 5, 8) for _ in range(5)]  # embeddings + 4 layers
+    reader = torch.nn.Linear(8, sum(objectives.N_NAMED))
+    rows, pos = torch.tensor([0, 1]), torch.tensor([3, 4])
+    named = torch.tensor([[2, -100], [5, 1]])
+    logits = reader(torch.stack([hidden[2][0, 3], hidden[2][1, 4]]))  # after layer 1 = hidden_states[2]
+    colour, shape = logits[:, :len(world.COLOURS)], logits[:, len(world.COLOURS):]
+    expected = (-(colour.log_softmax(-1)[0, 2] + colour.log_softmax(-1)[1, 5]) / 2 - shape.log_softmax(-1)[1, 1])
+    assert objectives.query_loss(reader, hidden, rows, pos, named).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_readout_loss_is_the_readers_cross_entropy_at_the_answer_token_after_the_layer():
