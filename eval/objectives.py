@@ -161,6 +161,18 @@ def novelty_targets(proc, examples: list[dict], ids: torch.Tensor, options: Targ
     return out
 
 
+def position_targets(proc, examples: list[dict], ids: torch.Tensor) -> torch.Tensor:
+    """[B, L, 2] long: each visual token's row and column in its image's GRID x GRID raster; -100 on
+    every other token. (What a token must know of itself for "left or right ?" to be answerable from
+    the attention that finds it: attention values carry no rotary position.)"""
+    out = torch.full((*ids.shape, 2), -100, dtype=torch.long)
+    raster = torch.arange(GRID * GRID)
+    for b, ex in enumerate(examples):
+        slots = frame_slots(proc, ids[b], len(ex["scenes"]))  # [frames, 64]
+        out[b, slots] = torch.stack([raster // GRID, raster % GRID], -1).expand(slots.shape[0], -1, -1)
+    return out
+
+
 LETTERS = "ABCD"  # multiple-choice option letters (world.multiple_choice)
 
 
@@ -278,6 +290,15 @@ def novelty_loss(reader, hidden_states, novelty: torch.Tensor, layer: int = 1) -
     hidden_states: per layer [B, L, D] (index 0 = embeddings); novelty [B, L] (novelty_targets)."""
     sel = novelty >= 0
     return F.cross_entropy(reader(hidden_states[layer + 1][sel]), novelty[sel])
+
+
+def position_loss(reader, hidden_states, positions: torch.Tensor, layer: int = 1) -> torch.Tensor:
+    """Summed cross-entropy of a linear ``reader`` (D -> GRID + GRID) that tells each visual token's
+    row and column from its hidden state right after LM ``layer`` (the input of the grounded layer 2).
+    hidden_states: per layer [B, L, D] (index 0 = embeddings); positions [B, L, 2] (position_targets)."""
+    sel = positions[..., 0] >= 0
+    row, col = reader(hidden_states[layer + 1][sel]).split((GRID, GRID), dim=-1)
+    return F.cross_entropy(row, positions[sel][:, 0]) + F.cross_entropy(col, positions[sel][:, 1])
 
 
 def aux_logits(head, tokens: torch.Tensor, n_images: int) -> tuple[torch.Tensor, ...]:

@@ -33,7 +33,7 @@ from ..testing import make_tokenizer
 from . import tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
                          cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, novelty_targets,
-                         query_loss, readout_loss, share_loss)
+                         position_loss, position_targets, query_loss, readout_loss, share_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 
@@ -110,6 +110,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
         batch["cells"] = cell_targets(frames)
         batch["ground"] = grounding_targets(proc, examples, ids, marker, options)
         batch["novelty"] = novelty_targets(proc, examples, ids, options)
+        batch["positions"] = position_targets(proc, examples, ids)
     return batch
 
 
@@ -124,13 +125,14 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
                reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
                letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
                share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False,
-               query_reader=None, query_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0
+               ) -> tuple[torch.Tensor, dict]:
     capture.clear()
-    cells, g, novelty = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty")
+    cells, g, novelty, positions = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty"), batch.pop("positions")
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
     out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0 or share_weight > 0),
-                output_hidden_states=novel or (g is not None and (readout_weight > 0 or letter_weight > 0
-                                                                  or query_weight > 0)))
+                output_hidden_states=novel or position_weight > 0 or (
+                    g is not None and (readout_weight > 0 or letter_weight > 0 or query_weight > 0)))
     loss, info = out.loss, {"lm": out.loss.item()}
     if g is not None and ground_weight and g.grounded.any():
         sel = g.grounded
@@ -156,6 +158,9 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     if novel:
         term = novelty_loss(novelty_reader, out.hidden_states, novelty)
         loss, info["novelty"] = loss + novelty_weight * term, term.item()
+    if position_weight:
+        term = position_loss(position_reader, out.hidden_states, positions)
+        loss, info["position"] = loss + position_weight * term, term.item()
     if aux_weight:  # (a frozen tower: the per-token head has nothing to train)
         aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
         loss, info["aux"] = loss + aux_weight * aux, aux.item()
@@ -258,6 +263,9 @@ def main(argv=None):
                     help="weight of the query loss: a linear reader (not saved) must tell the colour and shape the "
                          "question names from the answer token right after LM layer 1, the input of the grounded "
                          "layer 2 (objectives.query_loss)")
+    ap.add_argument("--position-weight", type=float, default=0.0,
+                    help="weight of the position loss: a linear reader (not saved) must tell each visual token's row "
+                         "and column from its hidden state after LM layer 1 (objectives.position_loss)")
     ap.add_argument("--readout-weight", type=float, default=0.0,
                     help="weight of the readout loss: a linear reader (not saved) must tell the referred object's "
                          "colour, shape and half-plane from the answer token right after the grounded layer")
@@ -331,8 +339,9 @@ def main(argv=None):
     letter_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, len(LETTERS))
     novelty_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, 2)
     query_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_NAMED))
+    position_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, 2 * GRID)
     readers = [*reader.parameters(), *letter_reader.parameters(), *novelty_reader.parameters(),
-               *query_reader.parameters()]
+               *query_reader.parameters(), *position_reader.parameters()]
     lm |= set(map(id, readers))  # train with the LM
     if args.tower_from or args.init_from:
         load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
@@ -388,7 +397,7 @@ def main(argv=None):
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
                                     novelty_reader, args.novelty_weight, args.ground_weight,
                                     tuple(args.readout_layers), args.ground_per_head, query_reader,
-                                    args.query_weight)
+                                    args.query_weight, position_reader, args.position_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

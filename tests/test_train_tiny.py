@@ -133,6 +133,34 @@ def test_grounding_loss_per_head_is_the_mean_of_each_heads_minus_log_mass():
     assert objectives.grounding_loss(*args).item() == pytest.approx(-math.log(0.5))  # the heads' mean mass
 
 
+@pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
+def test_position_targets_give_each_visual_token_its_raster_row_and_column(family):
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS[family](tok)
+    scene = world.Scene([world.Obj("circle", "red", "small", 0.3, 0.4, uid=0)], size=tiny_models.IMAGE)
+    ex = {"scenes": [scene, scene], "qas": [world.QA("was there ever a red circle ?", "yes", "ever", refs=(0,))]}
+    batch = train_tiny.collate(proc, [ex], model.config.get_text_config().eos_token_id)
+    ids, positions = batch["input_ids"][0], batch["positions"][0]
+    image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 2 frames x 64, raster order
+    assert image.numel() == 2 * 64
+    expected = torch.full((ids.numel(), 2), -100)
+    for f in range(2):
+        for k in range(64):
+            expected[image[f * 64 + k]] = torch.tensor([k // 8, k % 8])
+    assert torch.equal(positions, expected)
+
+
+def test_position_loss_is_the_readers_row_and_column_cross_entropy_after_layer_1():
+    torch.manual_seed(0)
+    hidden = [torch.randn(1, 3, 8) for _ in range(5)]
+    reader = torch.nn.Linear(8, 2 * tiny_models.GRID)
+    positions = torch.tensor([[[-100, -100], [2, 5], [-100, -100]]])
+    logits = reader(hidden[2][0, 1])  # token 1 after layer 1
+    row, col = logits[:8].log_softmax(-1), logits[8:].log_softmax(-1)
+    expected = -(row[2] + col[5])
+    assert objectives.position_loss(reader, hidden, positions).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_named_words_are_the_stems_one_colour_and_one_shape():
     assert objectives.named_words("is there a white star ?") == [6, 3]  # COLOURS[6], SHAPES[3]
     assert list(world.COLOURS)[6] == "white" and world.SHAPES[3] == "star"
