@@ -252,6 +252,9 @@ def main(argv=None):
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lm-lr", type=float, default=None, help="learning rate of the language model (default: --lr)")
+    ap.add_argument("--reader-lr", type=float, default=None,
+                    help="learning rate of the loss readers (fresh in every run, never saved; default: the LM's): a "
+                         "continued run at a low --lr otherwise gives new readers, hence new losses, little signal")
     ap.add_argument("--aux-weight", type=float, default=1.0)
     ap.add_argument("--ground-weight", type=float, default=1.0,
                     help="weight of the grounding loss: the answer token's attention on the question's objects "
@@ -347,8 +350,10 @@ def main(argv=None):
         load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
         args.tower_steps = 0
     params = [*model.parameters(), *head.parameters(), *readers]
+    own = set(map(id, readers)) if args.reader_lr else set()  # readers with their own learning rate
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in lm], "lr": args.lr},
-                             {"params": [p for p in params if id(p) in lm], "lr": args.lm_lr or args.lr}],
+                             {"params": [p for p in params if id(p) in lm - own], "lr": args.lm_lr or args.lr},
+                             {"params": [p for p in params if id(p) in own], "lr": args.reader_lr or args.lr}],
                             weight_decay=0.01)
     warm = max(1, args.steps // 20 if args.warmup is None else args.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
