@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ class Grounding(NamedTuple):
     letters: torch.Tensor  # [T, L] multiple choice: each option's word holds its letter (0-3), -100 elsewhere
     share: torch.Tensor  # [T, L] float: a target attention distribution (rows sum to 1), else all 0
     named: torch.Tensor  # [T, len(NAMED)] the colour and shape the question names (named_words), -100: none
+    words: torch.Tensor  # [T, L] the tokens of those words in the turn's question
 
 
 def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int,
@@ -62,12 +65,13 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     are its readout targets. With ``options.distinct_sink`` = c > 0 a distinct question read out also
     gets a ``share`` target (``sink_share``), with ``options.count_sink`` a still image's count question
     read out."""
-    rows, pos, masks, attrs, grounded, right_options, letters, shares, named = [], [], [], [], [], [], [], [], []
+    rows, pos, masks, attrs, grounded, right_options, letters, shares, named, words = ([] for _ in range(10))
     pad = proc.tokenizer.pad_token_id
     for b, ex in enumerate(examples):
         slots = frame_slots(proc, ids[b], len(ex["scenes"]))  # [frames, 64]
         cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
         first_shown = first_frames(cells)
+        turn_start = 0
         for qa, at in zip(ex["qas"], (ids[b] == marker).nonzero().flatten().tolist()):
             letter = option_letters(proc.tokenizer, qa, ids[b], at)
             option = letter == LETTERS.find(qa.answer)  # (an open question's letters are all -100)
@@ -98,11 +102,17 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                     share = sink_share(ex["scenes"], slots, first_shown, qa.refs, sink, ids.shape[1], weight)
                 shares.append(share)
                 named.append(named_words(qa.question))
+                word_ids = [proc.tokenizer.convert_tokens_to_ids(vocab[i])
+                            for vocab, i in zip((list(world.COLOURS), world.SHAPES), named[-1]) if i >= 0]
+                word = torch.zeros(ids.shape[1], dtype=torch.bool)
+                word[turn_start:at] = torch.isin(ids[b, turn_start:at], torch.tensor(word_ids, dtype=ids.dtype))
+                words.append(word)
+            turn_start = at + 1
     if not rows:
         return None
     return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
                      torch.tensor(grounded), torch.stack(right_options), torch.stack(letters), torch.stack(shares),
-                     torch.tensor(named))
+                     torch.tensor(named), torch.stack(words))
 
 
 def sink_share(scenes: list, slots: torch.Tensor, first: dict[int, int], uids, sink: int, length: int,
@@ -251,6 +261,19 @@ def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torc
     if per_head:
         return -mass.clamp_min(1e-6).log().mean()
     return -mass.mean(-1).clamp_min(1e-6).log().mean()
+
+
+def word_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, words: torch.Tensor, layer: int = 1
+              ) -> torch.Tensor:
+    """How far the answer-predicting token's attention in ``layer`` (1: the layer before the grounded one)
+    is from one head's worth of mass on the words its question names: max(0, -log(mean over heads of the
+    mass on ``words``) - log(H)), averaged over turns; 0 once the heads together put 1 / H there. A
+    direct target on the attention: a loss downstream of a softmax saturated at 0 on the word (LLaVA's
+    layer 1 looked at "red" and never at "green") has no gradient to move it. attentions: per layer
+    [B, H, L, L]; rows, pos [T]; words [T, L]."""
+    probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
+    mass = (probs * words[:, None, :]).sum(-1).mean(-1)  # [T]
+    return (-mass.clamp_min(1e-6).log() - math.log(probs.shape[1])).clamp_min(0).mean()
 
 
 def share_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, share: torch.Tensor, layer: int = 2

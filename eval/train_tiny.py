@@ -33,7 +33,7 @@ from ..testing import make_tokenizer
 from . import tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
                          cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, novelty_targets,
-                         position_loss, position_targets, query_loss, readout_loss, share_loss)
+                         position_loss, position_targets, query_loss, readout_loss, share_loss, word_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 
@@ -125,12 +125,13 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
                reader=None, readout_weight: float = 0.0, option_weight: float = 0.0, letter_reader=None,
                letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
                share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False,
-               query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0
-               ) -> tuple[torch.Tensor, dict]:
+               query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0,
+               word_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty, positions = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty"), batch.pop("positions")
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
-    out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0 or share_weight > 0),
+    out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0 or share_weight > 0
+                                                              or word_weight > 0),
                 output_hidden_states=novel or position_weight > 0 or (
                     g is not None and (readout_weight > 0 or letter_weight > 0 or query_weight > 0)))
     loss, info = out.loss, {"lm": out.loss.item()}
@@ -149,6 +150,10 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     if g is not None and readout_weight and (g.attrs >= 0).any():
         term = sum(readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs, layer) for layer in readout_layers)
         loss, info["readout"] = loss + readout_weight * term, term.item()
+    if g is not None and word_weight and g.words.any():
+        sel = g.words.any(-1)
+        term = word_loss(out.attentions, g.rows[sel], g.pos[sel], g.words[sel])
+        loss, info["word"] = loss + word_weight * term, term.item()
     if g is not None and query_weight and (g.named >= 0).any():
         term = query_loss(query_reader, out.hidden_states, g.rows, g.pos, g.named)
         loss, info["query"] = loss + query_weight * term, term.item()
@@ -262,6 +267,9 @@ def main(argv=None):
     ap.add_argument("--ground-per-head", action="store_true",
                     help="the grounding loss per head (mean of each head's -log mass) instead of -log of the heads' "
                          "mean mass: every head of layer 2 must find the question's objects")
+    ap.add_argument("--word-weight", type=float, default=0.0,
+                    help="weight of the word loss: the answer token's attention in LM layer 1 must put one head's worth "
+                         "of mass on the colour / shape words its question names (objectives.word_loss)")
     ap.add_argument("--query-weight", type=float, default=0.0,
                     help="weight of the query loss: a linear reader (not saved) must tell the colour and shape the "
                          "question names from the answer token right after LM layer 1, the input of the grounded "
@@ -402,7 +410,7 @@ def main(argv=None):
                                     args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
                                     novelty_reader, args.novelty_weight, args.ground_weight,
                                     tuple(args.readout_layers), args.ground_per_head, query_reader,
-                                    args.query_weight, position_reader, args.position_weight)
+                                    args.query_weight, position_reader, args.position_weight, args.word_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

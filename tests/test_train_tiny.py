@@ -57,7 +57,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask, attrs, grounded, option, letters, share, named = batch["ground"]
+    rows, pos, mask, attrs, grounded, option, letters, share, named, words = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -70,8 +70,11 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all() and not option.any()
     assert (letters == -100).all() and not share.any()  # open questions: no option letters; no sink share
     assert named.tolist() == [[-100, 0], [2, -100]]  # the words the questions name: circle; blue
+    name_at = {w: [i for i, t in enumerate(ids.tolist()) if t == tok.convert_tokens_to_ids(w)] for w in ("circle", "blue")}
+    assert words[0].nonzero().flatten().tolist() == name_at["circle"][:1]  # turn 1's circle, not a later turn's
+    assert words[1].nonzero().flatten().tolist() == name_at["blue"][-1:]
     # with count_readout the count turn (0 green objects) is read out, not grounded
-    rows, pos, mask, attrs, grounded, option, letters, share, named = train_tiny.collate(
+    rows, pos, mask, attrs, grounded, option, letters, share, named, words = train_tiny.collate(
         proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id,
         options=objectives.TargetOptions(count_readout=True))["ground"]
     assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
@@ -159,6 +162,17 @@ def test_position_loss_is_the_readers_row_and_column_cross_entropy_after_layer_1
     row, col = logits[:8].log_softmax(-1), logits[8:].log_softmax(-1)
     expected = -(row[2] + col[5])
     assert objectives.position_loss(reader, hidden, positions).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_word_loss_is_zero_from_one_heads_worth_of_mass_on_the_named_words():
+    att = torch.full((3, 1, 2, 3, 3), 1 / 3)  # layers, B, H, L, L
+    att[1, 0, 0, 2] = torch.tensor([0.9, 0.1, 0.0])  # layer 1: head 0 puts 0.1 on word token 1, head 1 1/3
+    words = torch.tensor([[False, True, False]])
+    args = list(att), torch.tensor([0]), torch.tensor([2]), words
+    mean = (0.1 + 1 / 3) / 2
+    assert objectives.word_loss(*args).item() == pytest.approx(-math.log(mean) - math.log(2))
+    att[1, 0, 0, 2] = torch.tensor([0.0, 1.0, 0.0])  # head 0 all on the word: mean 2/3 >= 1/2
+    assert objectives.word_loss(list(att), *args[1:]).item() == 0.0
 
 
 def test_named_words_are_the_stems_one_colour_and_one_shape():
