@@ -103,7 +103,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                 shares.append(share)
                 named.append(named_words(qa.question))
                 word_ids = [proc.tokenizer.convert_tokens_to_ids(vocab[i])
-                            for vocab, i in zip((list(world.COLOURS), world.SHAPES), named[-1]) if i >= 0]
+                            for vocab, i in zip(NAMED_VOCABS, named[-1]) if i >= 0]
                 word = torch.zeros(ids.shape[1], dtype=torch.bool)
                 word[turn_start:at] = torch.isin(ids[b, turn_start:at], torch.tensor(word_ids, dtype=ids.dtype))
                 words.append(word)
@@ -203,7 +203,8 @@ def option_letters(tok, qa, ids: torch.Tensor, at: int) -> torch.Tensor:
 
 
 NAMED = ("colour", "shape")  # what the query loss asks of the answer token: the words the question names
-N_NAMED = (len(world.COLOURS), len(world.SHAPES))
+NAMED_VOCABS = (tuple(world.COLOURS), world.SHAPES)  # the words of each NAMED kind, in index order
+N_NAMED = tuple(map(len, NAMED_VOCABS))
 
 
 def named_words(question: str) -> list[int]:
@@ -211,7 +212,7 @@ def named_words(question: str) -> list[int]:
     indices into COLOURS / SHAPES; -100 where it names none or several ("... , circle or square ?")."""
     words = question.split("?")[0].split()
     out = []
-    for vocab in (list(world.COLOURS), list(world.SHAPES)):
+    for vocab in NAMED_VOCABS:
         hits = [vocab.index(w) for w in words if w in vocab]
         out.append(hits[0] if len(hits) == 1 else -100)
     return out

@@ -335,7 +335,7 @@ def main(argv=None):
     tok = make_tokenizer(tuple(vocabulary()))
     extra = {} if args.width_rope_scale is None else {"width_rope_scale": args.width_rope_scale}
     model, proc = tiny_models.BUILDERS[args.family](tok, **extra)
-    if args.ground_weight or args.option_weight:  # the grounding and option losses read attention probabilities
+    if args.ground_weight or args.option_weight or args.word_weight:  # these losses read attention probabilities
         model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -406,11 +406,13 @@ def main(argv=None):
         info = {}
         for kind, examples in zip(("", "video_"), parts):
             batch = collate(proc, examples, eos_id, options=target_options)
-            loss, part = train_step(model, head, capture, batch, args.aux_weight, args.ground_weight, reader,
-                                    args.readout_weight, args.option_weight, letter_reader, args.letter_weight,
-                                    novelty_reader, args.novelty_weight, args.ground_weight,
-                                    tuple(args.readout_layers), args.ground_per_head, query_reader,
-                                    args.query_weight, position_reader, args.position_weight, args.word_weight)
+            loss, part = train_step(
+                model, head, capture, batch, args.aux_weight, args.ground_weight, reader=reader,
+                readout_weight=args.readout_weight, option_weight=args.option_weight, letter_reader=letter_reader,
+                letter_weight=args.letter_weight, novelty_reader=novelty_reader, novelty_weight=args.novelty_weight,
+                share_weight=args.ground_weight, readout_layers=tuple(args.readout_layers),
+                ground_per_head=args.ground_per_head, query_reader=query_reader, query_weight=args.query_weight,
+                position_reader=position_reader, position_weight=args.position_weight, word_weight=args.word_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:
