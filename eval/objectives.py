@@ -30,6 +30,7 @@ class TargetOptions:
     novelty_centres: bool = False  # novelty targets on each object's centre token only (one token per object)
     distinct_sink: float = 0.0  # > 0: a distinct question's attention target, sink weight vs 1 per object (share)
     count_sink: float = 0.0  # > 0: the same for a still image's count question read out (count_readout)
+    distinct_frames: bool = False  # a distinct question's layer-3 target: 1/frames on each frame's last token
 
 
 class Grounding(NamedTuple):
@@ -44,6 +45,15 @@ class Grounding(NamedTuple):
     share: torch.Tensor  # [T, L] float: a target attention distribution (rows sum to 1), else all 0
     named: torch.Tensor  # [T, len(NAMED)] the colour and shape the question names (named_words), -100: none
     words: torch.Tensor  # [T, L] the tokens of those words in the turn's question
+    frames: torch.Tensor  # [T, L] float: distinct_frames' target distribution (rows sum to 1), else all 0
+
+
+class FrameTargets(NamedTuple):
+    """Per video frame, at its last visual token (F frames in the batch; ``frame_targets``)."""
+    rows: torch.Tensor  # [F] example index
+    pos: torch.Tensor  # [F] position of the frame's last visual token
+    new: torch.Tensor  # [F] long: 1 if the frame shows an object no earlier frame showed
+    share: torch.Tensor  # [F, L] that token's layer-2 attention target: the new object's tokens, else the sink
 
 
 def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int,
@@ -64,8 +74,10 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     (both objects on every frame tell nothing of which came first), and that object's colour and shape
     are its readout targets. With ``options.distinct_sink`` = c > 0 a distinct question read out also
     gets a ``share`` target (``sink_share``), with ``options.count_sink`` a still image's count question
-    read out."""
-    rows, pos, masks, attrs, grounded, right_options, letters, shares, named, words = ([] for _ in range(10))
+    read out. With ``options.distinct_frames`` a distinct question that is not multiple choice also gets a
+    ``frames`` target: 1 / frames on each frame's last visual token (``frame_targets``), a fixed
+    denominator: the mass that lands on frames showing a new object is (number of objects) / frames."""
+    rows, pos, masks, attrs, grounded, right_options, letters, shares, named, words, frame_shares = ([] for _ in range(11))
     pad = proc.tokenizer.pad_token_id
     for b, ex in enumerate(examples):
         slots = frame_slots(proc, ids[b], len(ex["scenes"]))  # [frames, 64]
@@ -101,6 +113,10 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                     sink = int((ids[b] != pad).nonzero()[0])
                     share = sink_share(ex["scenes"], slots, first_shown, qa.refs, sink, ids.shape[1], weight)
                 shares.append(share)
+                frame_share = torch.zeros(ids.shape[1])
+                if options.distinct_frames and qa.type == "distinct" and not option.any():
+                    frame_share[slots[:, -1]] = 1.0 / len(slots)
+                frame_shares.append(frame_share)
                 named.append(named_words(qa.question))
                 word_ids = [proc.tokenizer.convert_tokens_to_ids(vocab[i])
                             for vocab, i in zip(NAMED_VOCABS, named[-1]) if i >= 0]
@@ -112,7 +128,36 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
         return None
     return Grounding(torch.tensor(rows), torch.tensor(pos), torch.stack(masks), torch.tensor(attrs),
                      torch.tensor(grounded), torch.stack(right_options), torch.stack(letters), torch.stack(shares),
-                     torch.tensor(named), torch.stack(words))
+                     torch.tensor(named), torch.stack(words), torch.stack(frame_shares))
+
+
+def frame_targets(proc, examples: list[dict], ids: torch.Tensor) -> FrameTargets | None:
+    """Each video frame's last visual token as the frame's summary: whether the frame shows an object
+    first (``new``; the world's video objects have distinct names and each first shows at its own
+    segment, so the number of such frames is the answer to "how many distinct objects appeared ?")
+    and where its layer-2 attention should look to know it: uniform over the new object's tokens
+    (whose layer-1 states tell "new", ``novelty_targets``), else all on the sink (the first token).
+    None without video examples. ids [B, L]."""
+    rows, pos, new, shares = [], [], [], []
+    pad = proc.tokenizer.pad_token_id
+    for b, ex in enumerate(examples):
+        if len(ex["scenes"]) < 2:
+            continue
+        slots = frame_slots(proc, ids[b], len(ex["scenes"]))
+        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
+        first = first_frames(cells)
+        sink = int((ids[b] != pad).nonzero()[0])
+        for f, (scene, by_uid) in enumerate(zip(ex["scenes"], cells)):
+            share = torch.zeros(ids.shape[1])
+            fresh = [o for o in scene.objects if first[o.uid] == f]
+            for o in fresh:  # (an object covering no cell by 10%: its centre's token)
+                share[slots[f, by_uid[o.uid] or [world.centre_cell(o, GRID)]]] = 1.0
+            if not fresh:
+                share[sink] = 1.0
+            rows.append(b), pos.append(int(slots[f, -1])), new.append(int(bool(fresh))), shares.append(share / share.sum())
+    if not rows:
+        return None
+    return FrameTargets(torch.tensor(rows), torch.tensor(pos), torch.tensor(new), torch.stack(shares))
 
 
 def sink_share(scenes: list, slots: torch.Tensor, first: dict[int, int], uids, sink: int, length: int,

@@ -32,7 +32,8 @@ import torch
 from ..testing import make_tokenizer
 from . import tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
-                         cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, novelty_targets,
+                         cell_targets, frame_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss,
+                         novelty_targets,
                          position_loss, position_targets, query_loss, readout_loss, share_loss, word_loss)
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
@@ -87,7 +88,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
     [n_images, GRID * GRID, len(TARGETS)] (the per-token targets), ``ground`` (grounding_targets) and
-    ``novelty`` [B, L] (novelty_targets)."""
+    ``novelty`` [B, L] (novelty_targets) and ``frames`` (frame_targets)."""
     texts, images, frames = [], [], []
     for ex in examples:
         messages = []
@@ -111,6 +112,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
         batch["ground"] = grounding_targets(proc, examples, ids, marker, options)
         batch["novelty"] = novelty_targets(proc, examples, ids, options)
         batch["positions"] = position_targets(proc, examples, ids)
+        batch["frames"] = frame_targets(proc, examples, ids)
     return batch
 
 
@@ -126,13 +128,15 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
                letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
                share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False,
                query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0,
-               word_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               word_weight: float = 0.0, frame_reader=None, frame_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty, positions = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty"), batch.pop("positions")
+    frames = batch.pop("frames", None)
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
-    out = model(**batch, output_attentions=g is not None and (ground_weight > 0 or option_weight > 0 or share_weight > 0
-                                                              or word_weight > 0),
-                output_hidden_states=novel or position_weight > 0 or (
+    framed = frame_weight > 0 and frames is not None
+    out = model(**batch, output_attentions=framed or g is not None and (
+                    ground_weight > 0 or option_weight > 0 or share_weight > 0 or word_weight > 0),
+                output_hidden_states=novel or framed or position_weight > 0 or (
                     g is not None and (readout_weight > 0 or letter_weight > 0 or query_weight > 0)))
     loss, info = out.loss, {"lm": out.loss.item()}
     if g is not None and ground_weight and g.grounded.any():
@@ -163,6 +167,14 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     if novel:
         term = novelty_loss(novelty_reader, out.hidden_states, novelty)
         loss, info["novelty"] = loss + novelty_weight * term, term.item()
+    if framed:  # each frame's last token looks at its new object and tells "new"; a distinct answer counts them
+        look = share_loss(out.attentions, frames.rows, frames.pos, frames.share, layer=2)
+        new = novelty_loss(frame_reader, out.hidden_states, frame_new_map(frames, novelty.shape), layer=2)
+        loss, info["frame_look"], info["frame_new"] = loss + frame_weight * (look + new), look.item(), new.item()
+        if g is not None and g.frames.any():
+            sel = g.frames.any(-1)
+            term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.frames[sel], layer=3)
+            loss, info["frame_count"] = loss + frame_weight * term, term.item()
     if position_weight:
         term = position_loss(position_reader, out.hidden_states, positions)
         loss, info["position"] = loss + position_weight * term, term.item()
@@ -170,6 +182,13 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         aux = aux_loss(aux_logits(head, capture[0], cells.shape[0]), cells)
         loss, info["aux"] = loss + aux_weight * aux, aux.item()
     return loss, info
+
+
+def frame_new_map(frames, shape) -> torch.Tensor:
+    """[B, L] long: ``frames.new`` at each frame's last token, -100 elsewhere (novelty_loss's format)."""
+    out = torch.full(shape, -100, dtype=torch.long)
+    out[frames.rows, frames.pos] = frames.new
+    return out
 
 
 def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
@@ -309,6 +328,9 @@ def main(argv=None):
     ap.add_argument("--order-first", action="store_true",
                     help="order questions are grounded on the earlier object before the later one shows, and read "
                          "out its colour and shape (default: grounded on both objects in every frame)")
+    ap.add_argument("--frame-weight", type=float, default=0.0,
+                    help="each video frame's last token must look at (layer 2) and tell (after layer 2) whether the "
+                         "frame shows a new object; a distinct answer's layer 3 puts 1/frames on each such token")
     ap.add_argument("--width-rope-scale", type=float, default=None,
                     help="qwen2_vl only: multiply the LM's M-RoPE width frequencies by this (21.5: as height's; "
                          "tiny_models.mrope_parameters); with --init-from, the checkpoint's other weights are kept")
@@ -325,6 +347,8 @@ def main(argv=None):
     n_layers = tiny_models.LM["num_hidden_layers"]
     if not all(0 <= layer < n_layers for layer in args.readout_layers):
         raise SystemExit(f"--readout-layers must be LM layers 0-{n_layers - 1}, got {args.readout_layers}")
+    if args.frame_weight < 0:
+        raise SystemExit(f"--frame-weight must be >= 0, got {args.frame_weight}")
     if args.distinct_sink < 0 or args.count_sink < 0:
         raise SystemExit(f"--distinct-sink and --count-sink must be >= 0, got {args.distinct_sink}, {args.count_sink}")
     if args.width_rope_scale is not None and (args.family != "qwen2_vl" or args.width_rope_scale <= 0):
@@ -335,7 +359,7 @@ def main(argv=None):
     tok = make_tokenizer(tuple(vocabulary()))
     extra = {} if args.width_rope_scale is None else {"width_rope_scale": args.width_rope_scale}
     model, proc = tiny_models.BUILDERS[args.family](tok, **extra)
-    if args.ground_weight or args.option_weight or args.word_weight:  # these losses read attention probabilities
+    if args.ground_weight or args.option_weight or args.word_weight or args.frame_weight:  # (read attention probabilities)
         model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -351,8 +375,9 @@ def main(argv=None):
     novelty_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, 2)
     query_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(N_NAMED))
     position_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, 2 * GRID)
+    frame_reader = torch.nn.Linear(model.config.get_text_config().hidden_size, 2)
     readers = [*reader.parameters(), *letter_reader.parameters(), *novelty_reader.parameters(),
-               *query_reader.parameters(), *position_reader.parameters()]
+               *query_reader.parameters(), *position_reader.parameters(), *frame_reader.parameters()]
     lm |= set(map(id, readers))  # train with the LM
     if args.tower_from or args.init_from:
         load_weights(model, args.init_from or args.tower_from, None if args.init_from else lm)
@@ -395,7 +420,7 @@ def main(argv=None):
                 p.requires_grad_(False)
         args.aux_weight = 0.0
     target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first,
-                                   args.novelty_centres, args.distinct_sink, args.count_sink)
+                                   args.novelty_centres, args.distinct_sink, args.count_sink, args.frame_weight > 0)
     for step in range(1, args.steps + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
@@ -412,7 +437,8 @@ def main(argv=None):
                 letter_weight=args.letter_weight, novelty_reader=novelty_reader, novelty_weight=args.novelty_weight,
                 share_weight=args.ground_weight, readout_layers=tuple(args.readout_layers),
                 ground_per_head=args.ground_per_head, query_reader=query_reader, query_weight=args.query_weight,
-                position_reader=position_reader, position_weight=args.position_weight, word_weight=args.word_weight)
+                position_reader=position_reader, position_weight=args.position_weight, word_weight=args.word_weight,
+                frame_reader=frame_reader, frame_weight=args.frame_weight)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

@@ -156,7 +156,7 @@ def object_cells(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[int, l
 def _cells(size: str, x: float, y: float) -> set[tuple[int, int]]:
     """The lattice cells (row, col) an object of ``size`` centred at (x, y) occupies."""
     if size == "small":
-        return {(int(y * LATTICE), int(x * LATTICE))}
+        return {(math.floor(y * LATTICE), math.floor(x * LATTICE))}  # (floor: a step off the left edge is -1)
     r, c = round(y * LATTICE) - 1, round(x * LATTICE) - 1
     return {(r + i, c + j) for i in (0, 1) for j in (0, 1)}
 
