@@ -57,7 +57,7 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
            world.QA("how many green objects are there ?", "0", "count"),
            world.QA("what shape is the blue object ?", "square", "shape", refs=(1,))]
     batch = train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id)
-    rows, pos, mask, attrs, grounded, option, letters, share, named, words = batch["ground"]
+    rows, pos, mask, attrs, grounded, option, letters, share, named, words, frames = batch["ground"]
     ids = batch["input_ids"][0]
     image = (ids == tok.convert_tokens_to_ids(proc.image_token)).nonzero().flatten()  # 64 slots, raster order
     assert rows.tolist() == [0, 0]  # the count question refers to no object: no row
@@ -68,13 +68,13 @@ def test_grounding_targets_point_at_the_question_objects_tokens(family):
     # readout targets: red circle (colour 0, shape 0) on the right, at the top; blue square (2, 1) left, bottom
     assert list(world.COLOURS)[:3] == ["red", "green", "blue"] and world.SHAPES[:2] == ("circle", "square")
     assert attrs.tolist() == [[0, 0, 1, 0, -100], [2, 1, 0, 1, -100]] and grounded.all() and not option.any()
-    assert (letters == -100).all() and not share.any()  # open questions: no option letters; no sink share
+    assert (letters == -100).all() and not share.any() and not frames.any()  # open questions: no letters, no shares
     assert named.tolist() == [[-100, 0], [2, -100]]  # the words the questions name: circle; blue
     name_at = {w: [i for i, t in enumerate(ids.tolist()) if t == tok.convert_tokens_to_ids(w)] for w in ("circle", "blue")}
     assert words[0].nonzero().flatten().tolist() == name_at["circle"][:1]  # turn 1's circle, not a later turn's
     assert words[1].nonzero().flatten().tolist() == name_at["blue"][-1:]
     # with count_readout the count turn (0 green objects) is read out, not grounded
-    rows, pos, mask, attrs, grounded, option, letters, share, named, words = train_tiny.collate(
+    rows, pos, mask, attrs, grounded, option, letters, share, named, words, frames = train_tiny.collate(
         proc, [{"scenes": [scene], "qas": qas}], model.config.get_text_config().eos_token_id,
         options=objectives.TargetOptions(count_readout=True))["ground"]
     assert rows.tolist() == [0, 0, 0] and grounded.tolist() == [True, False, True]
