@@ -140,12 +140,7 @@ def frame_targets(proc, examples: list[dict], ids: torch.Tensor) -> FrameTargets
     None without video examples. ids [B, L]."""
     rows, pos, new, shares = [], [], [], []
     pad = proc.tokenizer.pad_token_id
-    for b, ex in enumerate(examples):
-        if len(ex["scenes"]) < 2:
-            continue
-        slots = frame_slots(proc, ids[b], len(ex["scenes"]))
-        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
-        first = first_frames(cells)
+    for b, ex, slots, cells, first in video_examples(proc, examples, ids):
         sink = int((ids[b] != pad).nonzero()[0])
         for f, (scene, by_uid) in enumerate(zip(ex["scenes"], cells)):
             share = torch.zeros(ids.shape[1])
@@ -182,6 +177,16 @@ def frame_slots(proc, ids: torch.Tensor, n_frames: int) -> torch.Tensor:
     return (ids == image_id).nonzero().flatten().reshape(n_frames, GRID * GRID)
 
 
+def video_examples(proc, examples: list[dict], ids: torch.Tensor):
+    """For each video example (two frames or more): its row b, the example, ``frame_slots`` [frames, 64],
+    per frame ``world.object_cells`` and ``first_frames`` (uid -> first frame it shows in)."""
+    for b, ex in enumerate(examples):
+        if len(ex["scenes"]) < 2:
+            continue
+        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
+        yield b, ex, frame_slots(proc, ids[b], len(ex["scenes"])), cells, first_frames(cells)
+
+
 def first_frames(cells: list[dict]) -> dict[int, int]:
     """uid -> the first frame it shows in; cells: per frame, ``world.object_cells`` (uid -> token indices)."""
     first: dict[int, int] = {}
@@ -203,12 +208,7 @@ def novelty_targets(proc, examples: list[dict], ids: torch.Tensor, options: Targ
     a target: one token per object, so the number of new ones is the number of objects whatever their
     sizes (a large object covers four tokens, a small one one)."""
     out = torch.full(ids.shape, -100, dtype=torch.long)
-    for b, ex in enumerate(examples):
-        if len(ex["scenes"]) < 2:
-            continue
-        slots = frame_slots(proc, ids[b], len(ex["scenes"]))
-        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
-        first = first_frames(cells)
+    for b, ex, slots, cells, first in video_examples(proc, examples, ids):
         for f, (scene, by_uid) in enumerate(zip(ex["scenes"], cells)):
             for o in scene.objects:
                 where = [world.centre_cell(o, GRID)] if options.novelty_centres else by_uid[o.uid]
