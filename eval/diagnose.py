@@ -38,7 +38,7 @@ def _batches(proc, eos_id: int, n: int, types=None, mc_fraction: float = 0.2, ba
 def accuracy_and_mass(model, proc, eos_id: int, n: int) -> tuple[dict, dict]:
     right, mass = defaultdict(list), defaultdict(list)
     for examples, b in _batches(proc, eos_id, n):
-        for unused in ("cells", "novelty"):
+        for unused in set(train_tiny.TARGET_KEYS) - {"ground"}:
             b.pop(unused)
         g = b.pop("ground")  # objectives.Grounding: the question's objects' visual tokens per turn
         gold = b.pop("labels")[:, -2]

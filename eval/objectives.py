@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import world
 from .tiny_models import GRID
+from .video_targets import first_frames, frame_slots
 
 TARGETS = ("colour", "shape", "centre", "row", "col")  # what each visual token is trained to tell
 N_CLASSES = (1 + len(world.COLOURS), 1 + len(world.SHAPES), 2, GRID, GRID)
@@ -48,14 +49,6 @@ class Grounding(NamedTuple):
     frames: torch.Tensor  # [T, L] float: distinct_frames' target distribution (rows sum to 1), else all 0
 
 
-class FrameTargets(NamedTuple):
-    """Per video frame, at its last visual token (F frames in the batch; ``frame_targets``)."""
-    rows: torch.Tensor  # [F] example index
-    pos: torch.Tensor  # [F] position of the frame's last visual token
-    new: torch.Tensor  # [F] long: 1 if the frame shows an object no earlier frame showed
-    share: torch.Tensor  # [F, L] that token's layer-2 attention target: the new object's tokens, else the sink
-
-
 def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int,
                       options: TargetOptions = TargetOptions()) -> Grounding | None:
     """Where each answer should look and what it should find there: one row per turn whose question
@@ -75,7 +68,7 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
     are its readout targets. With ``options.distinct_sink`` = c > 0 a distinct question read out also
     gets a ``share`` target (``sink_share``), with ``options.count_sink`` a still image's count question
     read out. With ``options.distinct_frames`` a distinct question that is not multiple choice also gets a
-    ``frames`` target: 1 / frames on each frame's last visual token (``frame_targets``), a fixed
+    ``frames`` target: 1 / frames on each frame's last visual token (``video_targets.frame_targets``), a fixed
     denominator: the mass that lands on frames showing a new object is (number of objects) / frames."""
     rows, pos, masks, attrs, grounded, right_options, letters, shares, named, words, frame_shares = ([] for _ in range(11))
     pad = proc.tokenizer.pad_token_id
@@ -131,30 +124,6 @@ def grounding_targets(proc, examples: list[dict], ids: torch.Tensor, marker: int
                      torch.tensor(named), torch.stack(words), torch.stack(frame_shares))
 
 
-def frame_targets(proc, examples: list[dict], ids: torch.Tensor) -> FrameTargets | None:
-    """Each video frame's last visual token as the frame's summary: whether the frame shows an object
-    first (``new``; the world's video objects have distinct names and each first shows at its own
-    segment, so the number of such frames is the answer to "how many distinct objects appeared ?")
-    and where its layer-2 attention should look to know it: uniform over the new object's tokens
-    (whose layer-1 states tell "new", ``novelty_targets``), else all on the sink (the first token).
-    None without video examples. ids [B, L]."""
-    rows, pos, new, shares = [], [], [], []
-    pad = proc.tokenizer.pad_token_id
-    for b, ex, slots, cells, first in video_examples(proc, examples, ids):
-        sink = int((ids[b] != pad).nonzero()[0])
-        for f, (scene, by_uid) in enumerate(zip(ex["scenes"], cells)):
-            share = torch.zeros(ids.shape[1])
-            fresh = [o for o in scene.objects if first[o.uid] == f]
-            for o in fresh:  # (an object covering no cell by 10%: its centre's token)
-                share[slots[f, by_uid[o.uid] or [world.centre_cell(o, GRID)]]] = 1.0
-            if not fresh:
-                share[sink] = 1.0
-            rows.append(b), pos.append(int(slots[f, -1])), new.append(int(bool(fresh))), shares.append(share / share.sum())
-    if not rows:
-        return None
-    return FrameTargets(torch.tensor(rows), torch.tensor(pos), torch.tensor(new), torch.stack(shares))
-
-
 def sink_share(scenes: list, slots: torch.Tensor, first: dict[int, int], uids, sink: int, length: int,
                weight: float) -> torch.Tensor:
     """[length] the attention a count answer ("how many ...") should pay: ``weight`` on the ``sink``
@@ -169,51 +138,6 @@ def sink_share(scenes: list, slots: torch.Tensor, first: dict[int, int], uids, s
         o = next(o for o in scenes[first[uid]].objects if o.uid == uid)
         share[slots[first[uid], world.centre_cell(o, GRID)]] += 1.0
     return share / share.sum()
-
-
-def frame_slots(proc, ids: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """[n_frames, GRID * GRID] the positions of each image's (frame's) visual tokens in ``ids`` [L]."""
-    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-    return (ids == image_id).nonzero().flatten().reshape(n_frames, GRID * GRID)
-
-
-def video_examples(proc, examples: list[dict], ids: torch.Tensor):
-    """For each video example (two frames or more): its row b, the example, ``frame_slots`` [frames, 64],
-    per frame ``world.object_cells`` and ``first_frames`` (uid -> first frame it shows in)."""
-    for b, ex in enumerate(examples):
-        if len(ex["scenes"]) < 2:
-            continue
-        cells = [world.object_cells(s, GRID) for s in ex["scenes"]]
-        yield b, ex, frame_slots(proc, ids[b], len(ex["scenes"])), cells, first_frames(cells)
-
-
-def first_frames(cells: list[dict]) -> dict[int, int]:
-    """uid -> the first frame it shows in; cells: per frame, ``world.object_cells`` (uid -> token indices)."""
-    first: dict[int, int] = {}
-    for f, by_uid in enumerate(cells):
-        for uid in by_uid:
-            first.setdefault(uid, f)
-    return first
-
-
-def novelty_targets(proc, examples: list[dict], ids: torch.Tensor, options: TargetOptions = TargetOptions()
-                    ) -> torch.Tensor:
-    """[B, L] long: on a video frame's tokens that show an object, 1 where this is the first frame it
-    shows in ("new": no earlier frame showed that colour and shape, the world's video objects having
-    distinct names), 0 where an earlier frame showed it; -100 on every other token (background, text,
-    still images). The number of objects ever new is the answer to "how many distinct objects
-    appeared ?": a causal LM can tell "new" at a token by looking back for its name, one lookup.
-
-    With ``options.novelty_centres`` only the token of each object's centre (``world.cell_labels``) has
-    a target: one token per object, so the number of new ones is the number of objects whatever their
-    sizes (a large object covers four tokens, a small one one)."""
-    out = torch.full(ids.shape, -100, dtype=torch.long)
-    for b, ex, slots, cells, first in video_examples(proc, examples, ids):
-        for f, (scene, by_uid) in enumerate(zip(ex["scenes"], cells)):
-            for o in scene.objects:
-                where = [world.centre_cell(o, GRID)] if options.novelty_centres else by_uid[o.uid]
-                out[b, slots[f, where]] = int(first[o.uid] == f)
-    return out
 
 
 def position_targets(proc, examples: list[dict], ids: torch.Tensor) -> torch.Tensor:
@@ -322,12 +246,14 @@ def word_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, words: torch.Te
     return (-mass.clamp_min(1e-6).log() - math.log(probs.shape[1])).clamp_min(0).mean()
 
 
-def share_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, share: torch.Tensor, layer: int = 2
-               ) -> torch.Tensor:
+def share_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, share: torch.Tensor, layer: int = 2,
+               heads: tuple[int, ...] | None = None) -> torch.Tensor:
     """KL divergence from the target distribution ``share`` [T, L] (``sink_share``) to each head's
     attention of the answer-predicting token in ``layer``, averaged over heads and turns (0: every head
-    pays exactly the target). attentions: per layer [B, H, L, L]; rows, pos [T]."""
-    log_q = attentions[layer][rows, :, pos, :].clamp_min(1e-9).log()  # [T, H, L]
+    pays exactly the target); with ``heads``, over those heads of the layer only (the others stay free).
+    attentions: per layer [B, H, L, L]; rows, pos [T]."""
+    probs = attentions[layer][rows, :, pos, :]  # [T, H, L]
+    log_q = (probs if heads is None else probs[:, list(heads)]).clamp_min(1e-9).log()  # [T, heads, L]
     log_p = torch.where(share > 0, share, 1.0).log()  # [T, L] (0 log 0 = 0)
     return (share[:, None, :] * (log_p[:, None, :] - log_q)).sum(-1).mean()
 

@@ -32,9 +32,9 @@ import torch
 from ..testing import make_tokenizer
 from . import tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
-                         cell_targets, frame_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss,
-                         novelty_targets,
-                         position_loss, position_targets, query_loss, readout_loss, share_loss, word_loss)
+                         cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, position_loss,
+                         position_targets, query_loss, readout_loss, share_loss, word_loss)
+from .video_targets import frame_targets, look_targets, novelty_targets
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 
@@ -88,7 +88,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
     [n_images, GRID * GRID, len(TARGETS)] (the per-token targets), ``ground`` (grounding_targets) and
-    ``novelty`` [B, L] (novelty_targets) and ``frames`` (frame_targets)."""
+    ``novelty`` [B, L] (novelty_targets), ``frames`` (frame_targets) and ``look`` (look_targets)."""
     texts, images, frames = [], [], []
     for ex in examples:
         messages = []
@@ -110,10 +110,14 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
     if targets:
         batch["cells"] = cell_targets(frames)
         batch["ground"] = grounding_targets(proc, examples, ids, marker, options)
-        batch["novelty"] = novelty_targets(proc, examples, ids, options)
+        batch["novelty"] = novelty_targets(proc, examples, ids, options.novelty_centres)
         batch["positions"] = position_targets(proc, examples, ids)
         batch["frames"] = frame_targets(proc, examples, ids)
+        batch["look"] = look_targets(proc, examples, ids, options.novelty_centres)
     return batch
+
+
+TARGET_KEYS = ("cells", "ground", "novelty", "positions", "frames", "look")  # what collate adds with targets
 
 
 def assistant_marker(proc) -> str:
@@ -128,13 +132,15 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
                letter_weight: float = 0.0, novelty_reader=None, novelty_weight: float = 0.0,
                share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False,
                query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0,
-               word_weight: float = 0.0, frame_reader=None, frame_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               word_weight: float = 0.0, frame_reader=None, frame_weight: float = 0.0, look_weight: float = 0.0,
+               look_layer: int = 1, look_heads: tuple[int, ...] | None = None) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty, positions = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty"), batch.pop("positions")
-    frames = batch.pop("frames", None)
+    frames, look = batch.pop("frames", None), batch.pop("look", None)
     novel = novelty_weight > 0 and bool((novelty >= 0).any())
     framed = frame_weight > 0 and frames is not None
-    out = model(**batch, output_attentions=framed or g is not None and (
+    looked = look_weight > 0 and look is not None
+    out = model(**batch, output_attentions=framed or looked or g is not None and (
                     ground_weight > 0 or option_weight > 0 or share_weight > 0 or word_weight > 0),
                 output_hidden_states=novel or framed or position_weight > 0 or (
                     g is not None and (readout_weight > 0 or letter_weight > 0 or query_weight > 0)))
@@ -168,13 +174,16 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         term = novelty_loss(novelty_reader, out.hidden_states, novelty)
         loss, info["novelty"] = loss + novelty_weight * term, term.item()
     if framed:  # each frame's last token looks at its new object and tells "new"; a distinct answer counts them
-        look = share_loss(out.attentions, frames.rows, frames.pos, frames.share, layer=2)
+        seek = share_loss(out.attentions, frames.rows, frames.pos, frames.share, layer=2)
         new = novelty_loss(frame_reader, out.hidden_states, frame_new_map(frames, novelty.shape), layer=2)
-        loss, info["frame_look"], info["frame_new"] = loss + frame_weight * (look + new), look.item(), new.item()
+        loss, info["frame_look"], info["frame_new"] = loss + frame_weight * (seek + new), seek.item(), new.item()
         if g is not None and g.frames.any():
             sel = g.frames.any(-1)
             term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.frames[sel], layer=3)
             loss, info["frame_count"] = loss + frame_weight * term, term.item()
+    if looked:  # each video object token looks back at its object's last earlier frame, or at the sink if new
+        term = share_loss(out.attentions, look.rows, look.pos, look.share, layer=look_layer, heads=look_heads)
+        loss, info["look"] = loss + look_weight * term, term.item()
     if position_weight:
         term = position_loss(position_reader, out.hidden_states, positions)
         loss, info["position"] = loss + position_weight * term, term.item()
@@ -331,6 +340,14 @@ def main(argv=None):
     ap.add_argument("--frame-weight", type=float, default=0.0,
                     help="each video frame's last token must look at (layer 2) and tell (after layer 2) whether the "
                          "frame shows a new object; a distinct answer's layer 3 puts 1/frames on each such token")
+    ap.add_argument("--look-weight", type=float, default=0.0,
+                    help="weight of the look-back loss: each video object token's attention in --look-layer (its "
+                         "--look-heads) falls on its object's tokens in the last earlier frame showing "
+                         "it, or on the first token where the object is new (video_targets.look_targets): the lookup "
+                         "the novelty reader needs, trained on the attention itself")
+    ap.add_argument("--look-layer", type=int, default=1, help="the LM layer of the look-back loss")
+    ap.add_argument("--look-heads", type=int, nargs="+", default=[0],
+                    help="the heads of --look-layer that look back (the others stay free)")
     ap.add_argument("--width-rope-scale", type=float, default=None,
                     help="qwen2_vl only: multiply the LM's M-RoPE width frequencies by this (21.5: as height's; "
                          "tiny_models.mrope_parameters); with --init-from, the checkpoint's other weights are kept")
@@ -347,8 +364,12 @@ def main(argv=None):
     n_layers = tiny_models.LM["num_hidden_layers"]
     if not all(0 <= layer < n_layers for layer in args.readout_layers):
         raise SystemExit(f"--readout-layers must be LM layers 0-{n_layers - 1}, got {args.readout_layers}")
-    if args.frame_weight < 0:
-        raise SystemExit(f"--frame-weight must be >= 0, got {args.frame_weight}")
+    if args.frame_weight < 0 or args.look_weight < 0:
+        raise SystemExit(f"--frame-weight and --look-weight must be >= 0, got {args.frame_weight}, {args.look_weight}")
+    n_heads = tiny_models.LM["num_attention_heads"]
+    if not 0 <= args.look_layer < n_layers or not all(0 <= h < n_heads for h in args.look_heads):
+        raise SystemExit(f"--look-layer must be an LM layer 0-{n_layers - 1} and --look-heads heads 0-{n_heads - 1}, "
+                         f"got {args.look_layer}, {args.look_heads}")
     if args.distinct_sink < 0 or args.count_sink < 0:
         raise SystemExit(f"--distinct-sink and --count-sink must be >= 0, got {args.distinct_sink}, {args.count_sink}")
     if args.width_rope_scale is not None and (args.family != "qwen2_vl" or args.width_rope_scale <= 0):
@@ -359,7 +380,7 @@ def main(argv=None):
     tok = make_tokenizer(tuple(vocabulary()))
     extra = {} if args.width_rope_scale is None else {"width_rope_scale": args.width_rope_scale}
     model, proc = tiny_models.BUILDERS[args.family](tok, **extra)
-    if args.ground_weight or args.option_weight or args.word_weight or args.frame_weight:  # (read attention probabilities)
+    if args.ground_weight or args.option_weight or args.word_weight or args.frame_weight or args.look_weight:  # (read attention probabilities)
         model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -438,7 +459,8 @@ def main(argv=None):
                 share_weight=args.ground_weight, readout_layers=tuple(args.readout_layers),
                 ground_per_head=args.ground_per_head, query_reader=query_reader, query_weight=args.query_weight,
                 position_reader=position_reader, position_weight=args.position_weight, word_weight=args.word_weight,
-                frame_reader=frame_reader, frame_weight=args.frame_weight)
+                frame_reader=frame_reader, frame_weight=args.frame_weight, look_weight=args.look_weight,
+                look_layer=args.look_layer, look_heads=tuple(args.look_heads))
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tokensieve.eval import objectives, tiny_models, train_tiny, world
+from tokensieve.eval import objectives, tiny_models, train_tiny, video_targets, world
 from tokensieve.testing import make_tokenizer
 
 CIRCLE = world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0)  # cell (1, 6)
@@ -79,7 +79,7 @@ def test_distinct_frames_spreads_a_distinct_answer_over_the_frames_last_tokens()
 
 
 def test_frame_new_map_puts_each_frames_bit_at_its_token_for_the_novelty_loss():
-    frames = objectives.FrameTargets(torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3]), torch.tensor([1, 0, 1]),
+    frames = video_targets.FrameTargets(torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3]), torch.tensor([1, 0, 1]),
                                      torch.zeros(3, 6))
     expected = torch.full((2, 6), -100)
     expected[0, 2], expected[0, 5], expected[1, 3] = 1, 0, 1
@@ -117,5 +117,5 @@ def test_frame_weight_adds_the_three_frame_losses_to_the_training_loss():
 
 
 def test_negative_frame_weight_is_one_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--frame-weight must be >= 0"):
+    with pytest.raises(SystemExit, match="--frame-weight and --look-weight must be >= 0"):
         train_tiny.main(["--out", str(tmp_path), "--frame-weight", "-1"])
