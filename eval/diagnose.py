@@ -11,6 +11,13 @@ On held-out image questions (seed 10 000, the report's), in the training script'
   answer-predicting token's hidden state after each layer (0 = the embeddings), and the same probe
   reading each visual token's column at the LM input: is the object's place in the tokens, and does
   it reach the answer?
+
+On held-out videos (seed 20 000), for the "how many distinct objects appeared ?" path:
+
+- ``look_back``: per LM layer and head, the attention mass that each video object token puts on its
+  look-back target (``video_targets.look_targets``: its object's tokens in the frame before, or the
+  first token where the object is new), for seen and new tokens apart; and a logistic probe reading
+  "new" from those tokens after each layer (videos of the first 70% fit it).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from . import train_tiny
 from .tiny_models import GRID
 
 SEED = 10_000
+VIDEO_SEED = 20_000
 
 
 def _batches(proc, eos_id: int, n: int, types=None, mc_fraction: float = 0.2, batch: int = 32, targets: bool = True):
@@ -91,12 +99,40 @@ def left_right_probe(model, proc, eos_id: int, n: int) -> dict:
                 "n": len(side), "right_fraction": round(y.float().mean().item(), 3)}
 
 
+@torch.no_grad()
+def look_back(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
+    rng = random.Random(VIDEO_SEED)
+    seen, fresh, hidden, new = [], [], defaultdict(list), []
+    for start in range(0, n, batch):
+        examples = train_tiny.sample_examples(rng, min(batch, n - start), True, 1)
+        b = train_tiny.collate(proc, examples, eos_id)
+        look, novelty = b["look"], b["novelty"]
+        for unused in (*train_tiny.TARGET_KEYS, "labels"):
+            b.pop(unused)
+        out = model(**b, output_attentions=True, output_hidden_states=True)
+        mass = torch.stack([(a[look.rows, :, look.pos] * (look.share > 0)[:, None]).sum(-1) for a in out.attentions],
+                           1)  # [N, layers, H]
+        is_new = novelty[look.rows, look.pos] == 1
+        seen.append(mass[~is_new]), fresh.append(mass[is_new])
+        sel = novelty >= 0
+        for layer, h in enumerate(out.hidden_states):
+            hidden[layer].append(h[sel])
+        new.append(novelty[sel])
+    with torch.enable_grad():
+        y = torch.cat(new)
+        probe = [_probe(torch.cat(h).float(), y, 2) for _, h in sorted(hidden.items())]
+    rounded = lambda m: [[round(x, 3) for x in layer] for layer in torch.cat(m).mean(0).tolist()]  # noqa: E731
+    return {"seen_mass_on_previous_frame": rounded(seen), "new_mass_on_first_token": rounded(fresh),
+            "novelty_probe_after_layer": probe, "n_tokens": len(y), "new_fraction": round(y.float().mean().item(), 3)}
+
+
 def main(argv=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a trained checkpoint directory")
     ap.add_argument("--n", type=int, default=256, help="held-out image questions (the probe uses 3x as many position ones)")
+    ap.add_argument("--videos", type=int, default=64, help="held-out videos for look_back")
     ap.add_argument("--out", default=None, help="also write the result here (JSON)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -105,7 +141,8 @@ def main(argv=None):
     eos_id = model.config.get_text_config().eos_token_id
     acc, mass = accuracy_and_mass(model, proc, eos_id, args.n)
     result = {"model": args.model, "accuracy": acc, "object_mass": mass,
-              "left_right_probe": left_right_probe(model, proc, eos_id, 3 * args.n)}
+              "left_right_probe": left_right_probe(model, proc, eos_id, 3 * args.n),
+              "look_back": look_back(model, proc, eos_id, args.videos)}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -21,10 +21,15 @@ def test_diagnose_runs_on_a_checkpoint(tmp_path):
     model, proc = tiny_models.BUILDERS["llava"](tok)
     model.save_pretrained(tmp_path / "m")
     proc.save_pretrained(tmp_path / "m")
-    diagnose.main([str(tmp_path / "m"), "--n", "8", "--out", str(tmp_path / "d.json")])
+    diagnose.main([str(tmp_path / "m"), "--n", "8", "--videos", "4", "--out", str(tmp_path / "d.json")])
     result = json.loads((tmp_path / "d.json").read_text())
     n_layers = model.config.text_config.num_hidden_layers
     assert all(len(v) == n_layers for v in result["object_mass"].values())
     assert all(0.0 <= m <= 1.0 for v in result["object_mass"].values() for m in v)
     assert len(result["left_right_probe"]["answer_token_after_layer"]) == n_layers + 1
     assert sum(v["n"] for v in result["accuracy"].values()) == 8
+    look = result["look_back"]
+    heads = model.config.text_config.num_attention_heads
+    for key in ("seen_mass_on_previous_frame", "new_mass_on_first_token"):
+        assert len(look[key]) == n_layers and all(len(h) == heads and 0 <= min(h) <= max(h) <= 1 for h in look[key])
+    assert len(look["novelty_probe_after_layer"]) == n_layers + 1 and look["n_tokens"] > 0
