@@ -262,7 +262,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="llava", choices=sorted(tiny_models.BUILDERS))
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=3000, help="the length of the learning-rate schedule")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="end after this step of the --steps schedule, evaluated and saved (what docs/training.md "
+                         "calls a run stopped at that step)")
     ap.add_argument("--batch", type=int, default=32, help="image examples per step")
     ap.add_argument("--video-batch", type=int, default=4, help="video examples per step (after --video-from)")
     ap.add_argument("--video-from", type=int, default=0, help="first step with video examples")
@@ -359,6 +362,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         raise SystemExit("--steps and --batch must be positive")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        raise SystemExit(f"--stop-at must be a step 1-{args.steps} of --steps, got {args.stop_at}")
+    last = args.stop_at or args.steps
     if args.init_from and args.tower_from:
         raise SystemExit("--init-from already holds a tower: give --init-from or --tower-from, not both")
     n_layers = tiny_models.LM["num_hidden_layers"]
@@ -442,7 +448,7 @@ def main(argv=None):
         args.aux_weight = 0.0
     target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first,
                                    args.novelty_centres, args.distinct_sink, args.count_sink, args.frame_weight > 0)
-    for step in range(1, args.steps + 1):
+    for step in range(1, last + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
         mc = 0.2 if img_types == IMAGE_TYPES else 0.0
@@ -471,14 +477,14 @@ def main(argv=None):
         if step % 25 == 0:
             print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in info.items()) + f" {time.time() - t0:.0f}s",
                   flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == last:
             acc = {"image": evaluate(model, proc, eos_id, args.eval_n, 10_000 + args.seed, video=False)}
             if args.video_batch:
                 acc["video"] = evaluate(model, proc, eos_id, args.eval_n // 2, 20_000 + args.seed, video=True, batch=8)
             log.write(json.dumps({"step": step, **info, "held_out": acc, "s": round(time.time() - t0)}) + "\n")
             log.flush()
             print(f"step {step} held-out {acc}", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == last:
             model.save_pretrained(args.out)
             proc.save_pretrained(args.out)
 

@@ -1,5 +1,6 @@
 """The tiny-model training script: runs, saves a checkpoint that tokensieve loads, covers the world's words,
 and builds its batches in exactly the engine's prompt format."""
+import json
 import math
 import random
 
@@ -241,6 +242,19 @@ def test_init_from_continues_a_checkpoint_and_train_projector_trains_only_the_pr
     assert tower and not tower & changed  # the frozen tower never moves
     assert any(is_projector(k) for k in changed)  # the projector / merger trains
     assert any("language_model" in k or "lm_head" in k for k in changed)  # so does the LM
+
+
+def test_stop_at_ends_a_longer_schedule_early(tmp_path):
+    """--steps 4 --stop-at 2: the run ends after step 2, evaluated (the log's one record) and saved; a stop past
+    --steps is one clear error."""
+    common = ["--steps", "4", "--batch", "2", "--video-batch", "0", "--curriculum", "0", "--eval-n", "2",
+              "--threads", "1", "--ground-weight", "0", "--tower-steps", "0", "--eval-every", "100"]
+    train_tiny.main(common + ["--out", str(tmp_path / "a"), "--stop-at", "2"])
+    log = [json.loads(line) for line in open(tmp_path / "a" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [2]
+    assert (tmp_path / "a" / "model.safetensors").exists()
+    with pytest.raises(SystemExit, match="--stop-at must be a step 1-4 of --steps"):
+        train_tiny.main(common + ["--out", str(tmp_path / "b"), "--stop-at", "5"])
 
 
 def test_init_from_and_tower_from_together_is_one_clear_error(tmp_path):
