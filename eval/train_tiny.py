@@ -117,6 +117,7 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
     return batch
 
 
+FRAME_COUNT_LAYER = 3  # the LM layer where a distinct answer spreads its attention over the frames (--frame-weight)
 TARGET_KEYS = ("cells", "ground", "novelty", "positions", "frames", "look")  # what collate adds with targets
 
 
@@ -133,7 +134,8 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
                share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False,
                query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0,
                word_weight: float = 0.0, frame_reader=None, frame_weight: float = 0.0, look_weight: float = 0.0,
-               look_layer: int = 1, look_heads: tuple[int, ...] | None = None) -> tuple[torch.Tensor, dict]:
+               look_layer: int = 1, look_heads: tuple[int, ...] | None = None, count_after_frames: bool = False
+               ) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty, positions = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty"), batch.pop("positions")
     frames, look = batch.pop("frames", None), batch.pop("look", None)
@@ -158,7 +160,11 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.share[sel])
         loss, info["share"] = loss + share_weight * term, term.item()
     if g is not None and readout_weight and (g.attrs >= 0).any():
-        term = sum(readout_loss(reader, out.hidden_states, g.rows, g.pos, g.attrs, layer) for layer in readout_layers)
+        before = g.attrs.clone()  # with count_after_frames: no count of a frame-counted answer before layer 3
+        if count_after_frames:
+            before[g.frames.any(-1), -1] = -100
+        term = sum(readout_loss(reader, out.hidden_states, g.rows, g.pos,
+                                g.attrs if layer >= FRAME_COUNT_LAYER else before, layer) for layer in readout_layers)
         loss, info["readout"] = loss + readout_weight * term, term.item()
     if g is not None and word_weight and g.words.any():
         sel = g.words.any(-1)
@@ -179,7 +185,7 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         loss, info["frame_look"], info["frame_new"] = loss + frame_weight * (seek + new), seek.item(), new.item()
         if g is not None and g.frames.any():
             sel = g.frames.any(-1)
-            term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.frames[sel], layer=3)
+            term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.frames[sel], layer=FRAME_COUNT_LAYER)
             loss, info["frame_count"] = loss + frame_weight * term, term.item()
     if looked:  # each video object token looks back at its object's last earlier frame, or at the sink if new
         term = share_loss(out.attentions, look.rows, look.pos, look.share, layer=look_layer, heads=look_heads)
@@ -343,6 +349,9 @@ def main(argv=None):
     ap.add_argument("--frame-weight", type=float, default=0.0,
                     help="each video frame's last token must look at (layer 2) and tell (after layer 2) whether the "
                          "frame shows a new object; a distinct answer's layer 3 puts 1/frames on each such token")
+    ap.add_argument("--count-after-frames", action="store_true",
+                    help="with --frame-weight, an open distinct answer's count is read out only after the frame-count "
+                         "layer 3, not after earlier --readout-layers (where no frame count exists yet)")
     ap.add_argument("--look-weight", type=float, default=0.0,
                     help="weight of the look-back loss: each video object token's attention in --look-layer (its "
                          "--look-heads) falls on its object's tokens in the last earlier frame showing "
@@ -466,7 +475,8 @@ def main(argv=None):
                 ground_per_head=args.ground_per_head, query_reader=query_reader, query_weight=args.query_weight,
                 position_reader=position_reader, position_weight=args.position_weight, word_weight=args.word_weight,
                 frame_reader=frame_reader, frame_weight=args.frame_weight, look_weight=args.look_weight,
-                look_layer=args.look_layer, look_heads=tuple(args.look_heads))
+                look_layer=args.look_layer, look_heads=tuple(args.look_heads),
+                count_after_frames=args.count_after_frames)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:

@@ -119,3 +119,45 @@ def test_frame_weight_adds_the_three_frame_losses_to_the_training_loss():
 def test_negative_frame_weight_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--frame-weight and --look-weight must be >= 0"):
         train_tiny.main(["--out", str(tmp_path), "--frame-weight", "-1"])
+
+
+def test_count_after_frames_reads_a_distinct_count_only_after_the_frame_count_layer():
+    """readout_layers (2, 3) with count_after_frames: after layer 2 the open distinct turn has no count
+    target (the frames are counted in layer 3), after layer 3 it has; other targets are unchanged.
+    Reference: objectives.readout_loss (checked against its formula elsewhere) on hand-masked targets."""
+    tok, model, proc, eos = _setup()
+    model.set_attn_implementation("eager")
+    model.eval()
+    capture = []
+    tiny_models.visual_tokens(model).register_forward_hook(lambda mod, inp, out: capture.append(out))
+    hidden = model.config.get_text_config().hidden_size
+    head = torch.nn.Linear(hidden, sum(objectives.N_CLASSES))
+    reader = torch.nn.Linear(hidden, sum(objectives.N_READOUT))
+    distinct = world.QA("how many distinct objects appeared ?", "2", "distinct", refs=(0, 1))
+    order = world.QA("which shape came first , circle or square ?", "circle", "order", refs=(0, 1))
+    examples = [{"scenes": _video(), "qas": [distinct, order]}]
+    options = objectives.TargetOptions(distinct_readout=True, order_first=True, distinct_frames=True)
+
+    def run(after):
+        batch = train_tiny.collate(proc, examples, eos, options=options)
+        g = batch["ground"]
+        with torch.no_grad():
+            _, info = train_tiny.train_step(model, head, capture, batch, 0.0, reader=reader, readout_weight=1.0,
+                                            readout_layers=(2, 3), count_after_frames=after)
+        return info["readout"], g
+
+    both, g = run(False)
+    after, _ = run(True)
+    batch = train_tiny.collate(proc, examples, eos, options=options)
+    for k in (*train_tiny.TARGET_KEYS, "labels"):
+        batch.pop(k)
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states
+        masked = g.attrs.clone()
+        assert g.frames[0].any() and masked[0, -1] == 2  # the distinct turn is frame-counted, its count is 2
+        masked[0, -1] = -100
+        expected = (objectives.readout_loss(reader, states, g.rows, g.pos, masked, 2)
+                    + objectives.readout_loss(reader, states, g.rows, g.pos, g.attrs, 3))
+        plain = sum(objectives.readout_loss(reader, states, g.rows, g.pos, g.attrs, layer) for layer in (2, 3))
+    assert after == pytest.approx(expected.item(), rel=1e-5)
+    assert both == pytest.approx(plain.item(), rel=1e-5) and both != pytest.approx(after, rel=1e-3)
