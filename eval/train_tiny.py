@@ -235,6 +235,16 @@ def tower_accuracy(model, proc, head, capture: list, seed: int, n: int = 64) -> 
 def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32) -> dict:
     """Greedy accuracy of the answer word per question type (and over open / multiple-choice questions)
     on held-out single-question examples (another seed), in exactly the engine's prompt format."""
+    right, total = tally(model, proc, eos_id, n, seed, video, batch)
+    return {k: round(right[k] / total[k], 4) for k in sorted(total)}
+
+
+@torch.no_grad()
+def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32,
+          progress=None) -> tuple[dict, dict]:
+    """``evaluate``'s counts: (right, total) per key ("all", each type, "open" / "multiple-choice");
+    ``progress(k)`` after each batch of k examples."""
+    was_training = model.training
     model.eval()
     rng = random.Random(seed)
     right, total = {}, {}
@@ -247,8 +257,10 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
             for key in ("all", ex["qas"][0].type, "multiple-choice" if ex["qas"][0].options else "open"):
                 right[key] = right.get(key, 0) + int(p == g)
                 total[key] = total.get(key, 0) + 1
-    model.train()
-    return {k: round(right[k] / total[k], 4) for k in sorted(total)}
+        if progress is not None:
+            progress(len(examples))
+    model.train(was_training)
+    return right, total
 
 
 def load_weights(model, path: str, keep: set[int] | None = None) -> None:

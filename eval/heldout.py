@@ -1,0 +1,90 @@
+"""Held-out full-token accuracy of trained tiny VLMs, per question type: the figures of issue 5's bar.
+
+    python -m tokensieve.eval.heldout                       # both shipped VLMs, 512 images / 256 videos
+    python -m tokensieve.eval.heldout runs/q14 --video-seed 30000 --out q14.json
+
+Questions come from seeds the training never draws (images 10 000, videos 20 000: ``train_tiny``
+trains on seed ``--seed`` and logs 10 000 + seed / 20 000 + seed), one question per scene or video,
+20% multiple choice, in exactly the engine's prompt format (``train_tiny.tally``: the greedy answer
+word after the prompt). The bar is image >= 95% and video >= 90% for each model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from tokensieve.eval import shipped, train_tiny
+
+BAR = {"image": 0.95, "video": 0.90}
+
+
+def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, video_seed: int = 20_000,
+            progress=None) -> dict:
+    """{"image" | "video": {key: {"right", "n", "accuracy"}}} for the checkpoint at ``path``; keys are
+    "all", each question type, "open" and "multiple-choice"."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    eos_id = model.config.get_text_config().eos_token_id
+    out = {}
+    for kind, n, seed, batch in (("image", n_images, image_seed, 32), ("video", n_videos, video_seed, 8)):
+        if n:
+            right, total = train_tiny.tally(model, proc, eos_id, n, seed, video=kind == "video", batch=batch,
+                                            progress=progress)
+            out[kind] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
+                         for k in sorted(total)}
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    """Markdown: one row per model and kind, overall accuracy with its standard error, then each type (n)."""
+    lines = ["| model | kind | all (± s.e.) | bar | per type: accuracy % (n) |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        for kind, cells in res.items():
+            a, n = cells["all"]["accuracy"], cells["all"]["n"]
+            se = math.sqrt(a * (1 - a) / n)
+            types = ", ".join(f"{k} {100 * c['accuracy']:.0f} ({c['n']})" for k, c in cells.items() if k != "all")
+            met = "met" if a >= BAR[kind] else "not met"
+            lines.append(f"| {name} | {kind} | {100 * a:.1f} ± {100 * se:.1f} | {100 * BAR[kind]:.0f}%: {met} | {types} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    from tqdm import tqdm
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*", help="checkpoint directories or shipped names (default: the shipped VLMs)")
+    ap.add_argument("--images", type=int, default=512, help="held-out image questions")
+    ap.add_argument("--videos", type=int, default=256, help="held-out video questions")
+    ap.add_argument("--image-seed", type=int, default=10_000)
+    ap.add_argument("--video-seed", type=int, default=20_000)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="also write the results here (JSON)")
+    args = ap.parse_args(argv)
+    if args.images < 0 or args.videos < 0 or args.images + args.videos == 0:
+        ap.error("--images and --videos must be >= 0, and not both 0")
+    names = args.models or list(shipped.MODELS)
+    paths = {name: shipped.path(name) if name in shipped.MODELS else name for name in names}
+    missing = [p for p in paths.values() if not os.path.isdir(p)]
+    if missing:
+        ap.error(f"no checkpoint directory {missing[0]}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    with tqdm(total=len(paths) * (args.images + args.videos), desc="held-out questions") as bar:
+        for name, path in paths.items():
+            results[name] = measure(path, args.images, args.videos, args.image_seed, args.video_seed, bar.update)
+    print(table(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"image_seed": args.image_seed, "video_seed": args.video_seed, "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

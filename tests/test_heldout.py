@@ -1,0 +1,45 @@
+"""The held-out accuracy command (issue 5's bar) against the engine answering the same questions."""
+import random
+
+import pytest
+
+from tokensieve.eval import heldout, shipped, train_tiny, world
+
+
+def _engine_right(engine, n: int, seed: int, video: bool) -> dict:
+    """Right answers per type, through ``tokensieve``'s generate (an independent path: no logits indexing)."""
+    right = {}
+    for ex in train_tiny.sample_examples(random.Random(seed), n, video):
+        qa = ex["qas"][0]
+        text = engine.generate(qa.question, images=[world.render(s) for s in ex["scenes"]], max_new_tokens=1).text
+        right[qa.type] = right.get(qa.type, 0) + int(text.strip() == qa.answer)
+    return right
+
+
+def test_heldout_counts_match_the_engine_on_the_same_questions():
+    import tokensieve
+    res = heldout.measure(shipped.path("llava"), n_images=12, n_videos=3)
+    with tokensieve.load(shipped.path("llava")) as engine:
+        for kind, n, seed in (("image", 12, 10_000), ("video", 3, 20_000)):
+            cells = res[kind]
+            assert cells["all"]["n"] == n
+            assert cells["open"]["n"] + cells.get("multiple-choice", {"n": 0})["n"] == n
+            expected = _engine_right(engine, n, seed, kind == "video")
+            got = {k: c["right"] for k, c in cells.items() if k not in ("all", "open", "multiple-choice")}
+            assert got == {k: expected.get(k, 0) for k in got} and sum(got.values()) == cells["all"]["right"]
+
+
+def test_heldout_table_states_the_bar():
+    res = {"m": {"image": {"all": {"right": 96, "n": 100, "accuracy": 0.96}, "colour": {"right": 9, "n": 10, "accuracy": 0.9}},
+                 "video": {"all": {"right": 85, "n": 100, "accuracy": 0.85}}}}
+    text = heldout.table(res)
+    assert "| m | image | 96.0 ± 2.0 | 95%: met | colour 90 (10) |" in text
+    assert "| m | video | 85.0 ± 3.6 | 90%: not met |" in text
+
+
+@pytest.mark.parametrize("argv, message", [(["--images", "0", "--videos", "0"], "not both 0"),
+                                           (["/no/such/dir"], "no checkpoint directory /no/such/dir")])
+def test_heldout_bad_input_is_one_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        heldout.main(argv)
+    assert message in capsys.readouterr().err
