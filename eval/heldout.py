@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--image-seed", type=int, default=10_000)
     ap.add_argument("--video-seed", type=int, default=20_000)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default=None, help="also write the results here (JSON)")
+    ap.add_argument("--out", default=None, help="also write the results here (JSON), and the table beside it (.md)")
     args = ap.parse_args(argv)
     if args.images < 0 or args.videos < 0 or args.images + args.videos == 0:
         ap.error("--images and --videos must be >= 0, and not both 0")
@@ -83,6 +83,9 @@ def main(argv=None) -> dict:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"image_seed": args.image_seed, "video_seed": args.video_seed, "results": results}, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(f"Held-out full-token accuracy (images seed {args.image_seed}, videos seed {args.video_seed}; "
+                    f"`python -m tokensieve.eval.heldout`)\n\n{table(results)}\n")
     return results
 
 

@@ -43,3 +43,11 @@ def test_heldout_bad_input_is_one_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit):
         heldout.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_heldout_main_writes_json_and_table(tmp_path):
+    out = tmp_path / "r.json"
+    heldout.main(["llava", "--images", "4", "--videos", "0", "--out", str(out)])
+    import json
+    assert json.loads(out.read_text())["results"]["llava"]["image"]["all"]["n"] == 4
+    assert "| llava | image |" in (tmp_path / "r.md").read_text()
