@@ -18,6 +18,9 @@ On held-out videos (seed 20 000), for the "how many distinct objects appeared ?"
   look-back target (``video_targets.look_targets``: its object's tokens in the frame before, or the
   first token where the object is new), for seen and new tokens apart; and a logistic probe reading
   "new" from those tokens after each layer (videos of the first 70% fit it).
+- ``distinct_count``: on open distinct questions, per true count, the accuracy and the answer token's
+  frame-count-layer attention share on frames with a new object; probes of the count from that share
+  and from the answer token after each layer: is the count lost in the attention or after it?
 """
 from __future__ import annotations
 
@@ -126,13 +129,53 @@ def look_back(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
             "novelty_probe_after_layer": probe, "n_tokens": len(y), "new_fraction": round(y.float().mean().item(), 3)}
 
 
+@torch.no_grad()
+def distinct_count(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
+    """Open "how many distinct objects appeared ?" questions: where the count is lost. Per true count: the
+    greedy answer's accuracy and the answer token's share of its frame-count-layer attention (mean of
+    the heads) on the frames that show a new object, among all frame tokens (``--frame-weight``'s target
+    is k / frames). Then probes reading the count from that share alone and from the answer token's
+    hidden state after each layer (the first 70% of the questions fit them)."""
+    rng = random.Random(VIDEO_SEED)
+    right, shares, hidden, counts = defaultdict(list), [], defaultdict(list), []
+    for start in range(0, n, batch):
+        examples = train_tiny.sample_examples(rng, min(batch, n - start), True, 1, 0.0, ("distinct",))
+        b = train_tiny.collate(proc, examples, eos_id)
+        frames = b["frames"]
+        for unused in (*train_tiny.TARGET_KEYS, "labels"):
+            b.pop(unused)
+        out = model(**b, output_attentions=True, output_hidden_states=True)
+        pred = out.logits[:, -3].argmax(-1)  # the token before the answer word (left padding)
+        att = out.attentions[train_tiny.FRAME_COUNT_LAYER][:, :, -3].mean(1)  # [B, L]
+        for i, ex in enumerate(examples):
+            answer = ex["qas"][0].answer
+            on = frames.rows == i
+            mass = att[i, frames.pos[on]]
+            shares.append((mass * frames.new[on]).sum().item() / max(mass.sum().item(), 1e-9))
+            right[answer].append(int(proc.tokenizer.decode([pred[i].item()]).strip() == answer))
+            counts.append(answer)
+        for layer, h in enumerate(out.hidden_states):
+            hidden[layer].append(h[:, -3])
+    names = sorted(set(counts))
+    y = torch.tensor([names.index(c) for c in counts])
+    share = torch.tensor(shares)
+    with torch.enable_grad():
+        by_share = _probe(share[:, None], y, len(names), steps=1000)
+        by_layer = [_probe(torch.cat(h).float(), y, len(names)) for _, h in sorted(hidden.items())]
+    per = {c: {"n": len(right[c]), "accuracy": round(sum(right[c]) / len(right[c]), 3),
+               "share_on_new_frames": round(share[y == k].mean().item(), 3)} for k, c in enumerate(names)}
+    total = sum(map(sum, right.values())) / len(counts)
+    return {"accuracy": round(total, 3), "by_count": per, "count_probe_from_share": by_share,
+            "count_probe_after_layer": by_layer, "n": len(counts)}
+
+
 def main(argv=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a trained checkpoint directory")
     ap.add_argument("--n", type=int, default=256, help="held-out image questions (the probe uses 3x as many position ones)")
-    ap.add_argument("--videos", type=int, default=64, help="held-out videos for look_back")
+    ap.add_argument("--videos", type=int, default=64, help="held-out videos for look_back and distinct_count")
     ap.add_argument("--out", default=None, help="also write the result here (JSON)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -142,7 +185,8 @@ def main(argv=None):
     acc, mass = accuracy_and_mass(model, proc, eos_id, args.n)
     result = {"model": args.model, "accuracy": acc, "object_mass": mass,
               "left_right_probe": left_right_probe(model, proc, eos_id, 3 * args.n),
-              "look_back": look_back(model, proc, eos_id, args.videos)}
+              "look_back": look_back(model, proc, eos_id, args.videos),
+              "distinct_count": distinct_count(model, proc, eos_id, args.videos)}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -33,3 +33,8 @@ def test_diagnose_runs_on_a_checkpoint(tmp_path):
     for key in ("seen_mass_on_previous_frame", "new_mass_on_first_token"):
         assert len(look[key]) == n_layers and all(len(h) == heads and 0 <= min(h) <= max(h) <= 1 for h in look[key])
     assert len(look["novelty_probe_after_layer"]) == n_layers + 1 and look["n_tokens"] > 0
+    count = result["distinct_count"]
+    assert count["n"] == 4 and sum(c["n"] for c in count["by_count"].values()) == 4
+    assert set(count["by_count"]) <= {"1", "2", "3", "4", "5"}  # the world's videos show 2-5 objects
+    assert all(0.0 <= c["share_on_new_frames"] <= 1.0 for c in count["by_count"].values())
+    assert len(count["count_probe_after_layer"]) == n_layers + 1
