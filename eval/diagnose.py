@@ -45,6 +45,13 @@ def _batches(proc, eos_id: int, n: int, types=None, mc_fraction: float = 0.2, ba
         yield examples, train_tiny.collate(proc, examples, eos_id, targets=targets)
 
 
+def _model_inputs(batch: dict) -> dict:
+    """Drop collate's targets and labels from ``batch`` (in place): what is left is the model's input."""
+    for key in (*train_tiny.TARGET_KEYS, "labels"):
+        batch.pop(key)
+    return batch
+
+
 @torch.no_grad()
 def accuracy_and_mass(model, proc, eos_id: int, n: int) -> tuple[dict, dict]:
     right, mass = defaultdict(list), defaultdict(list)
@@ -110,8 +117,7 @@ def look_back(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
         examples = train_tiny.sample_examples(rng, min(batch, n - start), True, 1)
         b = train_tiny.collate(proc, examples, eos_id)
         look, novelty = b["look"], b["novelty"]
-        for unused in (*train_tiny.TARGET_KEYS, "labels"):
-            b.pop(unused)
+        _model_inputs(b)
         out = model(**b, output_attentions=True, output_hidden_states=True)
         mass = torch.stack([(a[look.rows, :, look.pos] * (look.share > 0)[:, None]).sum(-1) for a in out.attentions],
                            1)  # [N, layers, H]
@@ -142,8 +148,7 @@ def distinct_count(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
         examples = train_tiny.sample_examples(rng, min(batch, n - start), True, 1, 0.0, ("distinct",))
         b = train_tiny.collate(proc, examples, eos_id)
         frames = b["frames"]
-        for unused in (*train_tiny.TARGET_KEYS, "labels"):
-            b.pop(unused)
+        _model_inputs(b)
         out = model(**b, output_attentions=True, output_hidden_states=True)
         pred = out.logits[:, -3].argmax(-1)  # the token before the answer word (left padding)
         att = out.attentions[train_tiny.FRAME_COUNT_LAYER][:, :, -3].mean(1)  # [B, L]

@@ -160,8 +160,9 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         term = share_loss(out.attentions, g.rows[sel], g.pos[sel], g.share[sel])
         loss, info["share"] = loss + share_weight * term, term.item()
     if g is not None and readout_weight and (g.attrs >= 0).any():
-        before = g.attrs.clone()  # with count_after_frames: no count of a frame-counted answer before layer 3
+        before = g.attrs  # with count_after_frames: no count of a frame-counted answer before layer 3
         if count_after_frames:
+            before = g.attrs.clone()
             before[g.frames.any(-1), -1] = -100
         term = sum(readout_loss(reader, out.hidden_states, g.rows, g.pos,
                                 g.attrs if layer >= FRAME_COUNT_LAYER else before, layer) for layer in readout_layers)
