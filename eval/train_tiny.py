@@ -292,6 +292,9 @@ def main(argv=None):
     ap.add_argument("--curriculum", type=int, default=150,
                     help="open one question type every this many steps (image types, then video types from "
                          "--video-from); multiple choice once all are open; 0: everything from the start")
+    ap.add_argument("--mc-fraction", type=float, default=0.2,
+                    help="share of the turns asked in the multiple-choice form (A-D, answer a letter) once every "
+                         "image type is open")
     ap.add_argument("--tower-steps", type=int, default=400,
                     help="phase 1: steps (of 64 images) training only the tower + projector on the per-token targets")
     ap.add_argument("--tower-from", default=None,
@@ -386,6 +389,8 @@ def main(argv=None):
         raise SystemExit("--steps and --batch must be positive")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise SystemExit(f"--stop-at must be a step 1-{args.steps} of --steps, got {args.stop_at}")
+    if not 0 <= args.mc_fraction <= 1:
+        raise SystemExit(f"--mc-fraction must be in [0, 1], got {args.mc_fraction}")
     last = args.stop_at or args.steps
     if args.init_from and args.tower_from:
         raise SystemExit("--init-from already holds a tower: give --init-from or --tower-from, not both")
@@ -473,7 +478,7 @@ def main(argv=None):
     for step in range(1, last + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
-        mc = 0.2 if img_types == IMAGE_TYPES else 0.0
+        mc = args.mc_fraction if img_types == IMAGE_TYPES else 0.0
         parts = [sample_examples(rng, args.batch, False, args.turns, mc, img_types)]
         if args.video_batch and step >= args.video_from:
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))

@@ -451,3 +451,16 @@ def test_count_sink_shares_the_counted_objects_centres_and_a_count_of_zero_all_o
     assert share[1][0].item() == 1.0 and share[1].sum().item() == 1.0
     only_distinct = objectives.TargetOptions(count_readout=True, distinct_sink=1.0)
     assert not train_tiny.collate(proc, [{"scenes": [scene], "qas": qas}], eos, options=only_distinct)["ground"].share.any()
+
+
+def test_mc_fraction_outside_0_1_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"--mc-fraction must be in \[0, 1\], got 1.5"):
+        train_tiny.main(["--out", str(tmp_path), "--mc-fraction", "1.5"])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_mc_fraction_sets_the_share_of_multiple_choice_turns(fraction):
+    examples = train_tiny.sample_examples(random.Random(3), 8, video=False, turns=3, mc_fraction=fraction)
+    qas = [qa for ex in examples for qa in ex["qas"]]
+    lettered = [qa for qa in qas if qa.answer in "ABCD" and qa.options]
+    assert len(lettered) == (len(qas) if fraction else 0)
