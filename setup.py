@@ -22,7 +22,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision",  # transformers' video processors (Qwen-VL, OneVision processors) need it
-        "transformers>=5.0,<6",  # tested: 5.23
+        "transformers>=5.0,<6",  # tested: 5.23, 5.25
         "tokenizers>=0.20",
         "safetensors",
         "pillow",
