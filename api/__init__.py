@@ -7,6 +7,26 @@
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+
+def _drop_repo_root_from_path() -> None:
+    """``python -m tokensieve...`` run from this repository's root puts the root first on ``sys.path``,
+    and there the folder ``kernels/`` shadows the Hugging Face ``kernels`` package that transformers
+    (5.25 depends on it) imports: every model load fails. tokensieve is importable without the root (it
+    is installed; the editable finder maps ``tokensieve.*`` to the folders), so drop the root from the path.
+    Only a source checkout matches (``api/`` and ``kernels/`` beside each other); an installed package
+    never does."""
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if "kernels" in _sys.modules or not (_os.path.isfile(_os.path.join(root, "api", "__init__.py"))
+                                         and _os.path.isfile(_os.path.join(root, "kernels", "__init__.py"))):
+        return
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != root]
+
+
+_drop_repo_root_from_path()
+
 from .engine import (Engine, InputError, Plan, PlanError, Request, Result, Stage, TokenSieveError,
                      UnsupportedModelError)
 

@@ -41,3 +41,13 @@ def test_cli_bad_image_is_one_clear_error(tmp_path):
     out = _run("--image", str(tmp_path / "missing.png"), "--prompt", "what")
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: image 0: file not found: {tmp_path / 'missing.png'}"
+
+
+
+def test_module_commands_run_from_the_repository_root():
+    """``python -m tokensieve...`` from the checkout's root (as the README's commands are typed), where
+    ``kernels/`` could shadow the Hugging Face ``kernels`` package that transformers imports."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "tokensieve.eval.heldout", "--help"], capture_output=True,
+                         text=True, timeout=300, cwd=root)
+    assert out.returncode == 0 and "held-out" in out.stdout, out.stderr[-2000:]
