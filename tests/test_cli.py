@@ -43,7 +43,6 @@ def test_cli_bad_image_is_one_clear_error(tmp_path):
     assert out.stderr.strip() == f"error: image 0: file not found: {tmp_path / 'missing.png'}"
 
 
-
 def test_module_commands_run_from_the_repository_root():
     """``python -m tokensieve...`` from the checkout's root (as the README's commands are typed), where
     ``kernels/`` could shadow the Hugging Face ``kernels`` package that transformers imports."""
