@@ -5,7 +5,9 @@
 
 Held-out questions (seed 10_000, never used in training) on images and 8-frame videos; each
 pruner runs at its default place in the model (LLM-stage pruners at decoder layer 2 of the tiny
-models' 4) with keep = 50%, 25%, 11%, 5% of the visual tokens, plus the full-token baseline.
+models' 4, ``--llm-layer``; at layer 3 the answer is already made and even random pruning keeps it:
+docs/training.md, "Pruning report") with keep = 50%, 25%, 11%, 5% of the visual tokens, plus the
+full-token baseline.
 A pruner a family cannot run (no CLS token) is reported as n/a. Every measured cell is appended to
 ``<out>/cells.jsonl`` as it is made, and a rerun skips the cells already there; the table
 (``report.md``) and the plot (``report.png``) are rebuilt from that file.
@@ -24,7 +26,7 @@ from . import world
 from .tiny_models import IMAGE, VIDEO_FRAMES
 
 BUDGETS = (0.5, 0.25, 0.11, 0.05)
-LLM_LAYER = 2
+LLM_LAYER = 2  # LLM-stage pruners prune before this decoder layer, scoring with the layer before
 
 
 @dataclass
@@ -53,11 +55,11 @@ def held_out(n_images: int, n_videos: int, seed: int = 10_000, mc_fraction: floa
     return out
 
 
-def plan_for(pruner: str, budget: float | None) -> str:
+def plan_for(pruner: str, budget: float | None, llm_layer: int = LLM_LAYER) -> str:
     if budget is None:
         return ""
     where = REGISTRY[pruner].default_where
-    return f"{pruner}:" + (f"layer={LLM_LAYER}," if where == "llm" else "") + f"keep={budget}"
+    return f"{pruner}:" + (f"layer={llm_layer}," if where == "llm" else "") + f"keep={budget}"
 
 
 def measure(engine, questions: list[Question], plan: str, batch_size: int) -> dict:
@@ -75,13 +77,17 @@ def measure(engine, questions: list[Question], plan: str, batch_size: int) -> di
 
 
 def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_images: int, n_videos: int,
-        out: str, batch_size: int = 16) -> list[dict]:
+        out: str, batch_size: int = 16, llm_layer: int = LLM_LAYER) -> list[dict]:
+    """Measure every (model, pruner, budget) cell not yet in ``<out>/cells.jsonl``; return all cells
+    whose plan is the one asked for now (a cell measured with another ``llm_layer`` is measured again)."""
     import tokensieve
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "cells.jsonl")
     cells = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    cells = [c for c in cells if c["pruner"] in REGISTRY or c["budget"] is None]
+    cells = [c for c in cells if c["plan"] == plan_for(c["pruner"], c["budget"], llm_layer)]
     done = {(c["model"], c["pruner"], c["budget"]) for c in cells}
     questions = held_out(n_images, n_videos)
     todo = [(m, p, b) for m in models for p, b in [("none", None)] + [(p, b) for p in pruners for b in budgets]
@@ -93,7 +99,8 @@ def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_imag
                 if engine is not None:
                     engine.close()
                 engine, loaded = tokensieve.load(models[model]), model
-            cell = {"model": model, "pruner": pruner, "budget": budget, "plan": plan_for(pruner, budget)}
+            cell = {"model": model, "pruner": pruner, "budget": budget,
+                    "plan": plan_for(pruner, budget, llm_layer)}
             try:
                 cell.update(measure(engine, questions, cell["plan"], batch_size))
             except PlanError as e:
@@ -193,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--n-videos", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default="eval/results/pruning")
+    ap.add_argument("--llm-layer", type=int, default=LLM_LAYER,
+                    help=f"decoder layer the LLM-stage pruners prune before (default {LLM_LAYER} of the tiny models' 4)")
     args = ap.parse_args(argv)
     unknown = [p for p in args.pruners if p not in REGISTRY]
     if unknown:
@@ -204,7 +213,8 @@ def main(argv=None):
     for name, p in models.items():
         if not os.path.isfile(os.path.join(p, "config.json")):
             raise SystemExit(f"model '{name}': no checkpoint at {p}")
-    cells = run(models, args.pruners, args.budgets, args.n_images, args.n_videos, args.out, args.batch_size)
+    cells = run(models, args.pruners, args.budgets, args.n_images, args.n_videos, args.out, args.batch_size,
+                args.llm_layer)
     print(write(cells, args.out))
 
 

@@ -40,7 +40,7 @@ def test_report_cells_resume_table_and_plot(tiny_path, tmp_path):
     by = {(c["pruner"], c["budget"]): c for c in cells}
     assert by[("none", None)]["kept_fraction"] == {"image": 1.0, "video": 1.0}
     assert by[("uniform", 0.25)]["kept_fraction"]["image"] == 0.25  # 16 of the tiny model's 64 tokens
-    assert by[("fastv", 0.5)]["plan"] == "fastv:layer=2,keep=0.5"
+    assert by[("fastv", 0.5)]["plan"] == "fastv:layer=2,keep=0.5"  # the report's default LLM layer
     assert by[("uniform", 0.5)]["n"]["image"] == 4 and by[("uniform", 0.5)]["n"]["video"] == 2
     lines = (tmp_path / "cells.jsonl").read_text().splitlines()
     again = report.run(models, ["uniform", "fastv"], [0.5, 0.25], n_images=4, n_videos=2, out=str(tmp_path))
@@ -48,6 +48,13 @@ def test_report_cells_resume_table_and_plot(tiny_path, tmp_path):
     text = report.write(again, str(tmp_path))
     assert "| uniform |" in text and "tiny 25%" in text and (tmp_path / "report.png").stat().st_size > 0
     assert json.loads(lines[0])["pruner"] == "none"
+    # another --llm-layer re-measures the LLM-stage cells only, and the table shows only the new ones
+    other = report.run(models, ["uniform", "fastv"], [0.5, 0.25], n_images=4, n_videos=2, out=str(tmp_path),
+                       llm_layer=3)
+    added = [json.loads(x) for x in (tmp_path / "cells.jsonl").read_text().splitlines()[len(lines):]]
+    assert sorted(c["plan"] for c in added) == ["fastv:layer=3,keep=0.25", "fastv:layer=3,keep=0.5"]
+    assert len(other) == len(cells) and {c["plan"] for c in other if c["pruner"] == "fastv"} == {
+        "fastv:layer=3,keep=0.25", "fastv:layer=3,keep=0.5"}
 
 
 def test_held_out_questions_cover_every_type():
