@@ -6,6 +6,7 @@ makes - plus the pruning state as one extra kwarg when a plan is active.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,17 @@ def _state_kwargs(state: RequestState | None) -> dict:
     return {} if state is None else {STATE_KWARG: state}
 
 
+def _cache_kwargs(model, cache) -> dict:
+    """The cache under the name this transformers' forward takes: ``cache`` from 5.25 on (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
 def prefill(model, embeds, attention_mask, position_ids, cache, state: RequestState | None) -> torch.Tensor:
     """embeds [B, L, D], attention_mask [B, L], position_ids [B, L] or [P, B, L] -> logits [B, V] (last token)."""
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1, **_state_kwargs(state))
+                logits_to_keep=1, **_cache_kwargs(model, cache), **_state_kwargs(state))
     return out.logits[:, -1].float()
 
 
@@ -53,7 +61,7 @@ def decode_one_token(model, embed_fn, token, attention_mask, position_ids, cache
     if state is not None:
         state.start_decode(1, token.device)
     out = model(inputs_embeds=embed_fn(token[:, None]), attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, **_state_kwargs(state))
+                **_cache_kwargs(model, cache), **_state_kwargs(state))
     return out.logits[:, -1].float()
 
 

@@ -6,6 +6,8 @@
 (d) a padded batch == the same requests one at a time
 (e) kept indices are in the request's original visual-token coordinates
 """
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -156,3 +158,13 @@ def _capture_last_row(model, layer, store, hide):
         store["row"] = logits.softmax(-1)[0, :, 0].mean(0)
 
     return attn_mod.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_f_no_deprecated_cache_argument(family, engine_for):
+    """transformers 5.25 renamed the forward's ``past_key_values`` to ``cache``; the engine passes the
+    name the installed version takes, so a padded, pruned, cached generate warns about neither."""
+    engine = engine_for(family)
+    reqs = [dict(r, plan="fastv:layer=2,keep=0.25", max_new_tokens=3) for r in _requests(family)[:2]]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(past_key_values|cache).*deprecated", category=FutureWarning)
+        engine.generate_batch(reqs)
