@@ -21,7 +21,7 @@ from ..pruners import get_pruner
 from . import attention, hooks, metering
 from .adapters import Adapter, adapter_for
 from .errors import PlanError
-from .generation import DecodeOptions, decode_one_token, next_positions, prefill, sample
+from .generation import DecodeOptions, cache_kwargs, decode_one_token, next_positions, prefill, sample
 from .plan import Plan
 from .request import CheckedRequest, Request, check_request
 from ..pruners import TowerRecord
@@ -243,7 +243,7 @@ class Engine:
         feats, alive = self._encode(batch, inputs, state)
         feats, alive = self._pre_llm(batch, inputs, feats, alive, state)
         embeds, attn, pos, n_text = self._llm_inputs(batch, inputs, feats, alive, state)
-        cache = DynamicCache(config=self.adapter.text_config)
+        cache = cache_kwargs(self.model, DynamicCache(config=self.adapter.text_config))
         logits = prefill(self.model, embeds, attn, pos, cache, state)
         t1 = time.perf_counter()
         tokens, logits = self._decode(logits, attn, pos, cache, state, options, batch.reqs[0].max_new_tokens)

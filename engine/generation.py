@@ -42,26 +42,28 @@ def _state_kwargs(state: RequestState | None) -> dict:
     return {} if state is None else {STATE_KWARG: state}
 
 
-def _cache_kwargs(model, cache) -> dict:
-    """The cache under the name this transformers' forward takes: ``cache`` from 5.25 on (where
-    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+def cache_kwargs(model, cache) -> dict:
+    """The forward kwargs that pass ``cache``, under the name this transformers' forward takes:
+    ``cache`` from 5.25 on (where ``past_key_values`` is deprecated, to be removed in 5.40),
+    ``past_key_values`` before. Build it once per request batch; prefill and decode take it."""
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache, "use_cache": True}
 
 
-def prefill(model, embeds, attention_mask, position_ids, cache, state: RequestState | None) -> torch.Tensor:
-    """embeds [B, L, D], attention_mask [B, L], position_ids [B, L] or [P, B, L] -> logits [B, V] (last token)."""
+def prefill(model, embeds, attention_mask, position_ids, cache: dict, state: RequestState | None) -> torch.Tensor:
+    """embeds [B, L, D], attention_mask [B, L], position_ids [B, L] or [P, B, L] -> logits [B, V] (last token).
+    ``cache``: ``cache_kwargs(model, DynamicCache(...))``."""
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=1, **_cache_kwargs(model, cache), **_state_kwargs(state))
+                logits_to_keep=1, **cache, **_state_kwargs(state))
     return out.logits[:, -1].float()
 
 
-def decode_one_token(model, embed_fn, token, attention_mask, position_ids, cache, state: RequestState | None):
+def decode_one_token(model, embed_fn, token, attention_mask, position_ids, cache: dict, state: RequestState | None):
     """token [B]; attention_mask [B, T] (incl. this token); position_ids [..., B, 1] -> logits [B, V]."""
     if state is not None:
         state.start_decode(1, token.device)
     out = model(inputs_embeds=embed_fn(token[:, None]), attention_mask=attention_mask, position_ids=position_ids,
-                **_cache_kwargs(model, cache), **_state_kwargs(state))
+                **cache, **_state_kwargs(state))
     return out.logits[:, -1].float()
 
 

@@ -86,8 +86,8 @@ def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_imag
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "cells.jsonl")
     cells = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    cells = [c for c in cells if c["pruner"] in REGISTRY or c["budget"] is None]
-    cells = [c for c in cells if c["plan"] == plan_for(c["pruner"], c["budget"], llm_layer)]
+    cells = [c for c in cells if (c["pruner"] in REGISTRY or c["budget"] is None)
+             and c["plan"] == plan_for(c["pruner"], c["budget"], llm_layer)]
     done = {(c["model"], c["pruner"], c["budget"]) for c in cells}
     questions = held_out(n_images, n_videos)
     todo = [(m, p, b) for m in models for p, b in [("none", None)] + [(p, b) for p in pruners for b in budgets]
