@@ -44,11 +44,14 @@ def default_model() -> str:
     return shipped.path("llava")
 
 
-def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, max_new_tokens: int = 32) -> Engine:
+def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, max_new_tokens: int = 32,
+         video_mode: str = "native") -> Engine:
     """Load a supported VLM (hub id or local directory) with its processor and wrap it in an Engine.
 
     model: None loads the embedded default model. plan: the default plan for every call
     (string, list of dicts, YAML/JSON path or Plan). dtype: a torch dtype or its name.
+    video_mode: "native" (a family's own video input where it has one: Qwen2-VL, Qwen2.5-VL,
+    LLaVA-OneVision) or "frames" (every family: the frames as a sequence of images).
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -65,7 +68,7 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
         dtype = getattr(torch, dtype)
     hf = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(model)
-    return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens)
+    return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens, video_mode=video_mode)
 
 
 __all__ = ["load", "Engine", "Result", "Plan", "Stage", "Request", "TokenSieveError", "PlanError", "InputError",

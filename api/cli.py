@@ -5,7 +5,7 @@
     tokensieve run --model llava-hf/llava-1.5-7b-hf --image photo.jpg --prompt "..." --json
 
 With no --model the embedded default model is used; with no --plan, the full model and a
-25% uniform budget run side by side.
+25% uniform budget run side by side. ``--video clip.mp4 [--nframes N | --fps F]`` asks about a video.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import json
 import sys
 
 DEFAULT_PLANS = ["", "uniform:keep=0.25"]
+VIDEO_STATS = ["frames", "frame_indices", "frame_times", "tokens_per_frame", "scoring_s", "scoring_flops"]
 STAT_COLUMNS = ["visual_tokens", "kept_tokens", "prefill_flops", "kv_cache_bytes", "prefill_s", "decode_s", "new_tokens"]
 
 
@@ -37,21 +38,28 @@ def run(args) -> int:
     import tokensieve
 
     from tokensieve.engine.request import load_image
+    from tokensieve.engine.video import decode_video
 
     plans = args.plan if args.plan else DEFAULT_PLANS
     try:
         parsed = [tokensieve.Plan.parse(p or None) for p in plans]
         for i, path in enumerate(args.image):  # bad files fail before the model loads
             load_image(path, f"image {i}")
-        engine = tokensieve.load(args.model, device=args.device, dtype=args.dtype)
+        video = None
+        if args.video is not None:  # decoded once, before the model loads, and shared by every plan
+            spec = {"path": args.video, **({"nframes": args.nframes} if args.nframes is not None else {}),
+                    **({"fps": args.fps} if args.fps is not None else {})}
+            video = decode_video(spec, default_nframes=8)
+        engine = tokensieve.load(args.model, device=args.device, dtype=args.dtype, video_mode=args.video_mode)
         rows = []
         for plan in parsed:
-            res = engine.generate(args.prompt, images=args.image, video=args.video, plan=plan,
+            res = engine.generate(args.prompt, images=args.image, video=video, plan=plan,
                                   max_new_tokens=args.max_new_tokens)
             row = {"plan": str(plan) or "(none)", "answer": res.text}
             row.update({k: res.stats[k] for k in STAT_COLUMNS})
             row["per_layer_kv_len"] = res.stats["per_layer_kv_len"]
             row["kept"] = [k.tolist() for k in res.kept]
+            row.update({k: res.stats[k] for k in VIDEO_STATS if k in res.stats})
             rows.append(row)
     except tokensieve.TokenSieveError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -69,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="answer a question about images/video under one or more plans")
     p.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
-    p.add_argument("--video", default=None, help="video file (needs tokensieve[video])")
+    p.add_argument("--video", default=None, help="video file: mp4, webm, mkv, avi, mov (needs tokensieve[video])")
+    p.add_argument("--nframes", type=int, default=None, help="frames to sample from --video (default 8)")
+    p.add_argument("--fps", type=float, default=None, help="sample --video at this rate instead (qwen-vl-utils rules)")
+    p.add_argument("--video-mode", default="native", choices=["native", "frames"],
+                   help="native: the family's own video input where it has one; frames: a sequence of images")
     p.add_argument("--prompt", required=True)
     p.add_argument("--plan", action="append", default=[],
                    help="pruning plan, e.g. 'fastv:layer=2,keep=0.25' (repeatable; '' = no pruning)")

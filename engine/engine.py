@@ -4,8 +4,8 @@
     result = engine.generate("what colour is the circle?", images=["scene.png"])
     result.text, result.kept, result.scores, result.stats
 
-A call runs: check inputs -> processor -> vision tower (vision stages hook its layers)
--> pre-LLM stages -> rebuild the LLM inputs -> prefill (LLM stages hook decoder layers)
+A call runs: check inputs -> decode videos (ahead, in a pool) -> processor -> vision tower
+(vision stages hook its layers) -> frames and pre-LLM stages -> rebuild the LLM inputs -> prefill (LLM stages hook decoder layers)
 -> decode. Every stage records, per request, the kept indices in the request's original
 visual-token coordinates.
 """
@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..pruners import get_pruner
-from . import attention, hooks, metering
+from ..pruners import TowerRecord, get_pruner
+from . import attention, frames, hooks, metering
 from .adapters import Adapter, adapter_for
-from .errors import PlanError
+from .batch import Batch, assemble, build_batch, process
+from .errors import InputError, PlanError
 from .generation import DecodeOptions, cache_kwargs, decode_one_token, next_positions, prefill, sample
 from .plan import Plan
-from .request import CheckedRequest, Request, check_request
-from ..pruners import TowerRecord
+from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request, check_request
+from .video import VideoPrefetcher
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
 
@@ -37,7 +38,9 @@ class Result:
     groups: per stage, [N_vis]: for every original visual token, the position in that stage's
             ``kept`` of the token it is part of after the stage (merged or itself), -1 if dropped
     stats:  visual_tokens, kept_tokens, per_layer_kv_len, kv_cache_bytes, prefill_flops,
-            vision_flops, prefill_s, decode_s, new_tokens
+            vision_flops, prefill_s, decode_s, new_tokens; with a video also frames, frame_indices,
+            frame_times, tokens_per_frame (kept per frame of the token grid), video_truncated, and
+            scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill)
     """
 
     text: str
@@ -48,24 +51,18 @@ class Result:
     stats: dict = field(default_factory=dict)
     plan: Plan = field(default_factory=Plan)
     coords: torch.Tensor | None = None  # [N_vis, 3] (item, row, col) of every original visual token
+    frames: torch.Tensor | None = None  # [N_vis] the video frame of every original visual token (-1: an image's)
     n_images: int = 0
     logits: torch.Tensor | None = None  # [new_tokens, V] fp32, with generate(..., output_logits=True)
 
 
-@dataclass
-class _Batch:
-    """A padded batch on its way through the model."""
-
-    reqs: list[CheckedRequest]
-    inputs: dict
-    n_visual: list[int]
-    images_of: list[list[int]]  # request -> its image indices in the processor's image order
-    coords: list[torch.Tensor]  # request -> [N_vis, 3]
-    tower_seqs: list[list[int]]  # request -> length of every sequence its images put through the tower
-
-
 class Engine:
-    def __init__(self, model, processor, plan: Plan | str | None = None, max_new_tokens: int = 32):
+    def __init__(self, model, processor, plan: Plan | str | None = None, max_new_tokens: int = 32,
+                 video_mode: str = "native"):
+        if video_mode not in VIDEO_MODES:
+            raise InputError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
+        self.video_mode = video_mode
+        self.frame_scorers = frames.FrameScorers(self)  # loaded on demand: another VLM, CLIP models
         self.model = model.eval()
         self.processor = processor
         self.adapter: Adapter = adapter_for(model, processor)
@@ -90,6 +87,7 @@ class Engine:
         """Remove every hook this engine installed; the model is plain transformers again."""
         for h in self._handles:
             h.remove()
+        self.frame_scorers.close()
         if self._handles:
             self.model.set_attn_implementation({t: (a if a and a != attention.ATTN_NAME else "sdpa")
                                                 for t, a in self._attn_before.items()})
@@ -101,17 +99,18 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
-    def prepare(self, prompt: str, images=None, video=None) -> dict:
+    def prepare(self, prompt: str, images=None, video=None, video_mode: str | None = None) -> dict:
         """The exact model inputs (processor output, chat template applied) that ``generate`` uses."""
-        return self.prepare_batch([Request(prompt=prompt, images=images or [], video=video)])
+        return self.prepare_batch([Request(prompt=prompt, images=images or [], video=video, video_mode=video_mode)])
 
     def prepare_batch(self, requests: list) -> dict:
         """The padded model inputs ``generate_batch`` builds for these requests (one batch)."""
-        return self._process([self._check(Request.of(r), Plan()) for r in requests])
+        return process(self.processor, self.adapter, [self._check(Request.of(r), Plan()) for r in requests])
 
     def generate(self, prompt: str, images=None, video=None, plan=None, max_new_tokens: int | None = None,
-                 **generation_kwargs) -> Result:
-        req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens)
+                 video_mode: str | None = None, **generation_kwargs) -> Result:
+        req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens,
+                      video_mode=video_mode)
         return self.generate_batch([req], **generation_kwargs)[0]
 
     def generate_batch(self, requests: list, batch_size: int = 8, progress: bool = False,
@@ -119,17 +118,34 @@ class Engine:
         """Requests (Request or dicts) -> Results in the same order, run as padded batches.
 
         Requests that share a plan and max_new_tokens share a batch. Every request is
-        checked before any model work starts. ``progress`` shows a bar over the batches.
+        checked before any model work starts (videos are probed, not decoded); each batch's
+        videos are decoded in a background pool while the batch before it runs. ``progress``
+        shows a bar over the batches.
         """
         from tqdm import tqdm
 
         options = DecodeOptions.from_kwargs(generation_kwargs)
-        checked = [self._check(Request.of(r), self.plan) for r in requests]
-        batches = [self._make_batch(group) for group in self._group(checked, batch_size)]
+        reqs = [Request.of(r) for r in requests]
+        checked = [self._check(r, self.plan, decode=False) for r in reqs]
+        groups = list(self._group(checked, batch_size))
+        # batches without a video are built (processor run, budgets checked) before any model work; a
+        # video's token count is known once it is decoded, so those batches are built as their turn comes
+        ready = {k: build_batch(self.processor, self.adapter, idx, group) for k, (idx, group) in enumerate(groups)
+                 if all(r.video is None for r in group)}
         results: dict[int, Result] = {}
-        for idx, batch in tqdm(batches, desc="batches", disable=not progress):
-            for i, res in zip(idx, self._run(batch, options)):
-                results[i] = res
+        with VideoPrefetcher() as videos:
+            def submit(k):
+                for i in groups[k][0] if k < len(groups) and k not in ready else []:
+                    if reqs[i].video is not None:
+                        videos.submit(i, reqs[i].video, DEFAULT_VIDEO_FRAMES)
+            submit(0)
+            for k, (idx, _) in enumerate(tqdm(groups, desc="batches", disable=not progress)):
+                submit(k + 1)
+                batch = ready.pop(k, None) or build_batch(self.processor, self.adapter, idx, [
+                    self._check(reqs[i], self.plan, video=videos.result(i) if reqs[i].video is not None else None)
+                    for i in idx])
+                for i, res in zip(idx, self._run(batch, options)):
+                    results[i] = res
         return [results[i] for i in range(len(checked))]
 
     # ---- checking -------------------------------------------------------------------------------
@@ -159,8 +175,10 @@ class Engine:
         last = stage.layer - 1 if stage.where == "vision" else self.adapter.feature_layer
         return pruner.tower_layers(last, stage.options)
 
-    def _check(self, req: Request, default_plan: Plan) -> CheckedRequest:
-        checked = check_request(req, self.processor, self.adapter.image_token, default_plan, self.max_new_tokens)
+    def _check(self, req: Request, default_plan: Plan, video=None, decode: bool = True) -> CheckedRequest:
+        """Check a request; ``video``: its video already decoded; ``decode=False``: only probe the video."""
+        checked = check_request(req, self.processor, self.adapter, default_plan, self.max_new_tokens,
+                                self.video_mode, video=video, decode=decode)
         self._check_plan(checked.plan)
         return checked
 
@@ -170,52 +188,20 @@ class Engine:
             groups.setdefault((str(r.plan), r.max_new_tokens), []).append(i)
         for idx in groups.values():
             for s in range(0, len(idx), batch_size):
-                yield [(i, reqs[i]) for i in idx[s:s + batch_size]]
-
-    def _process(self, reqs: list[CheckedRequest]) -> dict:
-        images = [im for r in reqs for im in r.images]
-        return self.processor(text=[r.text for r in reqs], images=images or None, padding=True, return_tensors="pt")
-
-    def _make_batch(self, group) -> tuple[list[int], _Batch]:
-        idx, reqs = [i for i, _ in group], [r for _, r in group]
-        inputs = self._process(reqs)
-        vis = torch.isin(inputs["input_ids"], torch.tensor(self.adapter.visual_token_ids))
-        n_visual = vis.sum(1).tolist()
-        images_of, start = [], 0
-        for r in reqs:
-            images_of.append(list(range(start, start + len(r.images))))
-            start += len(r.images)
-        coords = self.adapter.image_coords(inputs) if start else []
-        seqs = self.adapter.tower_sequences(inputs) if start else []
-        req_coords = []
-        for b, ims in enumerate(images_of):
-            parts, n_items = [], 0
-            for i in ims:  # items (images, tiles, frames) numbered within the request
-                parts.append(coords[i] + torch.tensor([n_items, 0, 0]))
-                n_items += int(coords[i][:, 0].max()) + 1
-            req_coords.append(torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.long))
-            if req_coords[-1].shape[0] != n_visual[b]:
-                raise RuntimeError(f"adapter coords ({req_coords[-1].shape[0]}) != visual tokens ({n_visual[b]})")
-        for i, (r, n) in zip(idx, zip(reqs, n_visual)):
-            try:
-                r.plan.keep_counts(n, max(len(r.images), 1))
-            except PlanError as e:
-                raise PlanError(f"request {i}: {e}") from None
-        tower_seqs = [[n for i in ims for n in seqs[i]] for ims in images_of]
-        return idx, _Batch(reqs=reqs, inputs=inputs, n_visual=n_visual, images_of=images_of, coords=req_coords,
-                           tower_seqs=tower_seqs)
+                yield idx[s:s + batch_size], [reqs[i] for i in idx[s:s + batch_size]]
 
     # ---- running --------------------------------------------------------------------------------
     def _device_inputs(self, inputs) -> dict:
         dev, dtype = self.model.device, self.model.dtype
         return {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in inputs.items()}
 
-    def _make_state(self, batch: _Batch) -> RequestState | None:
+    def _make_state(self, batch: Batch) -> RequestState | None:
         plan = batch.reqs[0].plan
         if not plan:
             return None
         state = RequestState(batch_size=len(batch.reqs), owner=[torch.arange(n) for n in batch.n_visual])
-        counts = [r.plan.keep_counts(n, max(len(r.images), 1)) for r, n in zip(batch.reqs, batch.n_visual)]
+        counts = [r.plan.keep_counts(n, max(len(r.images), 1), batch.n_video(b))
+                  for b, (r, n) in enumerate(zip(batch.reqs, batch.n_visual))]
         for i, stage in enumerate(plan.stages):
             keep = [c[i] for c in counts]
             if stage.where == "vision":
@@ -228,7 +214,7 @@ class Engine:
                 state.vision_stages[stage.layer] = run
             elif stage.where == "llm":
                 state.llm_stages[stage.layer] = run
-            else:
+            else:  # frames and pre_llm stages, in plan order
                 state.pre_llm_stages.append(run)
         if state.tower_wants:
             state.tower = TowerRecord(prefix=self.adapter.vision_prefix or 1)
@@ -236,7 +222,7 @@ class Engine:
         return state
 
     @torch.inference_mode()
-    def _run(self, batch: _Batch, options: DecodeOptions) -> list[Result]:
+    def _run(self, batch: Batch, options: DecodeOptions) -> list[Result]:
         inputs = self._device_inputs(batch.inputs)
         state = self._make_state(batch)
         t0 = time.perf_counter()
@@ -253,7 +239,8 @@ class Engine:
     def _encode(self, batch, inputs, state):
         """Vision tower (+ vision stages). Returns per request its [N_b, D] features and alive original indices."""
         n_img = sum(len(ims) for ims in batch.images_of)
-        if n_img == 0:
+        n_vid = sum(v is not None for v in batch.video_of)
+        if n_img == 0 and n_vid == 0:
             return [None] * len(batch.reqs), [torch.zeros(0, dtype=torch.long) for _ in batch.reqs]
         kwargs = {STATE_KWARG: state} if state is not None and state.tower_wants else {}
         if state is not None and state.vision_stages:
@@ -265,23 +252,32 @@ class Engine:
                     state.image_owner.append(b)
                     state.image_offset.append(sum(patch_coords[k].shape[0] for k in ims[:j]))
             kwargs[STATE_KWARG] = state
-        per_image = self.adapter.encode_images(inputs, **kwargs)
+        per_image = self.adapter.encode_images(inputs, **kwargs) if n_img else []
+        per_video = self.adapter.encode_videos(inputs) if n_vid else []
         feats, alive = [], []
         for b, ims in enumerate(batch.images_of):
-            feats.append(torch.cat([per_image[i] for i in ims]) if ims else None)
-            if state is not None and state.vision_stages:
+            if state is not None and state.vision_stages:  # images only (no native video): their surviving tokens
+                feats.append(torch.cat([per_image[i] for i in ims]) if ims else None)
                 alive.append(torch.cat([state.image_offset[i] + state.image_alive[i] for i in ims]))
             else:
+                feats.append(assemble(per_image, per_video, batch, b))
                 alive.append(torch.arange(batch.n_visual[b]))
         return feats, alive
 
     def _pre_llm(self, batch, inputs, feats, alive, state):
         for run in state.pre_llm_stages if state is not None else []:
+            if run.stage.where == "frames":
+                scored = frames.score_frames(self, run, batch)
+                state.frame_scoring.extend(scored)
             tower = self._tower_per_request(run, batch, inputs, state)
             for b in range(len(batch.reqs)):
-                signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
-                sel = state.select(run, run.keep[b], feats[b], batch.coords[b][alive[b]],
-                                   sizes=state.sizes(b, alive[b].numel()), **signals)
+                coords, frame_of = batch.coords[b][alive[b]], batch.frames[b][alive[b]]
+                if run.stage.where == "frames":
+                    sel = frames.select_frames(state, run, b, feats[b], alive[b], coords, frame_of, scored[b].signals)
+                else:
+                    signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
+                    sel = state.select(run, run.keep[b], feats[b], coords, sizes=state.sizes(b, alive[b].numel()),
+                                       frames=frame_of if batch.n_video(b) else None, **signals)
                 feats[b] = feats[b][sel.keep_idx] if sel.tokens is None else sel.tokens.to(feats[b].dtype)
                 alive[b] = state.record(run, b, alive[b], sel)
         return feats, alive
@@ -372,11 +368,13 @@ class Engine:
                 prefill_flops=metering.prefill_flops(prefill_tokens, tcfg),
                 vision_flops=self._vision_flops(plan, kept, batch.tower_seqs[b]),
                 prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
+            stats.update(frames.video_stats(batch, state, b, kept))
             text = self.processor.tokenizer.decode(ids[:new], skip_special_tokens=True).strip()
             groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
             results.append(Result(text=text, token_ids=ids[:new], kept=kept, groups=groups,
                                   scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],
-                                  stats=stats, plan=plan, coords=batch.coords[b], n_images=len(r.images),
+                                  stats=stats, plan=plan, coords=batch.coords[b], frames=batch.frames[b],
+                                  n_images=len(r.images),
                                   logits=None if logits is None else logits[b, :new]))
         return results
 

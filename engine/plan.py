@@ -11,6 +11,8 @@ visual tokens survive it:
 
 Where a stage acts (``where``):
     "vision"  inside the vision tower, before encoder layer ``layer`` (>= 1); keep counts per image
+    "frames"  across the frames of the request's video, before the LLM: ``keep`` is the video's total
+              budget, shared out over its frames (QuoTA, KeyScore); the images of the request pass
     "pre_llm" between the tower (after the projector) and the language model
     "llm"     inside the language model, before decoder layer ``layer`` (>= 1)
 Each pruner has a default ``where``; giving ``layer`` alone picks "llm" for pruners
@@ -28,7 +30,7 @@ from typing import Any
 
 from .errors import PlanError
 
-WHERES = ("vision", "pre_llm", "llm")
+WHERES = ("vision", "frames", "pre_llm", "llm")
 _STAGE_KEYS = {"pruner", "where", "layer", "keep"}
 
 
@@ -49,7 +51,8 @@ class Stage:
         return int(self.keep)
 
     def describe(self) -> str:
-        at = {"vision": f"vision layer {self.layer}", "pre_llm": "before the LLM", "llm": f"LLM layer {self.layer}"}
+        at = {"vision": f"vision layer {self.layer}", "frames": "across frames", "pre_llm": "before the LLM",
+              "llm": f"LLM layer {self.layer}"}
         return f"{self.pruner} ({at[self.where]}, keep={self.keep})"
 
 
@@ -87,7 +90,7 @@ class Plan:
 
     def check(self, n_llm_layers: int, n_vision_layers: int, supports_vision_stages: bool) -> None:
         """Raise PlanError for a stage whose layer does not exist in this model (before any work)."""
-        order = {"vision": 0, "pre_llm": 1, "llm": 2}
+        order = {"vision": 0, "frames": 1, "pre_llm": 2, "llm": 3}
         last = (-1, -1)
         for i, s in enumerate(self.stages):
             if s.where == "vision":
@@ -100,25 +103,32 @@ class Plan:
             pos = (order[s.where], s.layer if s.layer is not None else 0)
             if pos <= last:
                 raise PlanError(f"stage {i} ({s.describe()}) must come after the stage before it "
-                                "(vision < pre_llm < llm, layers increasing)")
+                                "(vision < frames < pre_llm < llm, layers increasing)")
             last = pos
 
-    def keep_counts(self, n_visual: int, n_images: int = 1) -> list[int]:
-        """Tokens kept by each stage for a request of ``n_visual`` tokens in ``n_images`` images.
+    def keep_counts(self, n_visual: int, n_images: int = 1, n_video: int = 0) -> list[int | None]:
+        """Tokens kept by each stage for a request of ``n_visual`` tokens in ``n_images`` images,
+        ``n_video`` of them a video's.
 
         Raises PlanError when a stage keeps <= 0 or more than the tokens entering it.
-        Vision stages count per image; the others per request.
+        Vision stages count per image; a frames stage counts the video's tokens (the images' pass);
+        the others per request. None: decided at run time (after an adaptive or a frames stage,
+        whose share-out may keep fewer than its budget).
         """
         counts, n_in = [], n_visual
         for i, s in enumerate(self.stages):
             per_image = s.where == "vision"
-            entering = n_in // max(n_images, 1) if per_image and n_in is not None else n_in
+            if s.where == "frames":
+                entering = n_video if n_in is not None else None
+            else:
+                entering = n_in // max(n_images, 1) if per_image and n_in is not None else n_in
             k = s.keep_count(entering)
             if k is not None and k > entering:
                 raise PlanError(f"stage {i} ({s.describe()}): keep={s.keep} is larger than the "
-                                f"{entering} visual tokens entering it" + (" per image" if per_image else ""))
+                                f"{entering} visual tokens entering it" + (" per image" if per_image else "")
+                                + (" (the video's)" if s.where == "frames" else ""))
             counts.append(k)
-            n_in = None if k is None else (k * n_images if per_image else k)
+            n_in = None if k is None or s.where == "frames" else (k * n_images if per_image else k)
         return counts
 
 
@@ -150,9 +160,10 @@ def _parse_value(text: str) -> Any:
             pass
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    if "/" in text:  # list of ints, e.g. layers=8/16
-        return [_parse_value(t) for t in text.split("/")]
-    return text
+    parts = text.split("/")
+    if len(parts) > 1 and all(isinstance(_parse_value(t), (int, float)) for t in parts):  # e.g. layers=8/16
+        return [_parse_value(t) for t in parts]
+    return text  # a path such as scorer=/ckpt/tiny stays a string
 
 
 def _parse_stage_str(part: str) -> dict:

@@ -1,8 +1,10 @@
 """Requests: checking what a user handed in, before any model work.
 
-A request is a prompt plus images (paths or PIL images) and/or a video (a list of frames,
-or a file path, decoded with PyAV). Video frames enter the model as a sequence of images,
-one placeholder each, so every family handles them the same way.
+A request is a prompt plus images (paths or PIL images) and/or a video (a file, frames, an
+array, or a dict with sampling options: ``engine/video.py``). A video enters the model
+natively where the family has a video input (``video_mode="native"``: Qwen2-VL / 2.5-VL
+``videos=``, LLaVA-OneVision's ``<video>``), else as a sequence of images, one placeholder
+each (``video_mode="frames"``, the only mode of LLaVA-1.5 and LLaVA-NeXT).
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, PlanError
 from .plan import Plan
 
-DEFAULT_VIDEO_FRAMES = 8
+from .video import DecodedVideo, decode_video, probe_video
+
+DEFAULT_VIDEO_FRAMES = 8  # frames sampled when a video gives neither nframes nor fps (the world's videos)
+VIDEO_MODES = ("native", "frames")
 
 
 @dataclass
@@ -25,6 +30,7 @@ class Request:
     video: Any = None
     plan: Plan | None = None
     max_new_tokens: int | None = None
+    video_mode: str | None = None  # None: the engine's default
 
     @classmethod
     def of(cls, item: "Request | dict") -> "Request":
@@ -32,7 +38,7 @@ class Request:
             return item
         if not isinstance(item, dict) or "prompt" not in item:
             raise InputError(f"a request must be a Request or a dict with a 'prompt', got {item!r:.80}")
-        unknown = set(item) - {"prompt", "images", "video", "plan", "max_new_tokens"}
+        unknown = set(item) - {"prompt", "images", "video", "plan", "max_new_tokens", "video_mode"}
         if unknown:
             raise InputError(f"request has unknown field(s) {sorted(unknown)}")
         return cls(**item)
@@ -43,10 +49,13 @@ class CheckedRequest:
     """A request whose inputs were loaded and counted: ``text`` is the chat-formatted prompt."""
 
     text: str
-    images: list[Image.Image]  # images first, then video frames
-    n_frames: int
+    question: str  # the prompt as the user gave it (frame scorers rate frames against it)
+    images: list[Image.Image]  # images first, then (video_mode "frames") the video's frames
+    n_frames: int  # frames entering as images (video_mode "frames")
     plan: Plan
     max_new_tokens: int
+    video: DecodedVideo | None = None
+    native_video: bool = False  # the video enters through the processor's ``videos=``
 
 
 def load_image(item, label: str) -> Image.Image:
@@ -69,51 +78,54 @@ def load_image(item, label: str) -> Image.Image:
     raise InputError(f"{label}: expected a path or a PIL image, got {type(item).__name__}")
 
 
-def load_video(video, n_frames: int = DEFAULT_VIDEO_FRAMES) -> list[Image.Image]:
-    """A list of frames, or a video file sampled at ``n_frames`` evenly spaced frames."""
-    if isinstance(video, (list, tuple)):
-        if not video:
-            raise InputError("video: empty frame list")
-        return [load_image(f, f"video frame {i}") for i, f in enumerate(video)]
-    if not isinstance(video, (str, os.PathLike)) or not os.path.isfile(video):
-        raise InputError(f"video: file not found: {video}")
-    try:
-        import av
-    except ImportError:
-        raise InputError("video: reading video files needs PyAV (pip install 'tokensieve[video]')") from None
-    try:
-        with av.open(str(video)) as container:
-            frames = [f.to_image() for f in container.decode(video=0)]
-    except Exception as e:
-        raise InputError(f"video: cannot decode {video}: {e}") from None
-    if not frames:
-        raise InputError(f"video: {video} has no frames")
-    idx = [round(i * (len(frames) - 1) / max(n_frames - 1, 1)) for i in range(min(n_frames, len(frames)))]
-    return [frames[i].convert("RGB") for i in idx]
+def check_request(req: Request, processor, adapter, default_plan: Plan, default_max_new: int,
+                  default_video_mode: str = "native", video=None, decode: bool = True) -> CheckedRequest:
+    """Load and count a request's inputs; build its chat prompt. Raises InputError / PlanError.
 
-
-def check_request(req: Request, processor, image_token: str, default_plan: Plan, default_max_new: int) -> CheckedRequest:
-    """Load and count a request's inputs; build its chat prompt. Raises InputError / PlanError."""
+    ``video``: the request's video already decoded (a prefetcher's result), else it is decoded here;
+    with ``decode=False`` it is only probed (readable, options in range: ``probe_video``) and the
+    result is for checking and grouping, not for running.
+    """
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InputError("prompt must be a non-empty string")
+    mode = default_video_mode if req.video_mode is None else req.video_mode
+    if mode not in VIDEO_MODES:
+        raise InputError(f"video_mode must be one of {VIDEO_MODES}, got {mode!r}")
     images = req.images if isinstance(req.images, (list, tuple)) else [req.images]
     pil = [load_image(im, f"image {i}") for i, im in enumerate(images or [])]
-    frames = load_video(req.video) if req.video is not None else []
+    if video is None and isinstance(req.video, DecodedVideo):
+        video = req.video
+    if video is None and req.video is not None:
+        video = (decode_video if decode else probe_video)(req.video, default_nframes=DEFAULT_VIDEO_FRAMES)
+    native = video is not None and mode == "native" and adapter.video_token is not None
+    frames = video.frames if video is not None and not native else []
+    n_frames = len(video.indices) if video is not None and not native else 0  # frames entering as images
+    image_token = adapter.image_token
     n_tokens = req.prompt.count(image_token)
-    if n_tokens:
-        if n_tokens != len(pil) + len(frames):
+    n_video_tokens = req.prompt.count(adapter.video_token) if native else 0
+    if n_tokens or n_video_tokens:
+        if n_tokens != len(pil) + n_frames:
             raise InputError(f"prompt has {n_tokens} '{image_token}' placeholder(s) but {len(pil)} image(s)"
-                             + (f" and {len(frames)} video frame(s)" if frames else "") + " were given")
+                             + (f" and {n_frames} video frame(s)" if n_frames else "") + " were given")
+        if native and n_video_tokens != 1:
+            raise InputError(f"prompt has {n_video_tokens} '{adapter.video_token}' placeholder(s); a request with a "
+                             "video (video_mode='native') needs exactly one")
         content = [{"type": "text", "text": req.prompt}]
     else:
-        content = [{"type": "image"}] * (len(pil) + len(frames)) + [{"type": "text", "text": req.prompt}]
+        content = ([{"type": "image"}] * (len(pil) + n_frames) + [{"type": "video"}] * native
+                   + [{"type": "text", "text": req.prompt}])
     messages = [{"role": "user", "content": content}]
     if getattr(processor, "chat_template", None):
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
-        text = " ".join([image_token] * (0 if n_tokens else len(pil) + len(frames)) + [req.prompt])
+        placeholders = [] if n_tokens or n_video_tokens else [image_token] * (len(pil) + n_frames)
+        text = " ".join(placeholders + [adapter.video_token] * (native and not n_video_tokens) + [req.prompt])
     max_new = default_max_new if req.max_new_tokens is None else req.max_new_tokens
-    if not isinstance(max_new, int) or max_new < 1:
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new!r}")
     plan = default_plan if req.plan is None else Plan.parse(req.plan)
-    return CheckedRequest(text=text, images=pil + frames, n_frames=len(frames), plan=plan, max_new_tokens=max_new)
+    if video is None and any(s.where == "frames" for s in plan.stages):
+        raise PlanError("a 'frames' stage (" + next(s.describe() for s in plan.stages if s.where == "frames")
+                        + ") needs a request with a video; this one has none")
+    return CheckedRequest(text=text, question=req.prompt, images=pil + frames, n_frames=n_frames, plan=plan, max_new_tokens=max_new,
+                          video=video, native_video=native)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pruners import Pruner, Selection, StageInput, TowerRecord
+from .errors import PlanError
 from .plan import Stage
 from .signals import SignalsMixin
 
@@ -68,6 +69,7 @@ class RequestState(SignalsMixin):
     rope: tuple | None = None  # (cos, sin) [B, S, d] of the current tokens, for RoPE-free scores
     next_slot: int = 0
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
+    frame_scoring: list = field(default_factory=list)  # frames stages' scoring passes (engine.frames.FrameScores)
 
     @property
     def first_pruned_layer(self) -> int | None:
@@ -75,12 +77,15 @@ class RequestState(SignalsMixin):
 
     # ---- selection and its records -----------------------------------------------------------
     def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, **signals) -> Selection:
-        if keep is None:  # after an adaptive stage: resolve the ratio now (None for the adaptive stage itself)
+        if keep is None:  # after an adaptive / frames stage: resolve now (None for the adaptive stage itself)
             keep = run.stage.keep_count(tokens.shape[0])
+            if keep is not None and keep > tokens.shape[0]:
+                raise PlanError(f"stage {run.index} ({run.stage.describe()}): keep={run.stage.keep} is larger than "
+                                f"the {tokens.shape[0]} visual tokens entering it")
         inp = StageInput(tokens=tokens, keep=keep, coords=coords, attn=attn, options=run.stage.options,
                          seed=self.seed, **signals)
         sel = run.pruner.select(inp)
-        check_selection(sel, tokens.shape[0], keep, run.stage.describe())
+        check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames")
         return sel
 
     def sizes(self, b: int, n_alive: int) -> torch.Tensor:
@@ -215,9 +220,11 @@ def identity_groups(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return g
 
 
-def check_selection(sel: Selection, n: int, keep: int | None, label: str) -> None:
+def check_selection(sel: Selection, n: int, keep: int | None, label: str, at_most: bool = False) -> None:
+    """A pruner's result is well formed: ``keep`` sorted unique indices (``at_most``: 1..keep of them)."""
     idx = sel.keep_idx
-    if (keep is not None and idx.numel() != keep) or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+    wrong_count = keep is not None and (not 1 <= idx.numel() <= keep if at_most else idx.numel() != keep)
+    if wrong_count or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
         raise RuntimeError(f"{label}: pruner returned {idx.numel()} indices (want {keep}, sorted, unique)")
     if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n):
         raise RuntimeError(f"{label}: pruner returned an index outside [0, {n})")

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 
 from ..engine.errors import PlanError
+from ..engine.plan import Plan
 from ..pruners import REGISTRY
 from . import world
 from .tiny_models import IMAGE, VIDEO_FRAMES
@@ -62,9 +63,40 @@ def plan_for(pruner: str, budget: float | None, llm_layer: int = LLM_LAYER) -> s
     return f"{pruner}:" + (f"layer={llm_layer}," if where == "llm" else "") + f"keep={budget}"
 
 
+# quota on the world: the tiny VLMs can neither decouple a query nor answer QuoTA's "A. yes, B. no" prompt,
+# so the objects the question names stand in for the decoupling and the world's own question asks about them
+QUOTA_WORLD = {"object_prompt": "is there a {objects} ?", "prompt": "{question}", "yes": "yes", "no": "no"}
+
+
+def named_objects(question: str) -> list[str]:
+    """The objects a world question names: "red circle", or a bare shape ("circle")."""
+    words = question.split()
+    out = []
+    for i, w in enumerate(words):
+        if w in world.SHAPES:
+            out.append(f"{words[i - 1]} {w}" if i and words[i - 1] in world.COLOURS else w)
+    return out
+
+
+def request_plan(plan: str, question: str):
+    """The plan one question runs: ``plan``, with the world's rater settings for a quota stage."""
+    if "quota" not in plan:
+        return plan
+    stages = []
+    for s in Plan.parse(plan).stages:
+        stage = {"pruner": s.pruner, "where": s.where, "keep": s.keep, **s.options}
+        if s.layer is not None:
+            stage["layer"] = s.layer
+        if s.pruner == "quota":
+            stage = {**QUOTA_WORLD, **stage, **({"objects": named_objects(question)} if named_objects(question) else {})}
+        stages.append(stage)
+    return stages
+
+
 def measure(engine, questions: list[Question], plan: str, batch_size: int) -> dict:
     """Accuracy per kind and per question type, and the mean visual tokens the LLM kept."""
-    reqs = [{"prompt": q.question, "images": q.images, "plan": plan, "max_new_tokens": 1} for q in questions]
+    reqs = [{"prompt": q.question, ("video" if q.kind == "video" else "images"): q.images,
+             "plan": request_plan(plan, q.question), "max_new_tokens": 1} for q in questions]
     results = engine.generate_batch(reqs, batch_size=batch_size)
     right, total, kept = {}, {}, {}
     for q, r in zip(questions, results):
@@ -98,7 +130,8 @@ def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_imag
             if model != loaded:  # one model in memory at a time
                 if engine is not None:
                     engine.close()
-                engine, loaded = tokensieve.load(models[model]), model
+                # the shipped VLMs were trained on videos as sequences of frames (issue 29 adds native video)
+                engine, loaded = tokensieve.load(models[model], video_mode="frames"), model
             cell = {"model": model, "pruner": pruner, "budget": budget,
                     "plan": plan_for(pruner, budget, llm_layer)}
             try:

@@ -5,11 +5,15 @@ from .base import (Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate,
 from .aim import AIMPruner
 from .cls import ClsPruner
 from .divprune import DivPrunePruner
+from .dycoke import DyCokePruner
 from .fastv import FastVPruner
+from .fastvid import FastVIDPruner
 from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
+from .keyscore import KeyScorePruner
 from .pool import PoolPruner
 from .prumerge import PruMergePruner
+from .quota import QuotaPruner
 from .random import RandomPruner
 from .rollout import RolloutPruner
 from .sparsevlm import SparseVLMPruner
@@ -32,6 +36,10 @@ REGISTRY: dict[str, type[Pruner]] = {
     "sparsevlm": SparseVLMPruner,
     "feather": FeatherPruner,
     "aim": AIMPruner,
+    "quota": QuotaPruner,
+    "keyscore": KeyScorePruner,
+    "dycoke": DyCokePruner,
+    "fastvid": FastVIDPruner,
 }
 
 

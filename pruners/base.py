@@ -36,6 +36,11 @@ class StageInput:
     keys: torch.Tensor | None = None  # [N, d] head-averaged attention keys of these tokens (vision tower)
     text_attn: torch.Tensor | None = None  # [H, T, N] attention of each text query row to these tokens
     sizes: torch.Tensor | None = None  # [N] how many original tokens each token already stands for
+    # video (filled for requests with a video): the frame of each token, and per-frame signals
+    frames: torch.Tensor | None = None  # [N] frame index of each token (0..T-1), -1 for a token of an image
+    frame_relevance: torch.Tensor | None = None  # [T] P(yes) of a VLM asked whether frame t is relevant (QuoTA)
+    frame_embeds: torch.Tensor | None = None  # [T, E] CLIP image embedding of each frame (KeyScore)
+    text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class Pruner:
     vision_needs: ClassVar[frozenset] = frozenset()
     requires_tower: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # may be given keep="auto"
+    frame_signal: ClassVar[str | None] = None  # "relevance" (VLM rating pass) or "clip" (CLIP embeddings)
 
     def select(self, inp: StageInput) -> Selection:
         raise NotImplementedError

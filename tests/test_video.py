@@ -1,4 +1,4 @@
-"""Video input: frames enter as a sequence of images on every family; files decode with PyAV."""
+"""Video input: frames as a sequence of images (LLaVA, video_mode="frames"), native on Qwen; files via PyAV."""
 import pytest
 import torch
 
@@ -30,7 +30,11 @@ def test_video_file(engine_for, tmp_path):
         for packet in stream.encode():
             out.mux(packet)
     res = engine_for("qwen2_vl").generate("how many objects", video=path, max_new_tokens=2)
-    assert res.n_images == 8  # 8 frames sampled evenly
+    evenly = torch.linspace(0, 11, 8).round().long().tolist()  # 8 of 12 frames, qwen-vl-utils' linspace
+    assert res.n_images == 0 and res.stats["frames"] == 8 and res.stats["frame_indices"] == evenly  # native
+    assert res.stats["frame_times"] == [i / 8 for i in evenly]
+    frames = engine_for("llava").generate("how many objects", video=path, max_new_tokens=2)
+    assert frames.n_images == 8 and frames.stats["frame_indices"] == evenly  # LLaVA-1.5: as 8 images
 
 
 def test_bfloat16_engine(tiny_path):

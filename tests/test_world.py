@@ -60,13 +60,14 @@ def test_video_questions_need_the_right_frames():
 
 def test_write_dataset(tmp_path):
     pytest.importorskip("av")
-    from tokensieve.engine.request import load_video
+    from tokensieve.engine.video import decode_video
     path = write_dataset(str(tmp_path), n_images=3, n_videos=2, seed=0, progress=False)
     rows = [json.loads(line) for line in open(path)]
     assert {"id", "question", "options", "answer", "type"} <= set(rows[0])
     assert (tmp_path / rows[0]["image"]).exists()
     vid = next(r for r in rows if "video" in r)
-    assert len(load_video(str(tmp_path / vid["video"]), n_frames=vid["n_frames"])) == vid["n_frames"]
+    decoded = decode_video({"path": str(tmp_path / vid["video"]), "nframes": vid["n_frames"]})
+    assert decoded.indices == list(range(vid["n_frames"])) and len(decoded.frames) == vid["n_frames"]
     again = tmp_path / "again"
     write_dataset(str(again), n_images=3, n_videos=2, seed=0, progress=False)
     assert open(again / "dataset.jsonl").read() == open(path).read()

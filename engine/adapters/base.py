@@ -48,7 +48,35 @@ class Adapter:
     @property
     def visual_token_ids(self) -> tuple[int, ...]:
         """Placeholder ids that the processor expands into visual tokens (images, then video)."""
-        return (self.config.image_token_id,)
+        return (self.config.image_token_id,) + ((self.config.video_token_id,) if self.video_token else ())
+
+    @property
+    def video_token(self) -> str | None:
+        """The prompt placeholder of a native video, or None: the family takes a video as frames."""
+        return None
+
+    # ---- native video (families with a video_token) -------------------------------------------
+    def video_inputs(self, videos: list) -> dict:
+        """Processor kwargs for decoded videos (``engine.video.DecodedVideo``): frames and their metadata."""
+        import numpy as np
+        from transformers.video_utils import VideoMetadata
+
+        return {"videos": [np.stack([np.asarray(f) for f in v.frames]) for v in videos],
+                "video_metadata": [VideoMetadata(total_num_frames=v.total_frames, fps=v.video_fps,
+                                                 frames_indices=list(v.indices)) for v in videos]}
+
+    def encode_videos(self, inputs) -> list[torch.Tensor]:
+        """Processor output -> one [N_v, D] feature tensor per video, in the order given."""
+        raise NotImplementedError
+
+    def video_coords(self, inputs) -> list[torch.Tensor]:
+        """One [N_v, 3] tensor (frame, row, col) per video; a frame is the unit of the model's token grid
+        (a temporal patch of two frames on Qwen). Non-patch tokens (newlines) get col = grid width."""
+        raise NotImplementedError
+
+    def video_tower_sequences(self, inputs) -> list[list[int]]:
+        """Per video, the length of every sequence it puts through the vision tower (for metering)."""
+        raise NotImplementedError
 
     # ---- vision -----------------------------------------------------------------------------
     def encode_images(self, inputs, **kwargs) -> list[torch.Tensor]:
