@@ -2,6 +2,7 @@
 
     for m in importance_maps(result):          # one per (stage, item)
         m.stage, m.item, m.score, m.kept       # score [h, w] (NaN: no score), kept [h, w] bool
+        m.frame                                # the video frame the item is (-1: an image or tile)
 
 Items are what the adapter's coords call items: an image, an anyres tile (the base tile and
 the high-resolution grid of LLaVA-NeXT / OneVision, whose row-end newline tokens sit in an
@@ -21,6 +22,7 @@ class ItemMap:
     score: torch.Tensor  # [h, w] float, NaN where the stage gave no score (or the token had left already)
     kept: torch.Tensor  # [h, w] bool: the token survives this stage (as itself or a merge target)
     present: torch.Tensor  # [h, w] bool: a token exists at this cell (anyres grids are ragged)
+    frame: int = -1  # the video frame this item is (a temporal patch on Qwen), -1 for an image / tile
 
 
 def importance_maps(result) -> list[ItemMap]:
@@ -47,6 +49,7 @@ def importance_maps(result) -> list[ItemMap]:
             keep[r, c] = kept_mask[sel]
             present = torch.zeros(h, w, dtype=torch.bool)
             present[r, c] = True
-            out.append(ItemMap(stage=s, item=item, score=grid, kept=keep, present=present))
+            frame = int(result.frames[sel][0]) if getattr(result, "frames", None) is not None else -1
+            out.append(ItemMap(stage=s, item=item, score=grid, kept=keep, present=present, frame=frame))
         entering = kept
     return out

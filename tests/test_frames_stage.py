@@ -125,3 +125,32 @@ def test_frames_stage_budget_counts_the_videos_tokens(engine_for):
 
     with pytest.raises(tokensieve.PlanError, match="larger than the 256 visual tokens .*video"):
         engine_for("llava").generate(QUESTION, images=[noise_image(0)], video=_frames(), plan="quota:keep=300")
+
+
+def test_importance_maps_per_frame(engine_for):
+    from tokensieve.engine.maps import importance_maps
+
+    res = engine_for("llava").generate(QUESTION, images=[noise_image(1)], video=_frames(), plan=_quota_plan(keep=0.25),
+                                       max_new_tokens=1)
+    maps = importance_maps(res)
+    assert [m.frame for m in maps] == [-1, 0, 1, 2, 3]  # the image, then the video's four frames
+    for m in maps[1:]:
+        assert int(m.kept.sum()) == res.stats["tokens_per_frame"][m.frame]
+        assert torch.allclose(m.score[m.present], m.score[m.present][0])  # a frame's share, on every token
+
+
+def test_frames_spatial_and_temporal_stages_compose(engine_for):
+    """quota, then DyCoke's temporal merge, then FastV: each stage's kept set inside the one before,
+    merge groups composed through all three, everything in original coordinates."""
+    engine = engine_for("qwen2_vl")
+    frames = [noise_image(40 + i) for i in range(8)]
+    plan = _quota_plan(keep=0.5) + [dict(pruner="dycoke", keep=0.5), dict(pruner="fastv", layer=2, keep=0.5)]
+    res = engine.generate(QUESTION, video=frames, plan=plan, max_new_tokens=2)
+    n = res.stats["visual_tokens"]
+    k0, k1, k2 = res.kept
+    assert len(k0) == round(0.5 * n) and len(k1) == round(0.5 * len(k0)) and len(k2) == round(0.5 * len(k1))
+    assert set(k2.tolist()) <= set(k1.tolist()) <= set(k0.tolist())
+    for g, k in zip(res.groups, res.kept):
+        alive = g >= 0
+        assert (k[g[alive]] >= 0).all() and set(g[alive].tolist()) == set(range(len(k)))
+    assert sum(res.stats["tokens_per_frame"]) == len(k2) and len(res.stats["tokens_per_frame"]) == 4
