@@ -167,6 +167,7 @@ class Engine:
                 raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads every tower layer and "
                                 "cannot follow a vision-tower stage")
             seen_vision |= stage.where == "vision"
+            frames.check_stage(self, i, stage)
 
     def _tower_layers(self, stage, pruner) -> list[int]:
         """Vision layers whose signals a stage reads (none for LLM stages or families without a CLS tower)."""

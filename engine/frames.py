@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..pruners import Selection
-from .errors import InputError
+from ..pruners import Selection, get_pruner
+from .errors import InputError, PlanError
 
 
 @dataclass
@@ -76,6 +76,17 @@ class FrameScorers:
             if hasattr(value, "close"):
                 value.close()
         self.loaded.clear()
+
+
+def check_stage(engine, index: int, stage) -> None:
+    """Before any work: a "relevance" stage's rater loads and can say the answer it is asked for."""
+    if get_pruner(stage.pruner).frame_signal != "relevance":
+        return
+    rater = engine.frame_scorers.vlm(stage.options.get("scorer", "self"))
+    word = stage.options.get("yes", "A")
+    if not _word_ids(rater.processor.tokenizer, word):
+        raise PlanError(f"stage {index} ({stage.describe()}): the rater's tokenizer has no token for the answer "
+                        f"{word!r}; give yes=/no= words it knows (and a prompt asking for them)")
 
 
 def score_frames(engine, run, batch) -> list[FrameScores]:

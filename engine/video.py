@@ -1,24 +1,20 @@
 """Video input: parse a ``video=``, sample frames the qwen-vl-utils way, decode only the sampled frames.
 
-A ``video=`` is one of: a path (any container PyAV opens: mp4, webm, mkv, avi, mov, ...; ``file://``
-allowed); a list/tuple of frames (image paths, PIL images or [H, W, 3] uint8 arrays, all one size); a
-[T, H, W, 3] uint8 numpy array or torch tensor; or a dict ``{"path" | "frames", "nframes" | "fps",
-"min_frames", "max_frames", "start", "end", "video_fps"}`` (start / end in seconds).
+``video=``: a path (any container PyAV opens: mp4, webm, mkv, avi, mov; ``file://`` allowed); frames (a
+list/tuple of image paths, PIL images or [H, W, 3] uint8 arrays, one size); a [T, H, W, 3] uint8 numpy
+array or torch tensor; or a dict {"path" | "frames", "nframes" | "fps", "min_frames", "max_frames",
+"start", "end" (seconds), "video_fps" (frames only)}.
 
-Sampling (``sample_indices``) is qwen-vl-utils 0.0.14's ``smart_nframes`` + ``calculate_video_frame_range``:
-``nframes`` rounded to a multiple of 2, or ``fps`` (default 2) clamped to [min_frames, max_frames] (default
-[4, 768]) and floored to a multiple of 2; 2 <= n <= frames in range; indices ``linspace(first, last, n).round()``.
-A file whose spec has neither ``nframes``, ``fps``, ``min_frames`` nor ``max_frames`` takes ``default_nframes``
-frames when the caller gives one (clamped to the frames in range, floored to even), else fps 2.
+Sampling (``sample_indices``) is qwen-vl-utils 0.0.14's smart_nframes + calculate_video_frame_range. A file
+whose spec names none of nframes / fps / min_frames / max_frames takes ``default_nframes`` frames when the
+caller gives one (clamped to the frames in range, floored to even), else fps 2. Given frames: no option ->
+every frame (no default); nframes -> sampled like a file; fps / min_frames / max_frames / start / end need
+"video_fps". Their times are index / video_fps (2.0 when not given, qwen-vl-utils' frame-list rate).
 
-Frames (lists, arrays): no option -> every frame (``default_nframes`` does not apply); ``nframes`` -> sampled
-like a file; ``fps`` / ``min_frames`` / ``max_frames`` / ``start`` / ``end`` need ``"video_fps"``, the rate the
-frames were taken at. Their times are index / video_fps (2.0, qwen-vl-utils' frame-list rate, if not given).
-
-Files decode with PyAV, only the sampled frames: seek to the keyframe at or before a target and decode
-forward to it; a target less than a GOP ahead is reached by decoding on. One decoded frame is held at a
-time, so memory does not grow with the video's length. A file that ends before its header says
-(truncated) is re-sampled over the frames it has, with ``truncated=True`` and ``frames_usable``.
+Files: only the sampled frames are decoded (seek to the keyframe at or before a target, decode forward;
+a target less than a GOP ahead is reached by decoding on), one decoded frame held at a time: memory does
+not grow with the video's length. A file that ends before its header says is re-sampled over the frames
+it has (``truncated=True``, ``frames_usable``).
 """
 from __future__ import annotations
 
@@ -108,7 +104,15 @@ class VideoSpec:
         if self.start is not None and self.end is not None and self.start >= self.end:
             raise InputError(f"video: start ({self.start:g} s) must be before end ({self.end:g} s)")
         if self.path is not None:
-            self._check_path()
+            if self.video_fps is not None:
+                raise InputError("video: video_fps applies to frames only; a file's frame rate is read from it")
+            if not isinstance(self.path, (str, os.PathLike)):
+                raise InputError(f"video: 'path' must be a file path, got {type(self.path).__name__}")
+            self.path = os.fspath(self.path).removeprefix("file://")
+            if not os.path.isfile(self.path):
+                raise InputError(f"video: file not found: {self.path}")
+            if os.path.getsize(self.path) == 0:
+                raise InputError(f"video: {self.path} is empty (0 bytes)")
         elif self.video_fps is None and any(getattr(self, k) is not None for k in FPS_OPTIONS):
             raise InputError("video: fps / min_frames / max_frames / start / end on frames need 'video_fps' "
                              "(the rate the frames were taken at)")
@@ -116,18 +120,6 @@ class VideoSpec:
             self.frames = _as_video_array(self.frames)
         elif not isinstance(self.frames, (list, tuple)) or not self.frames:
             raise InputError(f"video: 'frames' must be a non-empty list of frames or a {ARRAY_FORM}")
-
-    def _check_path(self) -> None:
-        if self.video_fps is not None:
-            raise InputError("video: video_fps applies to frames only; a file's frame rate is read from the file")
-        if not isinstance(self.path, (str, os.PathLike)):
-            raise InputError(f"video: 'path' must be a file path, got {type(self.path).__name__}")
-        path = os.fspath(self.path)
-        self.path = path[7:] if path.startswith("file://") else path
-        if not os.path.isfile(self.path):
-            raise InputError(f"video: file not found: {self.path}")
-        if os.path.getsize(self.path) == 0:
-            raise InputError(f"video: {self.path} is empty (0 bytes)")
 
 
 def _positive_int(name: str, v):
@@ -195,10 +187,12 @@ def sample_indices(total_frames: int, video_fps: float, nframes: int | None = No
         lo = ceil_by_factor(min_frames or FPS_MIN_FRAMES)
         hi = floor_by_factor(min(max_frames or FPS_MAX_FRAMES, count))
         n = floor_by_factor(min(min(max(count / video_fps * (fps or FPS), lo), hi), count))
+    if count < FRAME_FACTOR:
+        raise InputError(f"video: has only {count} frame in range; sampling needs at least {FRAME_FACTOR}")
     if not FRAME_FACTOR <= n <= count:
-        asked = f"nframes={nframes} (rounded to {n}, a multiple of 2)" if nframes is not None else f"{n} frames"
-        raise InputError(f"video: {asked} out of range: the video has {count} frame(s) in range, "
-                         f"and 2..{count} can be sampled")
+        asked = f"nframes={nframes}" if nframes is not None else f"max_frames={max_frames}"
+        raise InputError(f"video: {asked} gives {n} frames (a multiple of 2); it must give 2..{count}, "
+                         "the frames in range")
     return torch.linspace(first, last, n, dtype=torch.float32).round().long().tolist()
 
 
@@ -238,16 +232,17 @@ class DecodedVideo:
 
 def decode_video(video, default_nframes: int | None = None) -> DecodedVideo:
     """Parse, check and decode a ``video=`` (see the module docstring). Raises InputError."""
-    return _load(VideoSpec.parse(video), _positive_int("default_nframes", default_nframes), probe=False)
+    return _load(video, default_nframes, probe=False)
 
 
 def probe_video(video, default_nframes: int | None = None) -> DecodedVideo:
-    """Like ``decode_video`` but decodes at most a file's first frame: ``frames`` is empty; the indices
-    are those planned from the header (a truncated file is only found out by ``decode_video``)."""
-    return _load(VideoSpec.parse(video), _positive_int("default_nframes", default_nframes), probe=True)
+    """``decode_video`` without the decoding (a file's first frame only, to know it is readable): ``frames``
+    is empty, the indices are planned from the header (truncation is found out by ``decode_video``)."""
+    return _load(video, default_nframes, probe=True)
 
 
-def _load(spec: VideoSpec, default_nframes: int | None, probe: bool) -> DecodedVideo:
+def _load(video, default_nframes: int | None, probe: bool) -> DecodedVideo:
+    spec, default_nframes = VideoSpec.parse(video), _positive_int("default_nframes", default_nframes)
     return _load_file(spec, default_nframes, probe) if spec.path is not None else _load_frames(spec, probe)
 
 
@@ -256,11 +251,13 @@ def _load_frames(spec: VideoSpec, probe: bool) -> DecodedVideo:
     rate = spec.video_fps or FRAMES_FPS
     if isinstance(spec.frames, np.ndarray):
         arr = spec.frames
-        total, source, get = len(arr), f"array{list(arr.shape)}", lambda i: Image.fromarray(np.ascontiguousarray(arr[i]))
+        total, source = len(arr), f"array{list(arr.shape)}"
+        get = lambda i: Image.fromarray(np.ascontiguousarray(arr[i]))  # noqa: E731
     else:
         items = list(spec.frames)
         _check_sizes([_frame_size(f, i) for i, f in enumerate(items)])
-        total, source, get = len(items), f"{len(items)} frames", lambda i: _frame_image(items[i], i)
+        total, source = len(items), f"{len(items)} frames"
+        get = lambda i: _frame_image(items[i], i)  # noqa: E731
     if spec.nframes is None and all(getattr(spec, k) is None for k in FPS_OPTIONS):
         idx, sampled = list(range(total)), rate
     else:

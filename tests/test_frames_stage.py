@@ -108,7 +108,8 @@ def test_images_pass_a_frames_stage_and_later_stages_compose(engine_for):
 
 
 def test_resize_within_keeps_at_most_the_budget(engine_for):
-    res = engine_for("llava").generate(QUESTION, video=_frames(), plan="quota:keep=0.3", max_new_tokens=2)
+    plan = [dict(_quota_plan(keep=0.3)[0], within="resize")]
+    res = engine_for("llava").generate(QUESTION, video=_frames(), plan=plan, max_new_tokens=2)
     assert 0 < len(res.kept[0]) <= round(0.3 * 256)
     assert res.groups[0].max() == len(res.kept[0]) - 1  # resized cells stand for the tokens around them
 
@@ -124,7 +125,7 @@ def test_frames_stage_budget_counts_the_videos_tokens(engine_for):
     import tokensieve
 
     with pytest.raises(tokensieve.PlanError, match="larger than the 256 visual tokens .*video"):
-        engine_for("llava").generate(QUESTION, images=[noise_image(0)], video=_frames(), plan="quota:keep=300")
+        engine_for("llava").generate(QUESTION, images=[noise_image(0)], video=_frames(), plan="quota:keep=300,yes=yes")
 
 
 def test_importance_maps_per_frame(engine_for):
@@ -154,3 +155,13 @@ def test_frames_spatial_and_temporal_stages_compose(engine_for):
         alive = g >= 0
         assert (k[g[alive]] >= 0).all() and set(g[alive].tolist()) == set(range(len(k)))
     assert sum(res.stats["tokens_per_frame"]) == len(k2) and len(res.stats["tokens_per_frame"]) == 4
+
+
+def test_quota_refuses_an_answer_word_the_rater_cannot_say(engine_for):
+    import tokensieve
+
+    engine = engine_for("llava")
+    with pytest.raises(tokensieve.PlanError, match="no token for the answer 'A'"):  # the tiny vocabulary has no "A"
+        engine.generate(QUESTION, video=_frames(), plan="quota:keep=0.5", max_new_tokens=1)
+    with pytest.raises(tokensieve.PlanError, match="no token for the answer 'A'"):  # a default plan: at load
+        tokensieve.Engine(engine.model, engine.processor, plan="quota:keep=0.5")

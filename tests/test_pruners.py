@@ -318,7 +318,8 @@ def test_text_rater_methods_against_eager(engine_for, tiny_path, name):
 
 DEFAULT_PLANS = {name: f"{name}:keep=0.25" for name in REGISTRY}
 DEFAULT_PLANS.update({"fastv": "fastv:layer=2,keep=0.25", "sparsevlm": "sparsevlm:layer=2,keep=0.25",
-                      "feather": "feather:layer=2,keep=0.25", "prumerge": "prumerge:keep=auto"})
+                      "feather": "feather:layer=2,keep=0.25", "prumerge": "prumerge:keep=auto",
+                      "quota": "quota:keep=0.25,yes=yes,no=no"})  # the tiny vocabulary has no "A"
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
