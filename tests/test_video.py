@@ -44,3 +44,31 @@ def test_bfloat16_engine(tiny_path):
     cfg = engine.model.config.text_config
     assert res.stats["kv_cache_bytes"] == sum(res.stats["per_layer_kv_len"]) * 2 * cfg.num_key_value_heads * 16 * 2
     engine.close()
+
+
+def test_cli_asks_about_a_video_file(tiny_path, tmp_path):
+    """``tokensieve run --video`` decodes once, before the model loads, and reports the frames per plan."""
+    av = pytest.importorskip("av")
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(16):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 10, np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    cmd = [sys.executable, "-m", "tokensieve", "run", "--model", tiny_path("qwen2_vl"), "--video", path, "--nframes", "4",
+           "--prompt", "what appeared first", "--plan", "", "--plan", "uniform:keep=0.5", "--max-new-tokens", "2", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["results"]
+    assert [r["frame_indices"] for r in rows] == [[0, 5, 10, 15]] * 2
+    assert rows[1]["kept_tokens"] == round(rows[0]["visual_tokens"] / 2) and len(rows[1]["tokens_per_frame"]) == 2
+    bad = subprocess.run(cmd[:7] + [str(tmp_path / "missing.mp4")] + cmd[8:], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "file not found" in bad.stderr and "Traceback" not in bad.stderr

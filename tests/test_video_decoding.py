@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from tokensieve.engine.errors import InputError
-from tokensieve.engine.video import (DecodedVideo, VideoPrefetcher, VideoSpec, decode_video, frame_range,
-                                     probe_video, sample_indices)
+from tokensieve.engine.video import DecodedVideo, VideoPrefetcher, decode_video, probe_video
+from tokensieve.engine.video_spec import VideoSpec, frame_range, sample_indices
 
 av = pytest.importorskip("av")
 W, H = 64, 48
@@ -225,12 +225,28 @@ def test_unreadable_files_are_refused(tmp_path, content, words):
             fn(str(path))
 
 
-def test_a_file_without_decodable_frames_is_refused(lossless, tmp_path):
-    data = open(lossless[0], "rb").read()
-    cut = tmp_path / "header.mkv"
-    cut.write_bytes(data[:600])  # the header, no whole frame
-    with pytest.raises(InputError, match="cannot read|no decodable frames|no video"):
+@pytest.mark.parametrize("suffix,words", [(".avi", "has no video frames"), (".mkv", "cannot read"),
+                                          (".mp4", "has no video stream")])
+def test_a_file_without_frames_is_refused(tmp_path, suffix, words):
+    path = str(tmp_path / f"empty{suffix}")
+    with av.open(path, "w") as out:  # a header, no frame
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        out.start_encoding()
+    for fn in (decode_video, probe_video):
+        with pytest.raises(InputError, match=words):
+            fn(path)
+
+
+def test_a_file_cut_inside_its_first_frame_is_refused(tmp_path):
+    path = _write(tmp_path / "clip.mkv", np.repeat(_content(1), 10, axis=0), codec="mpeg4")
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[:len(data) // 2])  # the header and part of the first frame (noise; the rest: repeats)
+    with pytest.raises(InputError, match="has no decodable frames"):
         decode_video(str(cut))
+    with pytest.raises(InputError, match="has no decodable frames"):
+        probe_video(str(cut))
 
 
 def test_missing_pyav_says_how_to_install(lossless, monkeypatch):
