@@ -165,3 +165,19 @@ def test_quota_refuses_an_answer_word_the_rater_cannot_say(engine_for):
         engine.generate(QUESTION, video=_frames(), plan="quota:keep=0.5", max_new_tokens=1)
     with pytest.raises(tokensieve.PlanError, match="no token for the answer 'A'"):  # a default plan: at load
         tokensieve.Engine(engine.model, engine.processor, plan="quota:keep=0.5")
+
+
+def test_quota_with_another_checkpoint_as_rater_and_query_decoupling(engine_for, tiny_path):
+    """scorer=PATH rates with that checkpoint (QuoTA's small separate VLM); decouple=True first asks the
+    rater for the question's objects (the tiny rater's answer does not parse: the question prompt is used)."""
+    engine, rater = engine_for("llava"), tiny_path("qwen2_vl")
+    frames = _frames()
+    res = engine.generate(QUESTION, video=frames, plan=_quota_plan(scorer=rater), max_new_tokens=1)
+    p = _reference_p_yes(rater, frames)
+    w = (100 * p.double()) ** 2
+    torch.testing.assert_close(_frame_share(res).double(), w / w.sum(), atol=1e-5, rtol=1e-4)
+    plain = engine.generate(QUESTION, video=frames, plan=_quota_plan(), max_new_tokens=1)
+    decoupled = engine.generate(QUESTION, video=frames, plan=_quota_plan(decouple=True, decouple_tokens=4),
+                                max_new_tokens=1)
+    torch.testing.assert_close(_frame_share(decoupled), _frame_share(plain))  # nothing parsed: same prompt
+    assert decoupled.stats["scoring_flops"] > plain.stats["scoring_flops"]  # the decoupling pass is counted
