@@ -83,15 +83,20 @@ def test_c_cached_decode_equals_uncached_recompute(family, engine_for, tiny_path
     engine = engine_for(family)
     req = _requests(family)[0]
     res = engine.generate(req["prompt"], images=req["images"], plan=plan, max_new_tokens=6, output_logits=True)
+    assert_matches_recompute(engine, tiny_path(family), res, engine.prepare(req["prompt"], images=req["images"]))
+
+
+def assert_matches_recompute(engine, path: str, res, inputs) -> None:
+    """res (pruned, cached decoding) == the eager reference over the whole sequence without a cache,
+    the pruned tokens hidden from every layer at or after their stage."""
     n_layers = engine.model.config.get_text_config().num_hidden_layers
-    inputs = engine.prepare(req["prompt"], images=req["images"])
     hide = hidden_slots(inputs["input_ids"], engine.adapter.visual_token_ids, _alive_per_layer(res, n_layers))
     # a random model may emit an image placeholder; the reference cannot be fed one, so check up to it
     tokens = res.token_ids
     n = next((i + 1 for i, t in enumerate(tokens) if t in engine.adapter.visual_token_ids), len(tokens))
     full = extend_inputs(inputs, tokens[: n - 1])
     hide = {j: torch.cat([h, torch.zeros(1, n - 1, dtype=torch.bool)], 1) for j, h in hide.items()}
-    ref = reference_model(tiny_path(family), hide)
+    ref = reference_model(path, hide)
     with torch.no_grad():
         logits = ref(**full).logits[0, inputs["input_ids"].shape[1] - 1:].float()
     assert logits.argmax(-1).tolist() == tokens[:n]

@@ -5,14 +5,13 @@ against plain transformers and the independent eager reference of tests/referenc
 (c) pruned + cached decoding == recomputing without a cache; (d) a padded batch == one request at
 a time; (e) kept indices in original coordinates (FastV == top-k of eager attention).
 """
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
 from conftest import noise_image
-from reference import extend_inputs, hidden_slots, reference_model
-from test_invariants import ATOL, _alive_per_layer, _capture_last_row
+from reference import hidden_slots, reference_model
+from test_invariants import ATOL, _capture_last_row, assert_matches_recompute
 
 NATIVE = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 PROMPTS = ["what appeared first", "how many objects", "is there a red circle"]
@@ -74,18 +73,7 @@ def test_c_cached_decode_equals_uncached_recompute(native, engine_for, tiny_path
     engine = engine_for(native)
     req = _requests(1)[0]
     res = engine.generate(req["prompt"], video=req["video"], plan=plan, max_new_tokens=5, output_logits=True)
-    n_layers = engine.model.config.get_text_config().num_hidden_layers
-    inputs = engine.prepare(req["prompt"], video=req["video"])
-    hide = hidden_slots(inputs["input_ids"], engine.adapter.visual_token_ids, _alive_per_layer(res, n_layers))
-    tokens = res.token_ids
-    n = next((i + 1 for i, t in enumerate(tokens) if t in engine.adapter.visual_token_ids), len(tokens))
-    full = extend_inputs(inputs, tokens[: n - 1])
-    hide = {j: torch.cat([h, torch.zeros(1, n - 1, dtype=torch.bool)], 1) for j, h in hide.items()}
-    ref = reference_model(tiny_path(native), hide)
-    with torch.no_grad():
-        logits = ref(**full).logits[0, inputs["input_ids"].shape[1] - 1:].float()
-    assert logits.argmax(-1).tolist() == tokens[:n]
-    torch.testing.assert_close(res.logits[:n], logits, atol=ATOL, rtol=1e-4)
+    assert_matches_recompute(engine, tiny_path(native), res, engine.prepare(req["prompt"], video=req["video"]))
 
 
 @pytest.mark.parametrize("plan", [None, "random:keep=0.5;fastv:layer=2,keep=0.25"])

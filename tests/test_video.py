@@ -16,19 +16,24 @@ def test_frames_as_images(engine_for):
     assert int((ids == engine.model.config.image_token_id).sum()) == 256
 
 
-def test_video_file(engine_for, tmp_path):
-    av = pytest.importorskip("av")
+def write_clip(path: str, n: int, w: int, h: int, fps: int) -> str:
+    """An mpeg4 file of n flat grey frames (frame i at level 10 i)."""
+    import av
     import numpy as np
-    path = str(tmp_path / "clip.mp4")
     with av.open(path, "w") as out:
-        stream = out.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for i in range(12):
-            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 20, dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 10, np.uint8), format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+    return path
+
+
+def test_video_file(engine_for, tmp_path):
+    pytest.importorskip("av")
+    path = write_clip(str(tmp_path / "clip.mp4"), n=12, w=64, h=64, fps=8)
     res = engine_for("qwen2_vl").generate("how many objects", video=path, max_new_tokens=2)
     evenly = torch.linspace(0, 11, 8).round().long().tolist()  # 8 of 12 frames, qwen-vl-utils' linspace
     assert res.n_images == 0 and res.stats["frames"] == 8 and res.stats["frame_indices"] == evenly  # native
@@ -48,21 +53,12 @@ def test_bfloat16_engine(tiny_path):
 
 def test_cli_asks_about_a_video_file(tiny_path, tmp_path):
     """``tokensieve run --video`` decodes once, before the model loads, and reports the frames per plan."""
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     import json
     import subprocess
     import sys
 
-    import numpy as np
-    path = str(tmp_path / "clip.mp4")
-    with av.open(path, "w") as out:
-        stream = out.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(16):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 10, np.uint8), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    path = write_clip(str(tmp_path / "clip.mp4"), n=16, w=64, h=48, fps=4)
     cmd = [sys.executable, "-m", "tokensieve", "run", "--model", tiny_path("qwen2_vl"), "--video", path, "--nframes", "4",
            "--prompt", "what appeared first", "--plan", "", "--plan", "uniform:keep=0.5", "--max-new-tokens", "2", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
