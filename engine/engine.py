@@ -5,8 +5,8 @@
     result.text, result.kept, result.scores, result.stats
 
 A call runs: check inputs -> decode videos (ahead, in a pool) -> processor -> vision tower
-(vision stages hook its layers) -> frames and pre-LLM stages -> rebuild the LLM inputs -> prefill (LLM stages hook decoder layers)
--> decode. Every stage records, per request, the kept indices in the request's original
+(vision stages hook its layers) -> frames and pre-LLM stages -> rebuild the LLM inputs
+-> prefill (LLM stages hook decoder layers) -> decode. Every stage records, per request, the kept indices in the request's original
 visual-token coordinates.
 """
 from __future__ import annotations
