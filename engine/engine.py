@@ -235,7 +235,8 @@ class Engine:
         t1 = time.perf_counter()
         tokens, logits = self._decode(logits, attn, pos, cache, state, options, batch.reqs[0].max_new_tokens)
         t2 = time.perf_counter()
-        return self._results(batch, state, tokens, logits, n_text, t1 - t0, t2 - t1)
+        scoring_s = sum(s.seconds for s in state.frame_scoring) if state is not None else 0.0  # reported apart
+        return self._results(batch, state, tokens, logits, n_text, t1 - t0 - scoring_s, t2 - t1)
 
     def _encode(self, batch, inputs, state):
         """Vision tower (+ vision stages). Returns per request its [N_b, D] features and alive original indices."""

@@ -181,3 +181,19 @@ def test_quota_with_another_checkpoint_as_rater_and_query_decoupling(engine_for,
                                 max_new_tokens=1)
     torch.testing.assert_close(_frame_share(decoupled), _frame_share(plain))  # nothing parsed: same prompt
     assert decoupled.stats["scoring_flops"] > plain.stats["scoring_flops"]  # the decoupling pass is counted
+
+
+def test_scoring_time_is_reported_apart_from_the_prefill(engine_for, monkeypatch):
+    import time
+
+    from tokensieve.engine import frames
+
+    real = frames._clip
+
+    def slow(*args):  # a scoring pass that takes 0.5 s
+        time.sleep(0.5)
+        return real(*args)
+
+    monkeypatch.setattr(frames, "_clip", slow)
+    res = engine_for("llava").generate(QUESTION, video=_frames(6), plan="keyscore:keep=0.5", max_new_tokens=1)
+    assert res.stats["scoring_s"] >= 0.5 and 0 < res.stats["prefill_s"] < 0.4
