@@ -39,7 +39,8 @@ class Result:
             ``kept`` of the token it is part of after the stage (merged or itself), -1 if dropped
     stats:  visual_tokens, kept_tokens, per_layer_kv_len, kv_cache_bytes, prefill_flops,
             vision_flops, prefill_s, decode_s, new_tokens; with a video also frames, frame_indices,
-            frame_times, tokens_per_frame (kept per frame of the token grid), video_truncated, and
+            frame_times, tokens_per_frame (kept per frame of the token grid), video_truncated,
+            frames_usable (a truncated file: the frames it really has), and
             scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill)
     """
 

@@ -177,7 +177,7 @@ def video_stats(batch, state, b: int, kept: list[torch.Tensor]) -> dict:
     scoring = state.frame_scoring[b::len(batch.reqs)] if state is not None else []
     return dict(frames=len(video.indices), frame_indices=list(video.indices), frame_times=list(video.times),
                 tokens_per_frame=torch.bincount(kept_frames[kept_frames >= 0], minlength=n_grid).tolist(),
-                video_truncated=video.truncated, scoring_s=sum(s.seconds for s in scoring),
+                video_truncated=video.truncated, frames_usable=video.frames_usable, scoring_s=sum(s.seconds for s in scoring),
                 scoring_flops=sum(s.flops for s in scoring))
 
 

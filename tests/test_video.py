@@ -17,14 +17,14 @@ def test_frames_as_images(engine_for):
 
 
 def write_clip(path: str, n: int, w: int, h: int, fps: int) -> str:
-    """An mpeg4 file of n flat grey frames (frame i at level 10 i)."""
+    """An mpeg4 file of n flat grey frames (frame i at level 10 i mod 256)."""
     import av
     import numpy as np
     with av.open(path, "w") as out:
         stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(n):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 10, np.uint8), format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), (i * 10) % 256, np.uint8), format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
@@ -68,3 +68,14 @@ def test_cli_asks_about_a_video_file(tiny_path, tmp_path):
     assert rows[1]["kept_tokens"] == round(rows[0]["visual_tokens"] / 2) and len(rows[1]["tokens_per_frame"]) == 2
     bad = subprocess.run(cmd[:7] + [str(tmp_path / "missing.mp4")] + cmd[8:], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_truncated_file_says_how_many_frames_were_usable(engine_for, tmp_path):
+    pytest.importorskip("av")
+    path = write_clip(str(tmp_path / "clip.avi"), n=60, w=64, h=48, fps=10)
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    res = engine_for("llava").generate("how many objects", video=str(cut), max_new_tokens=1)
+    assert res.stats["video_truncated"] and 0 < res.stats["frames_usable"] < 60
+    assert max(res.stats["frame_indices"]) < res.stats["frames_usable"] and res.stats["frames"] == 8
