@@ -9,6 +9,7 @@ PACKAGES = {
     "tokensieve.kernels": "kernels",
     "tokensieve.demos": "demos",
     "tokensieve.eval": "eval",
+    "tokensieve.eval.shapeworld": "eval/shapeworld",
 }
 
 setup(
@@ -18,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"tokensieve.eval": ["models/*/*"]},  # the shipped tiny models (issue 5)
+    package_data={"tokensieve.eval.shapeworld": ["models/*/*"]},  # the shipped tiny models (issue 5)
     install_requires=[
         "torch>=2.4",
         "torchvision",  # transformers' video processors (Qwen-VL, OneVision processors) need it

@@ -35,8 +35,8 @@ __version__ = "0.1.0"
 
 def default_model() -> str:
     """Path of the embedded default model: ``tiny-llava``, the LLaVA-1.5 trained on the shape world
-    that ships inside the package (``tokensieve.eval.shipped``, docs/training.md). Nothing is downloaded."""
-    from .eval import shipped
+    that ships inside the package (``tokensieve.eval.shapeworld.shipped``, docs/training.md). Nothing is downloaded."""
+    from .eval.shapeworld import shipped
 
     if not shipped.available("llava"):
         raise FileNotFoundError(f"the embedded default model is missing from the package ({shipped.path('llava')}): "

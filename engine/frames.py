@@ -56,7 +56,7 @@ class FrameScorers:
     def clip(self, name: str | None = None):
         """(model, preprocess, tokenizer) of an open_clip model (default: the shipped tiny-clip)."""
         if name is None:
-            from ..eval import shipped
+            from ..eval.shapeworld import shipped
 
             name = "local-dir:" + shipped.path("clip")
         if ("clip", name) not in self.loaded:

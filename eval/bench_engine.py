@@ -98,7 +98,7 @@ def plot(rows, path):
 
 def main(argv=None):
     import tokensieve
-    from .world import Obj, Scene, render
+    from .shapeworld.world import Obj, Scene, render
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint (default: a random LLaVA-1.5-shaped model)")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from ..engine.errors import PlanError
 from ..engine.plan import Plan
 from ..pruners import REGISTRY
-from . import world
-from .tiny_models import IMAGE, VIDEO_FRAMES
+from .shapeworld import world
+from .shapeworld.tiny_models import IMAGE, VIDEO_FRAMES
 
 BUDGETS = (0.5, 0.25, 0.11, 0.05)
 LLM_LAYER = 2  # LLM-stage pruners prune before this decoder layer, scoring with the layer before
@@ -221,7 +221,7 @@ def write(cells: list[dict], out: str) -> str:
 
 
 def main(argv=None):
-    from . import shipped
+    from .shapeworld import shipped
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(shipped.MODELS),

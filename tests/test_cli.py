@@ -47,6 +47,6 @@ def test_module_commands_run_from_the_repository_root():
     """``python -m tokensieve...`` from the checkout's root (as the README's commands are typed), where
     ``kernels/`` could shadow the Hugging Face ``kernels`` package that transformers imports."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "tokensieve.eval.heldout", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "tokensieve.eval.shapeworld.heldout", "--help"], capture_output=True,
                          text=True, timeout=300, cwd=root)
     assert out.returncode == 0 and "held-out" in out.stdout, out.stderr[-2000:]

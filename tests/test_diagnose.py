@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from tokensieve.eval import diagnose, tiny_models, train_tiny
+from tokensieve.eval.shapeworld import diagnose, tiny_models, train_tiny
 from tokensieve.testing import make_tokenizer
 
 

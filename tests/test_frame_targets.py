@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tokensieve.eval import objectives, tiny_models, train_tiny, video_targets, world
+from tokensieve.eval.shapeworld import objectives, tiny_models, train_tiny, video_targets, world
 from tokensieve.testing import make_tokenizer
 
 CIRCLE = world.Obj("circle", "red", "small", 6.5 / 8, 1.5 / 8, uid=0)  # cell (1, 6)

@@ -79,7 +79,7 @@ def test_quota_rates_frames_as_plain_transformers_does(fam, engine_for, tiny_pat
 
 def test_keyscore_reads_clip_embeddings_of_frames_and_question(engine_for):
     open_clip = pytest.importorskip("open_clip")
-    from tokensieve.eval import shipped
+    from tokensieve.eval.shapeworld import shipped
     from tokensieve.pruners import keyscore
 
     engine = engine_for("llava")

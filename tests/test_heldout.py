@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from tokensieve.eval import heldout, shipped, train_tiny, world
+from tokensieve.eval.shapeworld import heldout, shipped, train_tiny, world
 
 
 def _engine_right(engine, n: int, seed: int, video: bool) -> dict:

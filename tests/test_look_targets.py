@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tokensieve.eval import objectives, tiny_models, train_tiny, world
+from tokensieve.eval.shapeworld import objectives, tiny_models, train_tiny, world
 from tokensieve.testing import make_tokenizer
 
 

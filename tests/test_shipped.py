@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from tokensieve.eval import report, shipped, world
+from tokensieve.eval import report
+from tokensieve.eval.shapeworld import shipped, world
 
 MAX_BYTES = 25 * 2**20
 

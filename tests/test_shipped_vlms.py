@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from tokensieve.eval import report, shipped
-from tokensieve.eval.world import Obj, Scene, render
+from tokensieve.eval import report
+from tokensieve.eval.shapeworld import shipped
+from tokensieve.eval.shapeworld.world import Obj, Scene, render
 
 FAMILIES = sorted(shipped.MODELS)
 MAX_BYTES = 25 * 2**20

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from tokensieve.eval import tiny_models, train_tiny
+from tokensieve.eval.shapeworld import tiny_models, train_tiny
 from tokensieve.testing import make_tokenizer
 
 HEAD_DIM = tiny_models.LM["hidden_size"] // tiny_models.LM["num_attention_heads"]  # 48: 24 rotary pairs

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokensieve
-from tokensieve.eval import objectives, tiny_models, train_tiny, world
+from tokensieve.eval.shapeworld import objectives, tiny_models, train_tiny, world
 from tokensieve.testing import make_tokenizer
 
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from tokensieve.eval.world import (COLOURS, Obj, Scene, image_questions, multiple_choice, random_scene, random_video,
+from tokensieve.eval.shapeworld.world import (COLOURS, Obj, Scene, image_questions, multiple_choice, random_scene, random_video,
                                    render, video_questions, write_dataset)
 
 
@@ -74,7 +74,7 @@ def test_write_dataset(tmp_path):
 
 
 def test_cell_labels_name_what_each_token_cell_shows():
-    from tokensieve.eval.world import SHAPES, cell_labels
+    from tokensieve.eval.shapeworld.world import SHAPES, cell_labels
     # on a 96 px image (8 x 8 cells of 12 px): a big red square centred on the lattice corner (x 2/8, y 3/8)
     # and a small blue circle centred in cell (row 6, col 5)
     scene = Scene([Obj("square", "red", "big", 2 / 8, 3 / 8), Obj("circle", "blue", "small", 5.5 / 8, 6.5 / 8)], size=96)
@@ -94,7 +94,7 @@ def test_cell_labels_name_what_each_token_cell_shows():
 def test_random_scenes_sit_on_the_token_lattice():
     """Each object of a random 96 px scene covers exactly its own cells (1 small, 4 big) and no cell
     shows two objects, so each visual token of the tiny models is about one object or background."""
-    from tokensieve.eval.world import object_map, random_scene
+    from tokensieve.eval.shapeworld.world import object_map, random_scene
     rng = random.Random(3)
     for _ in range(30):
         scene = random_scene(rng, size=96)
@@ -125,7 +125,7 @@ def test_video_objects_stay_on_the_lattice_in_every_frame():
     its cells (one for a small object, four for a big one) in the object map. An object that stepped off
     the left or top edge (x = -1/16: a truncating int() put it in column 0) was drawn nowhere, so 7% of
     videos asked about an object no frame showed."""
-    from tokensieve.eval.world import object_map
+    from tokensieve.eval.shapeworld.world import object_map
     for seed in range(150):
         video = random_video(random.Random(seed), n_frames=8, size=96)  # 8 x 8 cells of 12 px
         for scene in video.frames:
@@ -137,7 +137,7 @@ def test_video_objects_stay_on_the_lattice_in_every_frame():
 
 
 def test_question_refs_name_the_objects_the_answer_is_read_from():
-    from tokensieve.eval.world import image_questions, random_scene
+    from tokensieve.eval.shapeworld.world import image_questions, random_scene
     rng = random.Random(11)
     for _ in range(100):
         scene = random_scene(rng, size=96)

@@ -1,7 +1,7 @@
 """Train a tiny VLM (LLaVA-1.5 or Qwen2-VL architecture) on the synthetic shape world (CPU friendly).
 
-    python -m tokensieve.eval.train_tiny --family llava --out runs/tiny-llava
-    python -m tokensieve.eval.train_tiny --family qwen2_vl --out runs/tiny-qwen2-vl
+    python -m tokensieve.eval.shapeworld.train_tiny --family llava --out runs/tiny-llava
+    python -m tokensieve.eval.shapeworld.train_tiny --family qwen2_vl --out runs/tiny-qwen2-vl
 
 The result is a standard transformers checkpoint (weights, config, word-level tokenizer with a chat
 template, processor), loadable with ``from_pretrained`` and ``tokensieve.load``. Scenes and videos
@@ -29,7 +29,7 @@ import random
 import time
 import torch
 
-from ..testing import make_tokenizer
+from ...testing import make_tokenizer
 from . import tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
                          cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, position_loss,

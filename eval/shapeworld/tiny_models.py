@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..testing import CHAT_TEMPLATES
+from ...testing import CHAT_TEMPLATES
 
 IMAGE = 96
 GRID = 8  # visual tokens per side

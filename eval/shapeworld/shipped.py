@@ -1,6 +1,6 @@
 """The tiny models that ship with the package, trained on the shape world (docs/training.md).
 
-    from tokensieve.eval import shipped
+    from tokensieve.eval.shapeworld import shipped
     shipped.path("llava")        # a transformers checkpoint directory: tokensieve.load(...) / from_pretrained
     shipped.path("clip")         # an open_clip local-dir: open_clip.create_model_and_transforms("local-dir:" + ...)
 """

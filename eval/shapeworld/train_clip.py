@@ -1,6 +1,6 @@
 """Train a tiny open_clip model contrastively on the shape world's images and captions (CPU friendly).
 
-    python -m tokensieve.eval.train_clip --out runs/tiny-clip
+    python -m tokensieve.eval.shapeworld.train_clip --out runs/tiny-clip
 
 Saved in open_clip's local-dir format (``open_clip_config.json`` + ``open_clip_model.safetensors``),
 so that ``open_clip.create_model_and_transforms("local-dir:<out>")`` and

@@ -1,7 +1,7 @@
 """Held-out full-token accuracy of trained tiny VLMs, per question type: the figures of issue 5's bar.
 
-    python -m tokensieve.eval.heldout                       # both shipped VLMs, 512 images / 256 videos
-    python -m tokensieve.eval.heldout runs/q14 --video-seed 30000 --out q14.json
+    python -m tokensieve.eval.shapeworld.heldout                       # both shipped VLMs, 512 images / 256 videos
+    python -m tokensieve.eval.shapeworld.heldout runs/q14 --video-seed 30000 --out q14.json
 
 Questions come from seeds the training never draws (images 10 000, videos 20 000: ``train_tiny``
 trains on seed ``--seed`` and logs 10 000 + seed / 20 000 + seed), one question per scene or video,
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from tokensieve.eval import shipped, train_tiny
+from tokensieve.eval.shapeworld import shipped, train_tiny
 
 BAR = {"image": 0.95, "video": 0.90}
 
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
             json.dump({"image_seed": args.image_seed, "video_seed": args.video_seed, "results": results}, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(f"Held-out full-token accuracy (images seed {args.image_seed}, videos seed {args.video_seed}; "
-                    f"`python -m tokensieve.eval.heldout`)\n\n{table(results)}\n")
+                    f"`python -m tokensieve.eval.shapeworld.heldout`)\n\n{table(results)}\n")
     return results
 
 
