@@ -1,4 +1,5 @@
-"""Command line: ``tokensieve run`` answers a question about an image, one row per plan.
+"""Command line: ``tokensieve run`` answers a question about an image, one row per plan;
+``tokensieve eval`` is the batch video-QA evaluation (``eval/videoqa.py``).
 
     tokensieve run --image scene.png --prompt "what colour is the circle?" \
         --plan "" --plan "fastv:layer=2,keep=0.25"
@@ -72,8 +73,13 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # the batch video-QA evaluation has its own options
+        from tokensieve.eval.videoqa import main as videoqa_main
+        return videoqa_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tokensieve", description="Visual-token pruning for VLMs")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("eval", help="batch video-QA evaluation of plans (tokensieve eval --help)", add_help=False)
     p = sub.add_parser("run", help="answer a question about images/video under one or more plans")
     p.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")

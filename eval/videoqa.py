@@ -1,0 +1,256 @@
+"""The batch video-QA evaluation: ``tokensieve eval`` (also ``python -m tokensieve.eval.videoqa``).
+
+    tokensieve eval --data videomme.json --video-root /data/videomme --format videomme \\
+        --model llava-hf/llava-onevision-qwen2-7b-ov-hf --plan "" --plan "dycoke:keep=0.25" --out runs/vmme
+    tokensieve eval --data mine.jsonl --pruners fastv,visionzip --budgets 0.25,0.11 --nframes 16 --out runs/grid
+    tokensieve eval --out runs/world            # no --data, no --model: the embedded world's videos, offline
+
+Every plan runs on every sample; the full-token plan always runs too (retention is measured
+against it). Samples go through ``generate_batch`` in padded batches; each chunk's videos are
+decoded once, in a background pool, while the chunk before runs, and shared by every plan.
+
+Outputs in --out: ``samples.jsonl`` (one line per sample and plan, written and flushed as each
+batch ends), ``summary.csv`` / ``summary.md`` (per plan: accuracy overall and per type with its
+standard error, retention, kept tokens, FLOPs, times, KV bytes, failures), ``accuracy.png``
+(accuracy against kept tokens) and ``accuracy_prefill.png`` (against prefill time), and
+``config.json``. The same command again resumes: (id, plan) pairs already in ``samples.jsonl``
+are skipped, a line torn by a kill is dropped; another configuration in the same folder is
+refused (``--force`` starts over). A sample that cannot run (missing field, unreadable video, ...)
+is written with its ``error`` and counted as a failure; the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..engine.errors import TokenSieveError
+from ..engine.plan import Plan
+from . import summary
+from .answers import score
+from .readers import FORMATS, DataError, Sample, read_samples
+
+RECORD_FIELDS = ("id", "plan", "prediction", "parsed", "answer", "correct", "type", "visual_tokens", "kept_tokens",
+                 "frames", "prefill_s", "decode_s", "prefill_flops", "kv_cache_bytes", "error")
+RESUME_KEYS = ("data", "format", "video_root", "model", "plans", "nframes", "fps", "max_new_tokens", "video_mode")
+WORLD_VIDEOS = 32  # the embedded default set: held-out world videos (seed 20 000), about 4 questions each
+DEFAULT_PLANS = ["uniform:keep=0.25", "dycoke:keep=0.25"]
+
+
+# ---- configuration --------------------------------------------------------------------------------
+def expand_plans(plans: list[str], pruners: str | None, budgets: str | None) -> list[str]:
+    """The full plan first, then the given plans and the grid ``pruners x budgets``, normalised, no repeats."""
+    from .report import plan_for
+
+    out = [""] + [p for p in plans]
+    if pruners or budgets:
+        if not (pruners and budgets):
+            raise DataError("--pruners and --budgets go together (a grid of plans)")
+        try:
+            grid = [float(b) for b in budgets.split(",")]
+        except ValueError:
+            raise DataError(f"--budgets must be comma-separated ratios in (0, 1], got {budgets!r}") from None
+        out += [plan_for(p.strip(), b) for p in pruners.split(",") for b in grid]
+    normalised = [str(Plan.parse(p or None)) for p in out]  # PlanError for a bad one, before any work
+    return list(dict.fromkeys(normalised))
+
+
+def world_dataset(out: str) -> str:
+    """The embedded default set, written once under ``out/world`` (held-out seed 20 000)."""
+    from .shapeworld import world
+
+    path = os.path.join(out, "world", "dataset.jsonl")
+    if not os.path.exists(path):
+        world.write_dataset(os.path.join(out, "world"), n_images=0, n_videos=WORLD_VIDEOS, seed=20_000, progress=True)
+    return path
+
+
+def check_config(out: str, config: dict, force: bool) -> None:
+    """Refuse to mix two configurations in one folder; with ``force`` start the folder over."""
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        old = json.load(open(path))
+        diff = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+        if diff and not force:
+            raise DataError(f"{out} holds a run with another configuration ({', '.join(diff)} differ: "
+                            f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another --out, or --force to start over")
+        if diff:
+            for name in ("samples.jsonl", "summary.csv", "summary.md"):
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+# ---- resume ---------------------------------------------------------------------------------------
+def load_records(path: str) -> list[dict]:
+    """The complete lines of ``samples.jsonl``; a torn last line (a kill mid-write) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    records, good = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break
+            if not line.endswith(b"\n"):
+                records.pop()
+                break
+            good += len(line)
+    if good != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return records
+
+
+# ---- running --------------------------------------------------------------------------------------
+def record(sample: Sample, plan: str, result=None, error: str | None = None) -> dict:
+    """One line of samples.jsonl for a sample under a plan (a Result, or the error that stopped it)."""
+    rec = dict.fromkeys(RECORD_FIELDS)
+    rec.update(id=sample.id, plan=plan, answer=sample.answer, type=sample.type, correct=False, error=error)
+    if result is not None:
+        parsed, correct = score(sample, result.text)
+        st = result.stats
+        rec.update(prediction=result.text, parsed=parsed, correct=correct, visual_tokens=st["visual_tokens"],
+                   kept_tokens=st["kept_tokens"], frames=st.get("frames"), prefill_s=st["prefill_s"],
+                   decode_s=st["decode_s"], prefill_flops=st["prefill_flops"], kv_cache_bytes=st["kv_cache_bytes"])
+    return rec
+
+
+def video_spec(sample: Sample, nframes: int | None, fps: float | None) -> dict:
+    return {"path": sample.video, **({"nframes": nframes} if nframes else {}), **({"fps": fps} if fps else {})}
+
+
+def run_chunk(engine, chunk: list[Sample], videos: dict, plan: str, args) -> list[dict]:
+    """Records of one chunk of samples under one plan: one padded-batch call, or one sample at a time
+    when a sample in it fails (so one bad sample never takes its batch down)."""
+    runnable = [s for s in chunk if s.id in videos]
+    reqs = [{"prompt": s.prompt, "video": videos[s.id], "plan": plan, "max_new_tokens": args.max_new_tokens}
+            for s in runnable]
+    try:
+        results = engine.generate_batch(reqs, batch_size=args.batch_size) if reqs else []
+        return [record(s, plan, r) for s, r in zip(runnable, results)]
+    except TokenSieveError:
+        out = []
+        for s, req in zip(runnable, reqs):
+            try:
+                out.append(record(s, plan, engine.generate_batch([req])[0]))
+            except TokenSieveError as e:
+                out.append(record(s, plan, error=f"sample {s.id}: {e}"))
+        return out
+
+
+def evaluate(engine, samples: list[Sample], plans: list[str], out: str, args, done: set) -> None:
+    """Run every (sample, plan) not in ``done``, appending to samples.jsonl as each batch ends."""
+    from tqdm import tqdm
+
+    from ..engine.request import DEFAULT_VIDEO_FRAMES
+    from ..engine.video import VideoPrefetcher
+
+    todo = [s for s in samples if any((s.id, p) not in done for p in plans)]
+    chunk = max(args.batch_size, 1) * 2
+    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    running = {p: [0, 0] for p in plans}  # right, seen
+    total = sum((s.id, p) not in done for s in todo for p in plans)
+    with open(os.path.join(out, "samples.jsonl"), "a") as f, VideoPrefetcher() as pool, \
+            tqdm(total=total, desc="samples x plans", unit="run") as bar:
+        def submit(k):
+            for s in chunks[k] if k < len(chunks) else []:
+                if s.error is None:
+                    pool.submit(s.id, video_spec(s, args.nframes, args.fps), DEFAULT_VIDEO_FRAMES)
+        submit(0)
+        for k, part in enumerate(chunks):
+            submit(k + 1)
+            videos, failed = {}, {}
+            for s in part:
+                try:
+                    if s.error is not None:
+                        raise DataError(s.error)
+                    videos[s.id] = pool.result(s.id)
+                except TokenSieveError as e:
+                    failed[s.id] = f"sample {s.id}: {e}" if not str(e).startswith("sample") else str(e)
+            for plan in plans:
+                mine = [s for s in part if (s.id, plan) not in done]
+                recs = run_chunk(engine, [s for s in mine if s.id not in failed], videos, plan, args)
+                recs += [record(s, plan, error=failed[s.id]) for s in mine if s.id in failed]
+                for rec in recs:
+                    f.write(json.dumps(rec) + "\n")
+                    running[plan][0] += bool(rec["correct"])
+                    running[plan][1] += 1
+                f.flush()
+                bar.update(len(recs))
+                bar.set_postfix_str(" ".join(f"{summary.short(p)}={r / max(n, 1):.0%}" for p, (r, n) in running.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tokensieve eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="the benchmark's annotation file (default: the embedded world's videos)")
+    ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    ap.add_argument("--video-root", help="folder the video paths are relative to (default: the data file's)")
+    ap.add_argument("--model", help="hub id or local checkpoint (default: the embedded default model)")
+    ap.add_argument("--plan", action="append", default=[], help="a plan (repeatable); the full plan always runs")
+    ap.add_argument("--pruners", help="grid: comma-separated pruners, each at every --budgets ratio")
+    ap.add_argument("--budgets", help="grid: comma-separated ratios, e.g. 0.25,0.11")
+    ap.add_argument("--out", required=True, help="output folder (resumes when it holds the same run)")
+    ap.add_argument("--nframes", type=int, help="frames sampled per video (default 8)")
+    ap.add_argument("--fps", type=float, help="sample videos at this rate instead (qwen-vl-utils rules)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, help="the first N samples only")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--video-mode", default="native", choices=("native", "frames"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--force", action="store_true", help="start the --out folder over when its run differs")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    try:
+        return _main(args)
+    except TokenSieveError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    import tokensieve
+
+    if args.nframes is not None and args.fps is not None:
+        raise DataError("give --nframes or --fps, not both")
+    for name in ("batch_size", "limit", "max_new_tokens", "nframes"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    plans = expand_plans(args.plan if args.plan or args.data or args.model else DEFAULT_PLANS, args.pruners, args.budgets)
+    data = args.data or world_dataset(args.out)
+    samples = read_samples(data, args.format, args.video_root, args.limit)  # DataError: nothing runs
+    config = dict(data=os.path.abspath(data), format=args.format, video_root=args.video_root,
+                  model=args.model or "default", plans=plans, nframes=args.nframes, fps=args.fps,
+                  max_new_tokens=args.max_new_tokens, video_mode=args.video_mode, batch_size=args.batch_size,
+                  limit=args.limit, samples=len(samples))
+    check_config(args.out, config, args.force)
+    path = os.path.join(args.out, "samples.jsonl")
+    done = {(r["id"], r["plan"]) for r in load_records(path)}
+    bad = [s for s in samples if s.error]
+    if bad:
+        print(f"{len(bad)} sample(s) cannot run (recorded with their error), e.g. {bad[0].error}", file=sys.stderr)
+    if any((s.id, p) not in done for s in samples for p in plans):
+        engine = tokensieve.load(args.model, device=args.device, dtype=args.dtype, video_mode=args.video_mode,
+                                 max_new_tokens=args.max_new_tokens)
+        try:
+            evaluate(engine, samples, plans, args.out, args, done)
+        finally:
+            engine.close()
+    ids = {s.id for s in samples}
+    records = [r for r in load_records(path) if r["id"] in ids and r["plan"] in plans]
+    print(summary.write(records, plans, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
