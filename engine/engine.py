@@ -22,7 +22,8 @@ from . import attention, frames, hooks, metering
 from .adapters import Adapter, adapter_for
 from .batch import Batch, assemble, build_batch, process
 from .errors import InputError, PlanError
-from .generation import DecodeOptions, cache_kwargs, decode_one_token, next_positions, prefill, sample
+from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_logprob, next_positions, prefill,
+                         sample)
 from .plan import Plan
 from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request, check_request
 from .video import VideoPrefetcher
@@ -113,6 +114,19 @@ class Engine:
         req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens,
                       video_mode=video_mode)
         return self.generate_batch([req], **generation_kwargs)[0]
+
+    @torch.inference_mode()
+    def loglikelihood(self, prompt: str, continuation: str, images=None, video=None, plan=None,
+                      video_mode: str | None = None) -> tuple[float, bool]:
+        """(log P(continuation | prompt and visuals) under the plan, whether greedy decoding gives exactly it).
+        The continuation's tokens follow the chat-formatted prompt (as the answer would); an empty one is (0, True)."""
+        req = Request(prompt=prompt, images=images or [], video=video, plan=plan, video_mode=video_mode)
+        if not isinstance(continuation, str):
+            raise InputError(f"continuation must be a string, got {type(continuation).__name__}")
+        batch = build_batch(self.processor, self.adapter, [0], [self._check(req, self.plan)])
+        tokens = self.processor.tokenizer(continuation, add_special_tokens=False).input_ids
+        logits, attn, pos, cache, state, _ = self._prefill(batch)
+        return forced_logprob(self.model, self.adapter.embed, tokens, logits, attn, pos[..., -1:], cache, state)
 
     def generate_batch(self, requests: list, batch_size: int = 8, progress: bool = False,
                        **generation_kwargs) -> list[Result]:
@@ -223,16 +237,20 @@ class Engine:
             state.vision_layer_of = {id(m): j for j, m in enumerate(self.adapter.tower_attention_modules())}
         return state
 
-    @torch.inference_mode()
-    def _run(self, batch: Batch, options: DecodeOptions) -> list[Result]:
+    def _prefill(self, batch: Batch):
+        """Tower, pruning stages, rebuilt LLM inputs and prefill -> (logits [B, V], attn, pos, cache, state, n_text)."""
         inputs = self._device_inputs(batch.inputs)
         state = self._make_state(batch)
-        t0 = time.perf_counter()
         feats, alive = self._encode(batch, inputs, state)
         feats, alive = self._pre_llm(batch, inputs, feats, alive, state)
         embeds, attn, pos, n_text = self._llm_inputs(batch, inputs, feats, alive, state)
         cache = cache_kwargs(self.model, DynamicCache(config=self.adapter.text_config))
-        logits = prefill(self.model, embeds, attn, pos, cache, state)
+        return prefill(self.model, embeds, attn, pos, cache, state), attn, pos, cache, state, n_text
+
+    @torch.inference_mode()
+    def _run(self, batch: Batch, options: DecodeOptions) -> list[Result]:
+        t0 = time.perf_counter()
+        logits, attn, pos, cache, state, n_text = self._prefill(batch)
         t1 = time.perf_counter()
         tokens, logits = self._decode(logits, attn, pos, cache, state, options, batch.reqs[0].max_new_tokens)
         t2 = time.perf_counter()

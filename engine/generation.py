@@ -67,6 +67,24 @@ def decode_one_token(model, embed_fn, token, attention_mask, position_ids, cache
     return out.logits[:, -1].float()
 
 
+def forced_logprob(model, embed_fn, tokens: list[int], logits, attention_mask, position_ids, cache: dict,
+                   state: RequestState | None) -> tuple[float, bool]:
+    """Feed ``tokens`` after a prefill (batch of one; logits [1, V], position_ids [..., 1, 1] of the last
+    token) -> (sum of their log-probabilities, whether each was the argmax)."""
+    total, greedy = 0.0, True
+    for step, tok in enumerate(tokens):
+        logp = logits[0].log_softmax(-1)
+        total += float(logp[tok])
+        greedy &= int(logp.argmax()) == tok
+        if step == len(tokens) - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
+        position_ids = next_positions(position_ids)
+        token = torch.tensor([tok], device=logits.device)
+        logits = decode_one_token(model, embed_fn, token, attention_mask, position_ids, cache, state)
+    return total, greedy
+
+
 def sample(logits: torch.Tensor, s: DecodeOptions, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next tokens [B]."""
     if not s.do_sample:

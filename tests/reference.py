@@ -48,6 +48,15 @@ def hidden_slots(input_ids: torch.Tensor, visual_ids, kept_per_layer: list) -> d
     return out
 
 
+def alive_per_layer(result, n_layers: int) -> list:
+    """For each LLM layer, the original visual indices still alive there after a result's stages."""
+    alive = [torch.arange(result.stats["visual_tokens"])] * n_layers
+    for stage, kept in zip(result.plan.stages, result.kept):
+        start = stage.layer if stage.where == "llm" else 0
+        alive = alive[:start] + [kept] * (n_layers - start)
+    return alive
+
+
 def extend_inputs(inputs: dict, new_tokens: list[int]) -> dict:
     """Append generated tokens to a batch-of-one processor output (text side only)."""
     out = dict(inputs)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from conftest import noise_image
-from reference import extend_inputs, hidden_slots, reference_model
+from reference import alive_per_layer, extend_inputs, hidden_slots, reference_model
 
 PROMPTS = ["what is the colour of the circle", "how many red objects", "is there a blue square on the left"]
 ATOL = 2e-4
@@ -69,13 +69,6 @@ def test_b_keep_everything_is_identity(family, engine_for, where):
             assert k.tolist() == list(range(a.stats["visual_tokens"]))
 
 
-def _alive_per_layer(result, n_layers):
-    alive = [torch.arange(result.stats["visual_tokens"])] * n_layers
-    for stage, kept in zip(result.plan.stages, result.kept):
-        start = stage.layer if stage.where == "llm" else 0
-        alive = alive[:start] + [kept] * (n_layers - start)
-    return alive
-
 
 @pytest.mark.parametrize("plan", ["fastv:layer=2,keep=0.25", "random:keep=0.5;fastv:layer=1,keep=6",
                                   "uniform:keep=12", "fastv:layer=1,keep=10;fastv:layer=3,keep=3"])
@@ -90,7 +83,7 @@ def assert_matches_recompute(engine, path: str, res, inputs) -> None:
     """res (pruned, cached decoding) == the eager reference over the whole sequence without a cache,
     the pruned tokens hidden from every layer at or after their stage."""
     n_layers = engine.model.config.get_text_config().num_hidden_layers
-    hide = hidden_slots(inputs["input_ids"], engine.adapter.visual_token_ids, _alive_per_layer(res, n_layers))
+    hide = hidden_slots(inputs["input_ids"], engine.adapter.visual_token_ids, alive_per_layer(res, n_layers))
     # a random model may emit an image placeholder; the reference cannot be fed one, so check up to it
     tokens = res.token_ids
     n = next((i + 1 for i, t in enumerate(tokens) if t in engine.adapter.visual_token_ids), len(tokens))
