@@ -48,10 +48,10 @@ def parse_choice(text: str, options: list[str]) -> str | None:
             if m and m.group(1) in letters:
                 found.append((PRIORITY["phrase"], i, m.group(1)))
     core = t.strip().lstrip("(")
-    if core[:1] in letters and (len(core) == 1 or not core[1].isalpha()):
+    if core and core[0] in letters and (len(core) == 1 or not core[1].isalpha()):
         found.append((PRIORITY["start"], 0, core[0]))
     core = t.strip().rstrip(")")
-    if core[-1:] in letters and (len(core) == 1 or not core[-2].isalpha()):
+    if core and core[-1] in letters and (len(core) == 1 or not core[-2].isalpha()):
         found.append((PRIORITY["end"], len(t), core[-1]))
     if found:
         return max(found)[2]

@@ -173,7 +173,7 @@ def _jsonl(r: dict, n: int, _: str):
 
 def _videomme(r: dict, n: int, _: str):
     options, q = lettered(_need(r, "options")), _need(r, "question")
-    prompt = VIDEOMME_PRE + "\n" + q + "\n" + "\n".join(options) + "\n" + LETTER_POST.lstrip("\n")
+    prompt = VIDEOMME_PRE + "\n" + q + "\n" + "\n".join(options) + "\n" + LETTER_POST
     return (r.get("question_id", n), str(_need(r, "videoID")), q, options, _need(r, "answer"),
             r.get("task_type") or r.get("duration"), prompt)
 
@@ -208,9 +208,11 @@ def _mlvu(r: dict, n: int, _: str):
 
 def _egoschema(r: dict, n: int, _: str):
     q = _need(r, "question")
-    options = lettered(r.get("option") or [r[f"option {i}"] for i in range(5) if r.get(f"option {i}") not in (None, "")])
-    return (r.get("q_uid") or r.get("id", n), str(_need(r, "video_idx")), q, options, _need(r, "answer"),
-            r.get("type"), q + "".join("\n" + o for o in options) + LETTER_POST)
+    given = r.get("option")  # lmms-eval's layout: listed as given; the official "option 0".."option 4": lettered
+    listed = [str(o) for o in given] if given else lettered([r[f"option {i}"] for i in range(5)
+                                                            if r.get(f"option {i}") not in (None, "")])
+    return (r.get("q_uid") or r.get("id", n), str(_need(r, "video_idx")), q, lettered(listed), _need(r, "answer"),
+            r.get("type"), q + "".join("\n" + o for o in listed) + LETTER_POST)
 
 
 BUILDERS = {"jsonl": _jsonl, "videomme": _videomme, "mvbench": _mvbench, "nextqa": _nextqa, "mlvu": _mlvu,
