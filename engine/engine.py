@@ -70,7 +70,7 @@ class Engine:
         self.adapter: Adapter = adapter_for(model, processor)
         self.plan = Plan.parse(plan)
         self.max_new_tokens = max_new_tokens
-        self._check_plan(self.plan)
+        self.check_plan(self.plan)
         tok = processor.tokenizer
         tok.padding_side = "left"
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -164,8 +164,9 @@ class Engine:
         return [results[i] for i in range(len(checked))]
 
     # ---- checking -------------------------------------------------------------------------------
-    def _check_plan(self, plan: Plan) -> None:
-        ad = self.adapter
+    def check_plan(self, plan: Plan | str) -> None:
+        """Raise PlanError when a plan does not fit this model (stage order, layers, CLS needs, frames stages)."""
+        plan, ad = Plan.parse(plan), self.adapter
         vision_layers = ad.vision_layers
         plan.check(ad.text_config.num_hidden_layers, len(vision_layers) if vision_layers is not None else 0,
                    ad.vision_prefix is not None)
@@ -195,7 +196,7 @@ class Engine:
         """Check a request; ``video``: its video already decoded; ``decode=False``: only probe the video."""
         checked = check_request(req, self.processor, self.adapter, default_plan, self.max_new_tokens,
                                 self.video_mode, video=video, decode=decode)
-        self._check_plan(checked.plan)
+        self.check_plan(checked.plan)
         return checked
 
     def _group(self, reqs: list[CheckedRequest], batch_size: int):

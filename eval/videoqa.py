@@ -66,21 +66,30 @@ def world_dataset(out: str) -> str:
     return path
 
 
-def check_config(out: str, config: dict, force: bool) -> None:
-    """Refuse to mix two configurations in one folder; with ``force`` start the folder over."""
+def check_config(out: str, config: dict, force: bool) -> bool:
+    """Refuse to mix two configurations in one folder. Returns whether the folder holds another run that
+    ``force`` starts over (its outputs are dropped by ``write_config``). Writes nothing."""
     path = os.path.join(out, "config.json")
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return False
+    try:
         old = json.load(open(path))
-        diff = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
-        if diff and not force:
-            raise DataError(f"{out} holds a run with another configuration ({', '.join(diff)} differ: "
-                            f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another --out, or --force to start over")
-        if diff:
-            for name in ("samples.jsonl", "summary.csv", "summary.md"):
-                if os.path.exists(os.path.join(out, name)):
-                    os.remove(os.path.join(out, name))
+    except ValueError:
+        old = {}
+    diff = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+    if diff and not force:
+        raise DataError(f"{out} holds a run with another configuration ({', '.join(diff)} differ: "
+                        f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another --out, or --force to start over")
+    return bool(diff)
+
+
+def write_config(out: str, config: dict, start_over: bool) -> None:
+    """config.json in ``out``; ``start_over`` first drops the outputs of the run the folder held."""
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
+    for name in ("samples.jsonl", "summary.csv", "summary.md") if start_over else ():
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
 
 
@@ -156,7 +165,7 @@ def evaluate(engine, samples: list[Sample], plans: list[str], out: str, args, do
     running = {p: [0, 0] for p in plans}  # right, seen
     total = sum((s.id, p) not in done for s in todo for p in plans)
     with open(os.path.join(out, "samples.jsonl"), "a") as f, VideoPrefetcher() as pool, \
-            tqdm(total=total, desc="samples x plans", unit="run") as bar:
+            tqdm(total=total, desc="samples x plans", unit="run", dynamic_ncols=True, mininterval=1) as bar:
         def submit(k):
             for s in chunks[k] if k < len(chunks) else []:
                 if s.error is None:
@@ -225,23 +234,30 @@ def _main(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    plans = expand_plans(args.plan if args.plan or args.data or args.model else DEFAULT_PLANS, args.pruners, args.budgets)
+    asked = args.plan or args.pruners or args.data or args.model
+    plans = expand_plans(args.plan if asked else DEFAULT_PLANS, args.pruners, args.budgets)
     data = args.data or world_dataset(args.out)
     samples = read_samples(data, args.format, args.video_root, args.limit)  # DataError: nothing runs
-    config = dict(data=os.path.abspath(data), format=args.format, video_root=args.video_root,
-                  model=args.model or "default", plans=plans, nframes=args.nframes, fps=args.fps,
+    inside = os.path.abspath(data).startswith(os.path.abspath(args.out) + os.sep)  # the world set: portable
+    config = dict(data=os.path.relpath(data, args.out) if inside else os.path.abspath(data), format=args.format,
+                  video_root=args.video_root, model=args.model or "default", plans=plans, nframes=args.nframes, fps=args.fps,
                   max_new_tokens=args.max_new_tokens, video_mode=args.video_mode, batch_size=args.batch_size,
                   limit=args.limit, samples=len(samples))
-    check_config(args.out, config, args.force)
+    start_over = check_config(args.out, config, args.force)
     path = os.path.join(args.out, "samples.jsonl")
-    done = {(r["id"], r["plan"]) for r in load_records(path)}
+    done = set() if start_over else {(r["id"], r["plan"]) for r in load_records(path)}
     bad = [s for s in samples if s.error]
     if bad:
         print(f"{len(bad)} sample(s) cannot run (recorded with their error), e.g. {bad[0].error}", file=sys.stderr)
-    if any((s.id, p) not in done for s in samples for p in plans):
+    if not any((s.id, p) not in done for s in samples for p in plans):
+        write_config(args.out, config, start_over)
+    else:
         engine = tokensieve.load(args.model, device=args.device, dtype=args.dtype, video_mode=args.video_mode,
                                  max_new_tokens=args.max_new_tokens)
         try:
+            for plan in plans:  # a plan that cannot run on this model stops here, before anything is written
+                engine.check_plan(plan)
+            write_config(args.out, config, start_over)
             evaluate(engine, samples, plans, args.out, args, done)
         finally:
             engine.close()

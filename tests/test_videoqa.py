@@ -118,3 +118,12 @@ def test_grid_expands_to_plans_after_the_full_plan():
     assert plans == ["", "fastv:where=llm,layer=2,keep=0.5", "uniform:where=pre_llm,keep=0.25",
                      "uniform:where=pre_llm,keep=0.11", "fastv:where=llm,layer=2,keep=0.25",
                      "fastv:where=llm,layer=2,keep=0.11"]
+
+
+def test_a_plan_the_model_cannot_run_stops_before_anything_is_written(world_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = "dycoke:keep=0.5;divprune:keep=0.5"  # two stages at one place: refused by the engine's plan check
+    assert videoqa.main(["--data", world_data, "--out", str(out), "--plan", bad]) == 2
+    assert "stage 1 (divprune" in capsys.readouterr().err
+    assert not (out / "samples.jsonl").exists() and not (out / "config.json").exists()
+    assert videoqa.main(["--data", world_data, "--out", str(out), "--limit", "1"]) == 0  # the folder is still free
