@@ -40,10 +40,11 @@ setup(
         # lmms-eval pins av<16 (tokensieve's decoding works with av 12-18); its evaluator imports filelock._api,
         # which filelock 4 removed
         "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
+        "ray": ["ray[data]>=2.50,<3"],  # tokensieve eval --executor ray
         "test": ["pytest>=8", "triton>=3.2", "av>=12", "open_clip_torch", "matplotlib", "lmms-eval>=0.7.3,<0.8",
-                 "filelock<4"],
+                 "filelock<4", "ray[data]>=2.50,<3"],
         "all": ["av>=12", "gradio>=5", "matplotlib", "open_clip_torch", "triton>=3.2", "pytest>=8", "lmms-eval>=0.7.3,<0.8",
-                "filelock<4"],
+                "filelock<4", "ray[data]>=2.50,<3"],
     },
     entry_points={
         "console_scripts": ["tokensieve=tokensieve.cli:main"],

@@ -112,8 +112,9 @@ def plot(table: list[dict], x: str, path: str) -> None:
     plt.close(fig)
 
 
-def write(records: list[dict], plans: list[str], out: str) -> str:
-    """summary.csv, summary.md and the two plots in ``out``; returns the Markdown."""
+def write(records: list[dict], plans: list[str], out: str, notes: list[str] = ()) -> str:
+    """summary.csv, summary.md (``notes``: lines under its title) and the two plots in ``out``; returns the
+    Markdown table."""
     table = rows(records, plans)
     keys = list(dict.fromkeys(k for r in table for k in r))
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
@@ -124,7 +125,7 @@ def write(records: list[dict], plans: list[str], out: str) -> str:
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# Video QA: {len(plans)} plan(s), {max((r['samples'] for r in table), default=0)} samples\n\n"
                 "Accuracy over the samples that ran (failures apart); retention = accuracy / the full plan's; "
-                "means over the samples that ran.\n\n" + text + "\n")
+                "means over the samples that ran.\n\n" + "".join(f"{n}\n\n" for n in notes) + text + "\n")
     try:
         plot(table, "kept_tokens", os.path.join(out, "accuracy.png"))
         plot(table, "prefill_s", os.path.join(out, "accuracy_prefill.png"))

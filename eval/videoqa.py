@@ -27,12 +27,9 @@ import sys
 
 from ..engine.errors import TokenSieveError
 from ..engine.plan import Plan
-from . import summary
-from .answers import score
-from .readers import FORMATS, DataError, Sample, read_samples
-
-RECORD_FIELDS = ("id", "plan", "prediction", "parsed", "answer", "correct", "type", "visual_tokens", "kept_tokens",
-                 "frames", "prefill_s", "decode_s", "prefill_flops", "kv_cache_bytes", "error")
+from . import runner, summary
+from .readers import FORMATS, DataError, read_samples
+from .runner import RECORD_FIELDS, load_records  # noqa: F401 - the record layout and resume, re-exported
 RESUME_KEYS = ("data", "format", "video_root", "model", "plans", "nframes", "fps", "max_new_tokens", "video_mode")
 WORLD_VIDEOS = 32  # the embedded default set: held-out world videos (seed 20 000), about 4 questions each
 DEFAULT_PLANS = ["uniform:keep=0.25", "dycoke:keep=0.25"]
@@ -93,107 +90,6 @@ def write_config(out: str, config: dict, start_over: bool) -> None:
         json.dump(config, f, indent=1)
 
 
-# ---- resume ---------------------------------------------------------------------------------------
-def load_records(path: str) -> list[dict]:
-    """The complete lines of ``samples.jsonl``; a torn last line (a kill mid-write) is cut off the file."""
-    if not os.path.exists(path):
-        return []
-    records, good = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break
-            if not line.endswith(b"\n"):
-                records.pop()
-                break
-            good += len(line)
-    if good != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return records
-
-
-# ---- running --------------------------------------------------------------------------------------
-def record(sample: Sample, plan: str, result=None, error: str | None = None) -> dict:
-    """One line of samples.jsonl for a sample under a plan (a Result, or the error that stopped it)."""
-    rec = dict.fromkeys(RECORD_FIELDS)
-    rec.update(id=sample.id, plan=plan, answer=sample.answer, type=sample.type, correct=False, error=error)
-    if result is not None:
-        parsed, correct = score(sample, result.text)
-        st = result.stats
-        rec.update(prediction=result.text, parsed=parsed, correct=correct, visual_tokens=st["visual_tokens"],
-                   kept_tokens=st["kept_tokens"], frames=st.get("frames"), prefill_s=st["prefill_s"],
-                   decode_s=st["decode_s"], prefill_flops=st["prefill_flops"], kv_cache_bytes=st["kv_cache_bytes"])
-    return rec
-
-
-def video_spec(sample: Sample, nframes: int | None, fps: float | None) -> dict:
-    return {"path": sample.video, **({"nframes": nframes} if nframes else {}), **({"fps": fps} if fps else {})}
-
-
-def run_chunk(engine, chunk: list[Sample], videos: dict, plan: str, args) -> list[dict]:
-    """Records of one chunk of samples under one plan: one padded-batch call, or one sample at a time
-    when a sample in it fails (so one bad sample never takes its batch down)."""
-    runnable = [s for s in chunk if s.id in videos]
-    reqs = [{"prompt": s.prompt, "video": videos[s.id], "plan": plan, "max_new_tokens": args.max_new_tokens}
-            for s in runnable]
-    try:
-        results = engine.generate_batch(reqs, batch_size=args.batch_size) if reqs else []
-        return [record(s, plan, r) for s, r in zip(runnable, results)]
-    except TokenSieveError:
-        out = []
-        for s, req in zip(runnable, reqs):
-            try:
-                out.append(record(s, plan, engine.generate_batch([req])[0]))
-            except TokenSieveError as e:
-                out.append(record(s, plan, error=f"sample {s.id}: {e}"))
-        return out
-
-
-def evaluate(engine, samples: list[Sample], plans: list[str], out: str, args, done: set) -> None:
-    """Run every (sample, plan) not in ``done``, appending to samples.jsonl as each batch ends."""
-    from tqdm import tqdm
-
-    from ..engine.request import DEFAULT_VIDEO_FRAMES
-    from ..engine.video import VideoPrefetcher
-
-    todo = [s for s in samples if any((s.id, p) not in done for p in plans)]
-    chunk = max(args.batch_size, 1) * 2
-    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
-    running = {p: [0, 0] for p in plans}  # right, seen
-    total = sum((s.id, p) not in done for s in todo for p in plans)
-    with open(os.path.join(out, "samples.jsonl"), "a") as f, VideoPrefetcher() as pool, \
-            tqdm(total=total, desc="samples x plans", unit="run", dynamic_ncols=True, mininterval=1) as bar:
-        def submit(k):
-            for s in chunks[k] if k < len(chunks) else []:
-                if s.error is None:
-                    pool.submit(s.id, video_spec(s, args.nframes, args.fps), DEFAULT_VIDEO_FRAMES)
-        submit(0)
-        for k, part in enumerate(chunks):
-            submit(k + 1)
-            videos, failed = {}, {}
-            for s in part:
-                try:
-                    if s.error is not None:
-                        raise DataError(s.error)
-                    videos[s.id] = pool.result(s.id)
-                except TokenSieveError as e:
-                    failed[s.id] = f"sample {s.id}: {e}" if not str(e).startswith("sample") else str(e)
-            for plan in plans:
-                mine = [s for s in part if (s.id, plan) not in done]
-                recs = run_chunk(engine, [s for s in mine if s.id not in failed], videos, plan, args)
-                recs += [record(s, plan, error=failed[s.id]) for s in mine if s.id in failed]
-                for rec in recs:
-                    f.write(json.dumps(rec) + "\n")
-                    running[plan][0] += bool(rec["correct"])
-                    running[plan][1] += 1
-                f.flush()
-                bar.update(len(recs))
-                bar.set_postfix_str(" ".join(f"{summary.short(p)}={r / max(n, 1):.0%}" for p, (r, n) in running.items()))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tokensieve eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--force", action="store_true", help="start the --out folder over when its run differs")
+    ap.add_argument("--executor", default="local", choices=("local", "ray"),
+                    help="local: this process; ray: Ray Data actors, one engine each (pip install 'tokensieve[ray]')")
+    ap.add_argument("--ray-address", help="a running Ray cluster (e.g. auto, ray://head:10001); default: start one")
+    ap.add_argument("--workers", type=int, default=1, help="Ray: engine actors (one per GPU on a GPU cluster)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0, help="Ray: GPUs each engine actor holds")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     try:
@@ -230,10 +131,15 @@ def _main(args) -> int:
 
     if args.nframes is not None and args.fps is not None:
         raise DataError("give --nframes or --fps, not both")
-    for name in ("batch_size", "limit", "max_new_tokens", "nframes"):
+    if args.executor == "ray":
+        from .ray_runner import import_ray
+        import_ray()  # not installed: says how, before any work
+    for name in ("batch_size", "limit", "max_new_tokens", "nframes", "workers"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.gpus_per_worker < 0:
+        raise DataError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
     asked = args.plan or args.pruners or args.data or args.model
     plans = expand_plans(args.plan if asked else DEFAULT_PLANS, args.pruners, args.budgets)
     data = args.data or world_dataset(args.out)
@@ -249,21 +155,34 @@ def _main(args) -> int:
     bad = [s for s in samples if s.error]
     if bad:
         print(f"{len(bad)} sample(s) cannot run (recorded with their error), e.g. {bad[0].error}", file=sys.stderr)
-    if not any((s.id, p) not in done for s in samples for p in plans):
+    left, total = runner.todo(samples, plans, done)
+    settings = runner.RunSettings(args.batch_size, args.max_new_tokens, args.nframes, args.fps)
+    load_kwargs = dict(model=args.model, device=args.device, dtype=args.dtype, video_mode=args.video_mode,
+                       max_new_tokens=args.max_new_tokens)
+    notes = []
+    if not left:
         write_config(args.out, config, start_over)
+    elif args.executor == "ray":
+        from . import ray_runner
+
+        with runner.RecordWriter(path, plans, total) as writer:
+            stats = ray_runner.evaluate(left, plans, done, settings, writer, load_kwargs, args.workers,
+                                        args.gpus_per_worker, args.ray_address,
+                                        on_checked=lambda: write_config(args.out, config, start_over))
+        notes.append(f"Ray executor, {args.workers} worker(s): {stats['retried']} sample(s) retried after a worker died.")
     else:
-        engine = tokensieve.load(args.model, device=args.device, dtype=args.dtype, video_mode=args.video_mode,
-                                 max_new_tokens=args.max_new_tokens)
+        engine = tokensieve.load(**load_kwargs)
         try:
             for plan in plans:  # a plan that cannot run on this model stops here, before anything is written
                 engine.check_plan(plan)
             write_config(args.out, config, start_over)
-            evaluate(engine, samples, plans, args.out, args, done)
+            with runner.RecordWriter(path, plans, total) as writer:
+                runner.evaluate(engine, left, plans, done, settings, writer)
         finally:
             engine.close()
     ids = {s.id for s in samples}
     records = [r for r in load_records(path) if r["id"] in ids and r["plan"] in plans]
-    print(summary.write(records, plans, args.out))
+    print(summary.write(records, plans, args.out, notes))
     return 0
 
 

@@ -127,3 +127,10 @@ def test_a_plan_the_model_cannot_run_stops_before_anything_is_written(world_data
     assert "stage 1 (divprune" in capsys.readouterr().err
     assert not (out / "samples.jsonl").exists() and not (out / "config.json").exists()
     assert videoqa.main(["--data", world_data, "--out", str(out), "--limit", "1"]) == 0  # the folder is still free
+
+
+def test_the_ray_executor_without_ray_says_how_to_install(world_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert videoqa.main(["--data", world_data, "--out", str(tmp_path / "run"), "--executor", "ray"]) == 2
+    assert "pip install 'tokensieve[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
