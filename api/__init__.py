@@ -53,19 +53,21 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
     video_mode: "native" (a family's own video input where it has one: Qwen2-VL, Qwen2.5-VL,
     LLaVA-OneVision) or "frames" (every family: the frames as a sequence of images).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .engine.adapters import ADAPTERS
+    from .engine.request import VIDEO_MODES
+    from .loading import check_device, check_dtype, check_files, check_model, check_model_type
 
-    plan = Plan.parse(plan)  # bad plans fail before any loading
-    model = model or default_model()
-    model_type = AutoConfig.from_pretrained(model).model_type
-    if model_type not in ADAPTERS:
-        raise UnsupportedModelError(
-            f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(ADAPTERS))}")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    plan = Plan.parse(plan)  # bad arguments fail before any loading
+    dtype, device = check_dtype(dtype), check_device(device)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if video_mode not in VIDEO_MODES:
+        raise InputError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
+    model = default_model() if model is None else check_model(model)
+    check_model_type(model, ADAPTERS)
+    check_files(model)
     hf = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(model)
     return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens, video_mode=video_mode)

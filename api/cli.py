@@ -63,12 +63,35 @@ def run(args) -> int:
             row.update({k: res.stats[k] for k in VIDEO_STATS if k in res.stats})
             rows.append(row)
     except tokensieve.TokenSieveError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if video is not None and video.truncated:
+        print(f"warning: {args.video} ends early: {video.frames_usable} decodable frame(s), not the "
+              f"{video.total_frames} its header announced; sampled from those", file=sys.stderr)
     if args.json:
         print(json.dumps({"model": args.model or "default", "prompt": args.prompt, "results": rows}, indent=1))
     else:
         print(table(rows))
+    return 0
+
+
+def pruners() -> int:
+    """``tokensieve pruners``: every registered pruner, where it acts, and its options (type, range, default)."""
+    from tokensieve.pruners import REGISTRY
+
+    for name in sorted(REGISTRY):
+        p = REGISTRY[name]()
+        keep = "" if p.default_keep is None else f", default keep {p.default_keep}"
+        layer = "" if p.default_layer is None else f", default layer {p.default_layer}"
+        doc = " ".join((sys.modules[type(p).__module__].__doc__ or "").strip().split("\n\n")[0].split())
+        doc = doc.removeprefix(f"`{name}`: ")
+        print(f"{name}: {doc if len(doc) <= 110 else doc[:107] + '...'}")
+        print(f"    where: {', '.join(p.wheres)} (default {p.default_where}{layer}{keep})"
+              + (", needs a CLS token" if p.requires_tower else ""))
+        for opt, spec in p.options.items():
+            print(f"    {opt}: {spec.describe()}")
     return 0
 
 
@@ -80,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokensieve", description="Visual-token pruning for VLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("eval", help="batch video-QA evaluation of plans (tokensieve eval --help)", add_help=False)
+    sub.add_parser("pruners", help="list the pruners, where they act and their options")
     p = sub.add_parser("run", help="answer a question about images/video under one or more plans")
     p.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
@@ -95,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    return run(args)
+    return pruners() if args.command == "pruners" else run(args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import Adapter
-from .errors import PlanError
+from .errors import InputError, PlanError
 from .request import CheckedRequest
 
 
@@ -67,11 +67,17 @@ def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedR
         is_video.append(is_vid)
         seqs.append([n for i in images_of[b] for n in img_seqs[i]] + (vid_seqs[video_of[b]] if r.native_video else []))
     n_visual = vis.sum(1).tolist()
-    for i, r, n, f in zip(idx, reqs, n_visual, frames):
+    context = getattr(adapter.text_config, "max_position_embeddings", None)
+    for i, r, n, f, n_tok in zip(idx, reqs, n_visual, frames, inputs["attention_mask"].sum(1).tolist()):
         try:
             r.plan.keep_counts(n, max(len(r.images), 1), int((f >= 0).sum()))
         except PlanError as e:
             raise PlanError(f"request {i}: {e}") from None
+        if context is not None and n_tok + r.max_new_tokens > context:
+            raise InputError(f"request {i}: {n_tok} prompt tokens ({n} of them visual) + max_new_tokens "
+                             f"{r.max_new_tokens} exceed the model's context of {context} positions "
+                             "(max_position_embeddings); give fewer frames (nframes / fps) or images, a shorter "
+                             "prompt or fewer new tokens")
     return Batch(reqs=reqs, inputs=inputs, n_visual=n_visual, images_of=images_of, video_of=video_of, coords=coords,
                  frames=frames, is_video=is_video, tower_seqs=seqs)
 

@@ -21,7 +21,7 @@ from ..pruners import TowerRecord, get_pruner
 from . import attention, frames, hooks, metering
 from .adapters import Adapter, adapter_for
 from .batch import Batch, assemble, build_batch, process
-from .errors import InputError, PlanError
+from .errors import InputError, PlanError, named
 from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_logprob, next_positions, prefill,
                          sample)
 from .plan import Plan
@@ -86,7 +86,9 @@ class Engine:
 
     # ---- public API -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove every hook this engine installed; the model is plain transformers again."""
+        """Remove every hook this engine installed; the model is plain transformers again. The engine
+        refuses further calls."""
+        self._closed = True
         for h in self._handles:
             h.remove()
         self.frame_scorers.close()
@@ -107,6 +109,7 @@ class Engine:
 
     def prepare_batch(self, requests: list) -> dict:
         """The padded model inputs ``generate_batch`` builds for these requests (one batch)."""
+        self._check_open()
         return process(self.processor, self.adapter, [self._check(Request.of(r), Plan()) for r in requests])
 
     def generate(self, prompt: str, images=None, video=None, plan=None, max_new_tokens: int | None = None,
@@ -120,6 +123,7 @@ class Engine:
                       video_mode: str | None = None) -> tuple[float, bool]:
         """(log P(continuation | prompt and visuals) under the plan, whether greedy decoding gives exactly it).
         The continuation's tokens follow the chat-formatted prompt (as the answer would); an empty one is (0, True)."""
+        self._check_open()
         req = Request(prompt=prompt, images=images or [], video=video, plan=plan, video_mode=video_mode)
         if not isinstance(continuation, str):
             raise InputError(f"continuation must be a string, got {type(continuation).__name__}")
@@ -139,9 +143,14 @@ class Engine:
         """
         from tqdm import tqdm
 
+        self._check_open()
         options = DecodeOptions.from_kwargs(generation_kwargs)
-        reqs = [Request.of(r) for r in requests]
-        checked = [self._check(r, self.plan, decode=False) for r in reqs]
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(requests, (list, tuple)) or not requests:
+            raise InputError(f"requests must be a non-empty list of Request or dicts, got {requests!r:.80}")
+        reqs = [named(i, len(requests), Request.of, r) for i, r in enumerate(requests)]
+        checked = [named(i, len(reqs), self._check, r, self.plan, decode=False) for i, r in enumerate(reqs)]
         groups = list(self._group(checked, batch_size))
         # batches without a video are built (processor run, budgets checked) before any model work; a
         # video's token count is known once it is decoded, so those batches are built as their turn comes
@@ -157,13 +166,17 @@ class Engine:
             for k, (idx, _) in enumerate(tqdm(groups, desc="batches", disable=not progress)):
                 submit(k + 1)
                 batch = ready.pop(k, None) or build_batch(self.processor, self.adapter, idx, [
-                    self._check(reqs[i], self.plan, video=videos.result(i) if reqs[i].video is not None else None)
-                    for i in idx])
+                    named(i, len(reqs), self._check, reqs[i], self.plan,
+                          video=videos.result(i) if reqs[i].video is not None else None) for i in idx])
                 for i, res in zip(idx, self._run(batch, options)):
                     results[i] = res
         return [results[i] for i in range(len(checked))]
 
     # ---- checking -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise InputError("this engine is closed (close() removed its hooks); load a new one")
+
     def check_plan(self, plan: Plan | str) -> None:
         """Raise PlanError when a plan does not fit this model (stage order, layers, CLS needs, frames stages)."""
         plan, ad = Plan.parse(plan), self.adapter

@@ -15,3 +15,13 @@ class InputError(TokenSieveError):
 
 class UnsupportedModelError(TokenSieveError):
     """The model's family has no adapter."""
+
+
+def named(i: int, n: int, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; in a batch of ``n`` > 1 requests, its errors name request ``i`` first."""
+    try:
+        return fn(*args, **kwargs)
+    except TokenSieveError as e:
+        if n > 1 and not str(e).startswith("request "):
+            raise type(e)(f"request {i}: {e}") from None
+        raise

@@ -80,10 +80,11 @@ class FrameScorers:
 
 def check_stage(engine, index: int, stage) -> None:
     """Before any work: a "relevance" stage's rater loads and can say the answer it is asked for."""
-    if get_pruner(stage.pruner).frame_signal != "relevance":
+    pruner = get_pruner(stage.pruner)
+    if pruner.frame_signal != "relevance":
         return
-    rater = engine.frame_scorers.vlm(stage.options.get("scorer", "self"))
-    word = stage.options.get("yes", "A")
+    rater = engine.frame_scorers.vlm(pruner.option(stage.options, "scorer"))
+    word = pruner.option(stage.options, "yes")
     if not _word_ids(rater.processor.tokenizer, word):
         raise PlanError(f"stage {index} ({stage.describe()}): the rater's tokenizer has no token for the answer "
                         f"{word!r}; give yes=/no= words it knows (and a prompt asking for them)")
@@ -119,23 +120,25 @@ def _n_grid(batch, b: int) -> int:
 def _relevance(engine, run, batch) -> list[FrameScores]:
     from ..pruners import quota
 
-    opts = run.stage.options
-    rater = engine.frame_scorers.vlm(opts.get("scorer", "self"))
+    def opt(name):
+        return run.pruner.option(run.stage.options, name)
+
+    rater = engine.frame_scorers.vlm(opt("scorer"))
     tok = rater.processor.tokenizer
-    yes_ids, no_ids = _word_ids(tok, opts.get("yes", "A")), _word_ids(tok, opts.get("no", "B"))
+    yes_ids, no_ids = _word_ids(tok, opt("yes")), _word_ids(tok, opt("no"))
     out = []
     for b, req in enumerate(batch.reqs):
         question, flops = req.question, 0
-        objects = opts.get("objects")
+        objects = opt("objects")
         objects = [objects] if isinstance(objects, str) else objects
-        if objects is None and opts.get("decouple", False):
-            res = rater.generate(quota.decoupling_prompt(question, opts.get("decouple_prompt")), plan=[],
-                                 max_new_tokens=int(opts.get("decouple_tokens", 64)))
+        if objects is None and opt("decouple"):
+            res = rater.generate(quota.decoupling_prompt(question, opt("decouple_prompt")), plan=[],
+                                 max_new_tokens=opt("decouple_tokens"))
             objects = quota.parse_objects(res.text) or None
             flops += res.stats["prefill_flops"]
-        prompt = quota.rating_prompt(question, objects, opts.get("prompt"), opts.get("object_prompt"))
+        prompt = quota.rating_prompt(question, objects, opt("prompt"), opt("object_prompt"))
         rated = rater.generate_batch([{"prompt": prompt, "images": [f], "plan": [], "max_new_tokens": 1}
-                                      for f in req.video.frames], batch_size=int(opts.get("scorer_batch", 16)),
+                                      for f in req.video.frames], batch_size=opt("scorer_batch"),
                                      output_logits=True)
         logits = torch.stack([r.logits[0] for r in rated])  # [T, V]
         p = quota.yes_probability(logits, yes_ids, no_ids)
@@ -154,7 +157,7 @@ def _word_ids(tokenizer, word: str) -> list[int]:
 def _clip(engine, run, batch) -> list[FrameScores]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, preprocess, tokenizer = engine.frame_scorers.clip(run.stage.options.get("clip"))
+    model, preprocess, tokenizer = engine.frame_scorers.clip(run.pruner.option(run.stage.options, "clip"))
     out = []
     for b, req in enumerate(batch.reqs):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

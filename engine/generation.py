@@ -7,6 +7,7 @@ makes - plus the pruning state as one extra kwarg when a plan is active.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +29,26 @@ class DecodeOptions:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "DecodeOptions":
+        """Checked options: each one's type and range, named in the error (before any work)."""
         unknown = set(kwargs) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError(f"unknown generation option(s) {sorted(unknown)}; "
                              f"supported: max_new_tokens, {', '.join(cls.__dataclass_fields__)}")
-        s = cls(**kwargs)
-        if s.temperature <= 0 or (s.top_p is not None and not 0 < s.top_p <= 1) or (s.top_k is not None and s.top_k < 1):
-            raise InputError(f"invalid options settings: {s}")
-        return s
+        for name in ("do_sample", "output_logits"):
+            if name in kwargs and not isinstance(kwargs[name], bool):
+                raise InputError(f"{name} must be True or False, got {kwargs[name]!r}")
+        for name, low in (("top_k", 1), ("seed", 0)):
+            v = kwargs.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise InputError(f"{name} must be an int >= {low}, got {v!r}")
+        for name, ok, rule in (("temperature", lambda v: v > 0, "> 0"), ("top_p", lambda v: 0 < v <= 1, "in (0, 1]")):
+            v = kwargs.get(name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                                  or not ok(v)):
+                raise InputError(f"{name} must be a number {rule}, got {v!r}")
+        if kwargs.get("seed", 0) is None or kwargs.get("temperature", 1.0) is None:
+            raise InputError("seed and temperature take a value, not None")
+        return cls(**kwargs)
 
 
 def _state_kwargs(state: RequestState | None) -> dict:

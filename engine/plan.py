@@ -24,6 +24,7 @@ that default to it, else "vision"/"llm" must be spelled out with ``where=``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,9 +75,13 @@ class Plan:
         if isinstance(spec, Plan):
             return spec
         if isinstance(spec, str):
-            if os.path.isfile(spec) and spec.endswith((".yaml", ".yml", ".json")):
-                return cls.parse(_read_plan_file(spec))
-            items = [_parse_stage_str(part) for part in spec.split(";") if part.strip()]
+            if spec.strip().endswith((".yaml", ".yml", ".json")):
+                return cls.parse(_read_plan_file(spec.strip()))
+            parts = spec.split(";")
+            if spec.strip() and not all(p.strip() for p in parts):
+                raise PlanError(f"plan {spec!r} has an empty stage (a stray ';'); stages are 'pruner:key=value,...' "
+                                "separated by single ';'")
+            items = [_parse_stage_str(part) for part in parts if part.strip()]
         elif isinstance(spec, (list, tuple)):
             items = [dict(item) if isinstance(item, dict) else _bad(f"stage {i} is not a dict: {item!r}")
                      for i, item in enumerate(spec)]
@@ -137,13 +142,28 @@ def _bad(msg: str):
 
 
 def _read_plan_file(path: str) -> list:
-    with open(path) as f:
-        text = f.read()
+    if not os.path.isfile(path):
+        raise PlanError(f"plan file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read the plan file ({e.strerror})") from None
     if path.endswith(".json"):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     else:
         import yaml
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise PlanError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
     if isinstance(data, dict) and "stages" in data:
         data = data["stages"]
     if not isinstance(data, list):
@@ -173,6 +193,8 @@ def _parse_stage_str(part: str) -> dict:
         if "=" not in kv:
             raise PlanError(f"stage '{part.strip()}': option '{kv}' is not key=value")
         k, v = kv.split("=", 1)
+        if k.strip() in item:
+            raise PlanError(f"stage '{part.strip()}': option '{k.strip()}' is given twice")
         item[k.strip()] = _parse_value(v)
     return item
 
@@ -190,7 +212,7 @@ def _make_stage(i: int, item: dict) -> Stage:
     if keep == "auto":
         if not pruner.adaptive:
             raise PlanError(f"stage {i} ({name}): keep=auto needs an adaptive pruner (prumerge); give a count or ratio")
-    elif isinstance(keep, bool) or not isinstance(keep, (int, float)):
+    elif isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
         raise PlanError(f"stage {i} ({name}): keep must be an int count or a ratio in (0, 1], got {keep!r}")
     elif keep <= 0:
         raise PlanError(f"stage {i} ({name}): keep must be > 0, got {keep}")
@@ -212,7 +234,8 @@ def _make_stage(i: int, item: dict) -> Stage:
     unknown = set(options) - set(pruner.option_names)
     if unknown:
         raise PlanError(f"stage {i} ({name}): unknown option(s) {sorted(unknown)}; "
-                        f"{name} takes {sorted(pruner.option_names) or 'none'}")
+                        f"{name} takes {sorted(pruner.option_names) or 'none'} (tokensieve pruners lists them)")
+    options = {k: pruner.options[k].validate(v, f"stage {i} ({name}): {k}") for k, v in options.items()}
     return Stage(pruner=name, where=where, keep=keep, layer=layer, options=options)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import InputError, PlanError
+from .images import load_image
 from .plan import Plan
 
 from .video import DecodedVideo, decode_video, probe_video
@@ -56,26 +57,6 @@ class CheckedRequest:
     max_new_tokens: int
     video: DecodedVideo | None = None
     native_video: bool = False  # the video enters through the processor's ``videos=``
-
-
-def load_image(item, label: str) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    if isinstance(item, (str, os.PathLike)):
-        if not os.path.isfile(item):
-            raise InputError(f"{label}: file not found: {item}")
-        try:
-            with Image.open(item) as im:
-                return im.convert("RGB")
-        except Exception as e:  # PIL raises several types for unreadable files
-            raise InputError(f"{label}: cannot read image {item}: {e}") from None
-    if hasattr(item, "shape"):  # numpy array / tensor, HWC uint8
-        import numpy as np
-        try:
-            return Image.fromarray(np.asarray(item, dtype="uint8")).convert("RGB")
-        except Exception as e:
-            raise InputError(f"{label}: cannot convert array of shape {tuple(item.shape)} to an image: {e}") from None
-    raise InputError(f"{label}: expected a path or a PIL image, got {type(item).__name__}")
 
 
 def check_request(req: Request, processor, adapter, default_plan: Plan, default_max_new: int,

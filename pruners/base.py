@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .options import Option
+
 
 @dataclass
 class StageInput:
@@ -21,7 +23,7 @@ class StageInput:
     coords:   [N, 3] (item, row, col) of each token in its original grid (item = image, tile or frame)
     attn:     [H, N] attention these tokens receive from the declared query rows (per head, summed
               over the rows with their weights; for one row it is that row's softmax), or None
-    options:  the stage's pruner options (already validated against ``option_names``)
+    options:  the stage's pruner options (validated against the pruner's declared ``options``)
     seed:     base seed of the request (pruners that draw randomness use it)
     Fields below are filled only when the pruner declares it needs them and the family has them.
     """
@@ -99,12 +101,20 @@ class Pruner:
     default_where: ClassVar[str] = "pre_llm"
     default_layer: ClassVar[int | None] = None
     default_keep: ClassVar[int | float | None] = None
-    option_names: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[dict[str, Option]] = {}  # name -> declared type, accepted values, default, help
     needs: ClassVar[str | None] = None
     vision_needs: ClassVar[frozenset] = frozenset()
     requires_tower: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # may be given keep="auto"
     frame_signal: ClassVar[str | None] = None  # "relevance" (VLM rating pass) or "clip" (CLIP embeddings)
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(self.options)
+
+    def option(self, given: dict, name: str):
+        """The value of option ``name``: as the stage gives it (validated by Plan.parse), else its default."""
+        return given.get(name, self.options[name].default)
 
     def select(self, inp: StageInput) -> Selection:
         raise NotImplementedError

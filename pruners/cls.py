@@ -10,17 +10,18 @@ attention of a mean-pooled query over the stage's tokens.
 """
 from ..engine.errors import PlanError
 from .base import Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, topk_sorted
+from .options import Option
 
 
 class ClsPruner(Pruner):
     name = "cls"
     wheres = ("vision", "pre_llm")
-    option_names = ("layers",)
+    options = {"layers": Option("ints", "tower layers whose CLS attention is summed (VTC-CLS's ensemble; "
+                                        "default: the feature layer)", None, low=0)}
     vision_needs = frozenset({"cls"})
 
     def tower_layers(self, last: int, options: dict) -> list[int]:
-        layers = options.get("layers", [last])
-        layers = sorted(set(layers if isinstance(layers, list) else [layers]))
+        layers = sorted(set(self.option(options, "layers") or [last]))
         if layers[0] < 0 or layers[-1] > last:
             raise PlanError(f"cls: ensemble layers must be in [0, {last}] (the stage reads tower layers up to {last})")
         return layers

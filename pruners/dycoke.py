@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from ..engine.errors import PlanError
 from .base import Pruner, Selection, StageInput
+from .options import Option
 from .grid import lattice, split_budget
 
 
@@ -145,9 +146,9 @@ class DyCokePruner(Pruner):
     name = "dycoke"
     wheres = ("pre_llm",)
     default_where = "pre_llm"
-    option_names = ("window",)
+    options = {"window": Option("int", "frames per merging window (2: pairs only)", 4, low=2)}
 
     def select(self, inp: StageInput) -> Selection:
         frames = inp.frames if inp.frames is not None else inp.coords[:, 0]
-        keep_idx, scores = dycoke_ttm(inp.tokens, frames, inp.keep, int(inp.options.get("window", 4)), inp.coords)
+        keep_idx, scores = dycoke_ttm(inp.tokens, frames, inp.keep, self.option(inp.options, "window"), inp.coords)
         return Selection(keep_idx=keep_idx, scores=scores)

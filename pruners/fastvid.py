@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Pruner, Selection, StageInput, cls_or_surrogate
+from .options import Option
 from .dycoke import frame_members
 from .grid import lattice, split_budget
 
@@ -198,7 +199,14 @@ class FastVIDPruner(Pruner):
     name = "fastvid"
     wheres = ("pre_llm",)
     default_where = "pre_llm"
-    option_names = ("c", "tau", "d", "p", "beta", "knn")
+    options = {
+        "c": Option("int", "segments: cuts at the c-1 lowest consecutive-frame similarities", 8, low=1),
+        "tau": Option("float", "also cut wherever consecutive frames are less similar than this", 0.9, low=-1, high=1),
+        "d": Option("float", "share of a segment's budget for its context (density-peak) tokens", 0.4, low=0, high=1),
+        "p": Option("int", "anchor frames every p frames for the context tokens", 4, low=1),
+        "beta": Option("float", "weight of a merged token's own features (alpha = max(1/(count+1), beta))", 0.6,
+                       low=0, high=1),
+        "knn": Option("int", "neighbours of the density estimate", 4, low=1)}
     vision_needs = frozenset({"cls"})
 
     def select(self, inp: StageInput) -> Selection:
@@ -206,7 +214,5 @@ class FastVIDPruner(Pruner):
         frames = inp.frames if inp.frames is not None else inp.coords[:, 0]
         scores = cls_or_surrogate(inp)
         keep_idx, tokens, groups = fastvid_select(
-            inp.tokens, frames, scores, inp.keep, c=int(o.get("c", 8)), tau=float(o.get("tau", 0.9)),
-            d=float(o.get("d", 0.4)), p=int(o.get("p", 4)), beta=float(o.get("beta", 0.6)),
-            knn=int(o.get("knn", 4)), coords=inp.coords)
+            inp.tokens, frames, scores, inp.keep, **{k: self.option(o, k) for k in self.options}, coords=inp.coords)
         return Selection(keep_idx=keep_idx, scores=scores, tokens=tokens, groups=groups)

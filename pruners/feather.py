@@ -10,6 +10,7 @@ e.g. ``feather:layer=8,keep=0.3;feather:layer=16,keep=0.3``.
 import torch
 
 from .base import Pruner, Selection, StageInput, topk_sorted
+from .options import Option
 from .grid import lattice
 
 
@@ -18,12 +19,12 @@ class FeatherPruner(Pruner):
     wheres = ("llm",)
     default_where = "llm"
     default_layer = 8
-    option_names = ("uniform",)
+    options = {"uniform": Option("float", "share of the budget taken by uniform grid samples", 0.5, low=0, high=1)}
     needs = "last_query_norope"
 
     def select(self, inp: StageInput) -> Selection:
         scores = inp.attn.float().mean(0)
-        n_uni = min(inp.keep, int(round(float(inp.options.get("uniform", 0.5)) * inp.keep)))
+        n_uni = min(inp.keep, int(round(self.option(inp.options, "uniform") * inp.keep)))
         taken = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
         if n_uni:
             taken[lattice(inp.coords, n_uni).to(scores.device)] = True

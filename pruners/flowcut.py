@@ -19,12 +19,13 @@ import math
 import torch
 
 from .base import Pruner, Selection, StageInput, TowerRecord
+from .options import Option
 
 
 class FlowCutPruner(Pruner):
     name = "flowcut"
     wheres = ("pre_llm",)
-    option_names = ("ema",)
+    options = {"ema": Option("float", "weight of the running score in the EMA across layers", 0.5, low=0, high=1)}
     vision_needs = frozenset({"cls", "values"})
     requires_tower = True
 
@@ -42,7 +43,7 @@ class FlowCutPruner(Pruner):
 
     def select(self, inp: StageInput) -> Selection:
         sig = inp.tower_score.float().view(inp.tokens.shape[0], -1, 3)  # [N, L, 3]
-        ema = float(inp.options.get("ema", 0.5))
+        ema = self.option(inp.options, "ema")
         n, steps = sig.shape[0], sig.shape[1]
         alive = torch.arange(n, device=sig.device)
         acc = torch.zeros(n, device=sig.device)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..engine.errors import PlanError
 from .base import Pruner, Selection, StageInput
+from .options import Option
 
 
 # ---- allocation ------------------------------------------------------------------------------
@@ -190,6 +191,15 @@ def within_pruner(name: str, label: str = "frames stage") -> Pruner:
     return pruner
 
 
+def _check_within(name: str, label: str) -> None:
+    if name != "resize":
+        within_pruner(name, label.rsplit(": ", 1)[0])  # "stage 0 (quota): within" -> its stage
+
+
+WITHIN = Option("str", "how each frame is pruned to its budget: resize (a bilinear resize of the frame's grid, "
+                "QuoTA's default) or a spatial pruner's name", "resize", check=_check_within)
+
+
 def prune_frame(pruner: Pruner, inp: StageInput, idx: torch.Tensor, budget: int, seed: int) -> Selection:
     """Run ``pruner`` on the tokens ``idx`` of one frame with ``budget``; coords with item 0."""
     n = inp.tokens.shape[0]
@@ -227,7 +237,7 @@ class FrameBudgetPruner(Pruner):
 
     wheres = ("frames",)
     default_where = "frames"
-    option_names = ("within",)
+    options = {"within": WITHIN}
 
     def frame_weights(self, inp: StageInput, n_frames: int) -> torch.Tensor:
         """[T] non-negative weight of each frame (T >= n_frames, the frames the tokens name)."""
@@ -245,7 +255,7 @@ class FrameBudgetPruner(Pruner):
             raise ValueError(f"{self.name}: {weights.numel()} frame weights for tokens of {n_frames} frames")
         capacity = torch.bincount(frames, minlength=weights.numel())
         budgets = allocate_budgets(weights, int(inp.keep), capacity)
-        within = str(inp.options.get("within", "resize"))
+        within = self.option(inp.options, "within")
         pruner = None if within == "resize" else within_pruner(within, self.name)
 
         # per kept frame: its kept tokens (global idx), new tokens | None, (frame idx, local keep, local groups | None)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from ..engine.errors import PlanError
 from .base import StageInput
-from .frame_budget import FrameBudgetPruner
+from .frame_budget import WITHIN, FrameBudgetPruner
+from .options import Option
 
 DEFAULT_WEIGHTS = (1 / 3, 1 / 3, 1 / 3)
 DEFAULT_WINDOW = 2
@@ -98,19 +99,21 @@ def score_weights(score: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
 class KeyScorePruner(FrameBudgetPruner):
     name = "keyscore"
     frame_signal = "clip"
-    option_names = ("within", "clip", "weights", "window", "temperature", "temporal", "keyframes")
+    options = {
+        "within": WITHIN,
+        "clip": Option("str", "open_clip model name or local-dir:PATH (default: the shipped tiny-clip)", None),
+        "weights": Option("floats", "weights of similarity / temporal / drop-impact terms", DEFAULT_WEIGHTS, low=0,
+                          length=3),
+        "window": Option("int", "frames on each side for the temporal term", DEFAULT_WINDOW, low=1),
+        "temperature": Option("float", "softmax temperature of the frame weights", DEFAULT_TEMPERATURE, low=1e-6),
+        "temporal": Option("str", "temporal term: representative of its neighbours, or distinct from them",
+                           "representative", choices=("representative", "distinct")),
+        "keyframes": Option("int", "give budget to the k best frames only (default: every frame)", None, low=1)}
 
     def frame_weights(self, inp: StageInput, n_frames: int) -> torch.Tensor:
         if inp.frame_embeds is None or inp.text_embed is None:
             return torch.ones(n_frames, dtype=torch.float64)
         o = inp.options
-        weights = o.get("weights", DEFAULT_WEIGHTS)
-        if isinstance(weights, str):
-            weights = [float(v) for v in weights.split("/")]
-        if not isinstance(weights, (list, tuple)) or len(weights) != 3:
-            raise PlanError(f"keyscore: weights takes three numbers a/b/c, got {weights!r}")
-        if str(o.get("temporal", "representative")) not in ("representative", "distinct"):
-            raise PlanError(f"keyscore: temporal must be representative or distinct, got {o.get('temporal')!r}")
-        score = keyscore(inp.frame_embeds, inp.text_embed, weights, int(o.get("window", DEFAULT_WINDOW)),
-                         str(o.get("temporal", "representative")))
-        return score_weights(score, float(o.get("temperature", DEFAULT_TEMPERATURE)), o.get("keyframes"))
+        score = keyscore(inp.frame_embeds, inp.text_embed, self.option(o, "weights"), self.option(o, "window"),
+                         self.option(o, "temporal"))
+        return score_weights(score, self.option(o, "temperature"), self.option(o, "keyframes"))

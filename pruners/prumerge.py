@@ -15,6 +15,7 @@ here each pruned token joins exactly one kept token so the merge groups partitio
 import torch
 
 from .base import Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens, topk_sorted
+from .options import Option
 from .grid import lattice
 from .merge import assignment, merge_groups, nearest
 
@@ -27,7 +28,7 @@ def iqr_outliers(scores: torch.Tensor) -> torch.Tensor:
 class PruMergePruner(Pruner):
     name = "prumerge"
     wheres = ("pre_llm",)
-    option_names = ("spatial",)
+    options = {"spatial": Option("int", "PruMerge+: spatially uniform samples added per outlier token", 3, low=0)}
     vision_needs = frozenset({"cls", "keys"})
     adaptive = True
 
@@ -40,7 +41,7 @@ class PruMergePruner(Pruner):
         outliers = iqr_outliers(scores)
         keep = inp.keep
         if keep is None:  # adaptive
-            keep = min(n, max(1, outliers.numel()) * (1 + int(inp.options.get("spatial", 3))))
+            keep = min(n, max(1, outliers.numel()) * (1 + self.option(inp.options, "spatial")))
         chosen = outliers if outliers.numel() <= keep else outliers[topk_sorted(scores[outliers], keep)]
         taken = torch.zeros(n, dtype=torch.bool, device=scores.device)
         taken[chosen] = True

@@ -34,7 +34,8 @@ import re
 import torch
 
 from .base import StageInput
-from .frame_budget import FrameBudgetPruner
+from .frame_budget import WITHIN, FrameBudgetPruner
+from .options import Option
 
 WEIGHT_SCALE = (100.0, 2.0)  # w = (scale * p) ** power  (quota_pipeline.py: weight_scale = [100, 2])
 
@@ -153,8 +154,18 @@ def quota_weights(p: torch.Tensor) -> torch.Tensor:
 class QuotaPruner(FrameBudgetPruner):
     name = "quota"
     frame_signal = "relevance"
-    option_names = ("within", "decouple", "objects", "prompt", "object_prompt", "decouple_prompt", "scorer", "yes",
-                    "no", "decouple_tokens", "scorer_batch")
+    options = {
+        "within": WITHIN,
+        "scorer": Option("str", "the rating VLM: self (the loaded model) or a checkpoint (QuoTA: a small VLM)", "self"),
+        "objects": Option("strs", "the objects the question needs, a/b (skips the decoupling)", None),
+        "decouple": Option("bool", "let the rater list the objects first (QuoTA's three-step prompt)", False),
+        "prompt": Option("str", "rating prompt with {question} (default: QuoTA's)", None),
+        "object_prompt": Option("str", "rating prompt with {objects} (default: QuoTA's)", None),
+        "decouple_prompt": Option("str", "decoupling prompt with {question} (default: QuoTA's)", None),
+        "yes": Option("str", "the answer word whose probability is the relevance", "A"),
+        "no": Option("str", "the other answer word", "B"),
+        "decouple_tokens": Option("int", "new tokens of the decoupling answer", 64, low=1),
+        "scorer_batch": Option("int", "frames rated per batch", 16, low=1)}
 
     def frame_weights(self, inp: StageInput, n_frames: int) -> torch.Tensor:
         if inp.frame_relevance is None:

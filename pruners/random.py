@@ -2,11 +2,12 @@
 import torch
 
 from .base import Pruner, Selection, StageInput
+from .options import Option
 
 
 class RandomPruner(Pruner):
     name = "random"
-    option_names = ("seed",)
+    options = {"seed": Option("int", "seed of the draw (default: the request's seed)", None, low=0)}
 
     def select(self, inp: StageInput) -> Selection:
         gen = torch.Generator().manual_seed(int(inp.options.get("seed", inp.seed)))

@@ -16,6 +16,7 @@ Choice: recycled tokens count inside the budget, so ``keep`` stays exact.
 import torch
 
 from .base import Pruner, Selection, StageInput, topk_sorted
+from .options import Option
 from .merge import assignment, merge_groups, nearest
 
 
@@ -31,20 +32,21 @@ class SparseVLMPruner(Pruner):
     wheres = ("llm",)
     default_where = "llm"
     default_layer = 2
-    option_names = ("recycle", "pool")
+    options = {"recycle": Option("float", "share of the budget given to recycled (clustered) tokens", 0.1, low=0, high=1),
+               "pool": Option("float", "share of the pruned tokens pooled into the recycled ones", 0.3, low=0, high=1)}
     needs = "text_rows"
 
     def select(self, inp: StageInput) -> Selection:
         n = inp.tokens.shape[0]
         scores = rater_scores(inp.text_attn)
-        n_rec = min(int(round(float(inp.options.get("recycle", 0.1)) * inp.keep)), inp.keep - 1, n - inp.keep)
+        n_rec = min(int(round(self.option(inp.options, "recycle") * inp.keep)), inp.keep - 1, n - inp.keep)
         top = topk_sorted(scores, inp.keep - n_rec)
         if n_rec <= 0:
             return Selection(keep_idx=top, scores=scores)
         pruned = torch.ones(n, dtype=torch.bool, device=scores.device)
         pruned[top] = False
         pruned = pruned.nonzero().flatten()
-        n_pool = max(n_rec, int(round(float(inp.options.get("pool", 0.3)) * pruned.numel())))
+        n_pool = max(n_rec, int(round(self.option(inp.options, "pool") * pruned.numel())))
         pool = pruned[topk_sorted(scores[pruned], min(n_pool, pruned.numel()))]
         seeds = pool[topk_sorted(scores[pool], n_rec)]
         keep_idx = torch.cat([top, seeds]).sort().values

@@ -13,6 +13,7 @@ themselves are compared.
 import torch
 
 from .base import Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens, topk_sorted
+from .options import Option
 from .merge import assignment, merge_groups, nearest
 
 
@@ -25,7 +26,8 @@ def contextual_count(keep: int, n: int, option) -> int:
 class VisionZipPruner(Pruner):
     name = "visionzip"
     wheres = ("vision", "pre_llm")
-    option_names = ("contextual",)
+    options = {"contextual": Option("int", "contextual (merged) tokens among the kept (default: 10 per 64)", None,
+                                    low=0)}
     vision_needs = frozenset({"cls", "keys"})
 
     def tower_score(self, rec: TowerRecord, layers: list[int]):
@@ -34,7 +36,7 @@ class VisionZipPruner(Pruner):
     def select(self, inp: StageInput) -> Selection:
         n = inp.tokens.shape[0]
         scores = cls_or_surrogate(inp)
-        c = contextual_count(inp.keep, n, inp.options.get("contextual"))
+        c = contextual_count(inp.keep, n, self.option(inp.options, "contextual"))
         dominant = topk_sorted(scores, inp.keep - c)
         if c == 0:
             return Selection(keep_idx=dominant, scores=scores)
