@@ -1,4 +1,5 @@
 """The errors tokensieve raises for bad input: one clear message, raised before any model work."""
+import re
 
 
 class TokenSieveError(ValueError):
@@ -22,6 +23,6 @@ def named(i: int, n: int, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except TokenSieveError as e:
-        if n > 1 and not str(e).startswith("request "):
+        if n > 1 and not re.match(r"request \d+: ", str(e)):
             raise type(e)(f"request {i}: {e}") from None
         raise
