@@ -68,8 +68,8 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if video is not None and video.truncated:
-        print(f"warning: {args.video} ends early: {video.frames_usable} decodable frame(s), not the "
-              f"{video.total_frames} its header announced; sampled from those", file=sys.stderr)
+        print(f"warning: {args.video} ends before its header says: {video.frames_usable} decodable frame(s), "
+              "sampled from those", file=sys.stderr)
     if args.json:
         print(json.dumps({"model": args.model or "default", "prompt": args.prompt, "results": rows}, indent=1))
     else:

@@ -79,3 +79,18 @@ def test_truncated_file_says_how_many_frames_were_usable(engine_for, tmp_path):
     res = engine_for("llava").generate("how many objects", video=str(cut), max_new_tokens=1)
     assert res.stats["video_truncated"] and 0 < res.stats["frames_usable"] < 60
     assert max(res.stats["frame_indices"]) < res.stats["frames_usable"] and res.stats["frames"] == 8
+
+
+def test_cli_warns_about_a_truncated_file(tmp_path):
+    pytest.importorskip("av")
+    import subprocess
+    import sys
+
+    path = write_clip(str(tmp_path / "clip.avi"), n=60, w=64, h=48, fps=10)
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    out = subprocess.run([sys.executable, "-m", "tokensieve", "run", "--video", str(cut), "--prompt", "how many objects",
+                          "--plan", "", "--max-new-tokens", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ends before its header says" in out.stderr and "decodable frame(s), sampled from those" in out.stderr
