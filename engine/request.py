@@ -8,7 +8,6 @@ each (``video_mode="frames"``, the only mode of LLaVA-1.5 and LLaVA-NeXT).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.errors import PlanError
 from .base import StageInput
 from .frame_budget import WITHIN, FrameBudgetPruner
 from .options import Option

@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny random models of every family (written once per session), test images."""
+"""Shared fixtures: tiny random models of every family (written once per session), test images; helpers."""
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -44,3 +50,30 @@ def noise_image(seed: int, h: int = 40, w: int = 56) -> Image.Image:
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@contextlib.contextmanager
+def model_calls(engine):
+    """The list of model calls (vision tower, language model) made while the block runs (a LLaVA engine)."""
+    calls = []
+    inner = engine.model.model
+    hooks = [inner.vision_tower.register_forward_pre_hook(lambda *a: calls.append("vision")),
+             inner.language_model.register_forward_pre_hook(lambda *a: calls.append("llm"))]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def kill_after_lines(cmd: list, path, lines: int, timeout: float = 300) -> int:
+    """Start ``cmd``, SIGKILL it once the file ``path`` has ``lines`` lines (or it ended); the lines written."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and open(path).read().count("\n") >= lines:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return open(path).read().count("\n") if os.path.exists(path) else 0

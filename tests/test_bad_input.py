@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import tokensieve
+from conftest import model_calls
 from tokensieve import InputError, Plan, PlanError, TokenSieveError
 
 SCENE = os.path.join(os.path.dirname(__file__), "..", "examples", "scene.png")
@@ -20,12 +21,8 @@ GOOD = {"prompt": "what colour is the circle ?", "images": [SCENE]}
 @pytest.fixture(scope="module")
 def engine():
     e = tokensieve.load()  # the shipped tiny LLaVA: 4 LLM layers, 64 visual tokens per image
-    calls = []
-    hooks = [e.model.model.vision_tower.register_forward_pre_hook(lambda *a: calls.append("vision")),
-             e.model.model.language_model.register_forward_pre_hook(lambda *a: calls.append("llm"))]
-    yield e, calls
-    for h in hooks:
-        h.remove()
+    with model_calls(e) as calls:
+        yield e, calls
     e.close()
 
 

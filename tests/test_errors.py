@@ -2,19 +2,15 @@
 import pytest
 
 import tokensieve
-from conftest import noise_image
+from conftest import model_calls, noise_image
 from tokensieve import InputError, PlanError, UnsupportedModelError
 
 
 @pytest.fixture
 def engine(engine_for):
     e = engine_for("llava")
-    calls = []
-    handles = [e.model.model.vision_tower.register_forward_pre_hook(lambda *a: calls.append("vision")),
-               e.model.model.language_model.register_forward_pre_hook(lambda *a: calls.append("llm"))]
-    yield e, calls
-    for h in handles:
-        h.remove()
+    with model_calls(e) as calls:
+        yield e, calls
 
 
 def _raises(engine_calls, exc, match, **kw):

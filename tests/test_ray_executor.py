@@ -3,12 +3,12 @@ the same records and summary as the plain run; a sample that raises and a worker
 run; a killed driver resumes. The plain run in this process is the reference."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from conftest import kill_after_lines
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("av")
@@ -111,16 +111,8 @@ def test_a_killed_driver_resumes_without_losing_or_repeating(cluster, world_data
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "tokensieve", "eval", "--data", world_data, "--out", str(out), "--plan", PLAN,
            "--batch-size", "1", "--executor", "ray", "--workers", "1", "--ray-address", cluster]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = out / "samples.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists() and open(path).read().count("\n") >= 2:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = open(path).read().count("\n")
+    written = kill_after_lines(cmd, path, 2)
     n = sum(1 for _ in open(world_data))
     assert 2 <= written < 2 * n  # killed part-way
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -1,13 +1,12 @@
 """``tokensieve eval``: outputs, resume after a killed run, refused configurations, bad samples."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from conftest import kill_after_lines
 from tokensieve.eval import videoqa
 
 pytest.importorskip("av")
@@ -50,17 +49,8 @@ def test_outputs_and_summary(world_data, tmp_path):
 
 def test_resume_after_a_killed_run_loses_nothing_written(world_data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(world_data, out, "--batch-size", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = out / "samples.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists() and open(path).read().count("\n") >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = open(path).read().count("\n")
-    assert written >= 3
+    assert kill_after_lines(_cmd(world_data, out, "--batch-size", "1"), path, 3) >= 3
     with open(path, "a") as f:  # a line torn by a kill mid-write
         f.write('{"id": "vid0-0", "plan": "", "predic')
     again = subprocess.run(_cmd(world_data, out), capture_output=True, text=True, timeout=600)
