@@ -12,13 +12,12 @@ visual-token coordinates.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from ..pruners import TowerRecord, get_pruner
-from . import attention, frames, hooks, metering
+from . import attention, frames, hooks
 from .adapters import Adapter, adapter_for
 from .batch import Batch, assemble, build_batch, process
 from .errors import InputError, PlanError, named
@@ -27,35 +26,8 @@ from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_l
 from .plan import Plan
 from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request, check_request
 from .video import VideoPrefetcher
+from .results import Result, answer_length, answer_text, build_results
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
-
-
-@dataclass
-class Result:
-    """One request's answer.
-
-    kept:   per stage, sorted original visual-token indices that survive it (LongTensor [k])
-    scores: per stage, the importance of each token entering it ([N_in]) or None
-    groups: per stage, [N_vis]: for every original visual token, the position in that stage's
-            ``kept`` of the token it is part of after the stage (merged or itself), -1 if dropped
-    stats:  visual_tokens, kept_tokens, per_layer_kv_len, kv_cache_bytes, prefill_flops,
-            vision_flops, prefill_s, decode_s, new_tokens; with a video also frames, frame_indices,
-            frame_times, tokens_per_frame (kept per frame of the token grid), video_truncated,
-            frames_usable (a truncated file: the frames it really has), and
-            scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill)
-    """
-
-    text: str
-    token_ids: list[int]
-    kept: list[torch.Tensor] = field(default_factory=list)
-    scores: list[torch.Tensor | None] = field(default_factory=list)
-    groups: list[torch.Tensor] = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
-    plan: Plan = field(default_factory=Plan)
-    coords: torch.Tensor | None = None  # [N_vis, 3] (item, row, col) of every original visual token
-    frames: torch.Tensor | None = None  # [N_vis] the video frame of every original visual token (-1: an image's)
-    n_images: int = 0
-    logits: torch.Tensor | None = None  # [new_tokens, V] fp32, with generate(..., output_logits=True)
 
 
 class Engine:
@@ -117,6 +89,46 @@ class Engine:
         req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens,
                       video_mode=video_mode)
         return self.generate_batch([req], **generation_kwargs)[0]
+
+    def stream(self, prompt: str, images=None, video=None, plan=None, max_new_tokens: int | None = None,
+               video_mode: str | None = None, **generation_kwargs):
+        """Yield the answer as it is decoded (str pieces that join to its text), then the full Result: the
+        same tokens as ``generate`` with the same arguments. Inputs are checked before any model work."""
+        self._check_open()
+        options = DecodeOptions.from_kwargs(generation_kwargs)
+        req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens,
+                      video_mode=video_mode)
+        batch = build_batch(self.processor, self.adapter, [0], [self._check(Request.of(req), self.plan)])
+        return self._stream(batch, options)
+
+    @torch.inference_mode()
+    def _stream(self, batch: Batch, options: DecodeOptions):
+        t0 = time.perf_counter()
+        logits, attn, pos, cache, state, n_text = self._prefill(batch)
+        prefill_s = time.perf_counter() - t0
+        scoring_s = sum(s.seconds for s in state.frame_scoring) if state is not None else 0.0
+        steps = self._decode_steps(logits, attn, pos, cache, state, options, batch.reqs[0].max_new_tokens)
+        tokens, all_logits, shown, decode_s = [], [], "", 0.0
+        while True:
+            t = time.perf_counter()
+            step = next(steps, None)  # time spent in the consumer between pieces is not decode time
+            decode_s += time.perf_counter() - t
+            if step is None:
+                break
+            tokens.append(step[0])
+            if options.output_logits:
+                all_logits.append(step[1].cpu())
+            ids = torch.cat(tokens).tolist()
+            text = answer_text(self, ids[:answer_length(ids, self.eos_ids)])
+            if text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        result = build_results(self, batch, state, torch.stack(tokens, dim=1),
+                               torch.stack(all_logits, dim=1) if all_logits else None, n_text,
+                               prefill_s - scoring_s, decode_s)[0]
+        if result.text != shown and result.text.startswith(shown):
+            yield result.text[len(shown):]
+        yield result
 
     @torch.inference_mode()
     def loglikelihood(self, prompt: str, continuation: str, images=None, video=None, plan=None,
@@ -269,7 +281,7 @@ class Engine:
         tokens, logits = self._decode(logits, attn, pos, cache, state, options, batch.reqs[0].max_new_tokens)
         t2 = time.perf_counter()
         scoring_s = sum(s.seconds for s in state.frame_scoring) if state is not None else 0.0  # reported apart
-        return self._results(batch, state, tokens, logits, n_text, t1 - t0 - scoring_s, t2 - t1)
+        return build_results(self, batch, state, tokens, logits, n_text, t1 - t0 - scoring_s, t2 - t1)
 
     def _encode(self, batch, inputs, state):
         """Vision tower (+ vision stages). Returns per request its [N_b, D] features and alive original indices."""
@@ -365,65 +377,27 @@ class Engine:
         return embeds, valid.long(), pos, n_text
 
     def _decode(self, logits, attn, pos, cache, state, options, max_new_tokens):
+        """-> tokens [B, T] (pad after each request's EOS), logits [B, T, V] (with output_logits) or None."""
+        out, all_logits = [], []
+        for token, step_logits in self._decode_steps(logits, attn, pos, cache, state, options, max_new_tokens):
+            out.append(token)
+            if options.output_logits:
+                all_logits.append(step_logits.cpu())
+        return torch.stack(out, dim=1), (torch.stack(all_logits, dim=1) if all_logits else None)
+
+    def _decode_steps(self, logits, attn, pos, cache, state, options, max_new_tokens):
+        """Yield (token [B], the logits it was sampled from [B, V]) step by step until every request ended."""
         gen = torch.Generator().manual_seed(options.seed) if options.do_sample else None
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         eos = torch.tensor(sorted(self.eos_ids), device=logits.device)
-        out, pos, all_logits = [], pos[..., -1:], []
+        pos = pos[..., -1:]
         for step in range(max_new_tokens):
-            if options.output_logits:
-                all_logits.append(logits.cpu())
             token = sample(logits, options, gen)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
-            out.append(token)
+            yield token, logits
             finished |= torch.isin(token, eos)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             pos = next_positions(pos)
             logits = decode_one_token(self.model, self.adapter.embed, token, attn, pos, cache, state)
-        return torch.stack(out, dim=1), (torch.stack(all_logits, dim=1) if all_logits else None)
-
-    def _results(self, batch, state, tokens, logits, n_text, prefill_s, decode_s) -> list[Result]:
-        tcfg = self.adapter.text_config
-        n_layers = tcfg.num_hidden_layers
-        plan = batch.reqs[0].plan
-        elem = next(self.model.parameters()).element_size()
-        results = []
-        for b, r in enumerate(batch.reqs):
-            ids = tokens[b].tolist()
-            new = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
-            kept = [state.kept[i][b] for i in range(len(plan.stages))] if state is not None else []
-            alive_per_layer = metering.visual_tokens_per_layer(plan.stages, kept, batch.n_visual[b], n_layers)
-            prefill_tokens = [n_text[b] + a for a in alive_per_layer]
-            fed = len(ids) - 1  # every sampled token but the last went through the model
-            kv_len = [n + fed for n in prefill_tokens]
-            stats = dict(
-                visual_tokens=batch.n_visual[b], kept_tokens=alive_per_layer[-1], per_layer_kv_len=kv_len,
-                kv_cache_bytes=metering.kv_cache_bytes(kv_len, tcfg, elem),
-                prefill_flops=metering.prefill_flops(prefill_tokens, tcfg),
-                vision_flops=self._vision_flops(plan, kept, batch.tower_seqs[b]),
-                prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
-            stats.update(frames.video_stats(batch, state, b, kept))
-            text = self.processor.tokenizer.decode(ids[:new], skip_special_tokens=True).strip()
-            groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
-            results.append(Result(text=text, token_ids=ids[:new], kept=kept, groups=groups,
-                                  scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],
-                                  stats=stats, plan=plan, coords=batch.coords[b], frames=batch.frames[b],
-                                  n_images=len(r.images),
-                                  logits=None if logits is None else logits[b, :new]))
-        return results
-
-    def _vision_flops(self, plan: Plan, kept: list[torch.Tensor], seqs: list[int]) -> int:
-        """Tower FLOPs of one request: its tower sequences (one per image / tile), thinned by vision stages."""
-        vcfg = getattr(self.model.config, "vision_config", None)
-        if vcfg is None or not seqs:
-            return 0
-        n_layers = getattr(vcfg, "num_hidden_layers", None) or getattr(vcfg, "depth")
-        stages = {s.layer: i for i, s in enumerate(plan.stages) if s.where == "vision"}
-        per_layer = []
-        for layer in range(n_layers):
-            if layer in stages:
-                k = kept[stages[layer]].numel() // len(seqs)
-                seqs = [(self.adapter.vision_prefix or 0) + k for _ in seqs]
-            per_layer.append(list(seqs))
-        return metering.vision_flops(per_layer, vcfg)
