@@ -19,7 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"tokensieve.eval.shapeworld": ["models/*/*"]},  # the shipped tiny models (issue 5)
+    package_data={"tokensieve.eval.shapeworld": ["models/*/*"],  # the shipped tiny models (issue 5)
+                  "tokensieve.demos": ["examples/*"]},  # the demo's bundled examples
     install_requires=[
         "torch>=2.4",
         "torchvision",  # transformers' video processors (Qwen-VL, OneVision processors) need it
@@ -33,7 +34,7 @@ setup(
     ],
     extras_require={
         "video": ["av>=12"],
-        "demo": ["gradio>=5", "matplotlib"],
+        "demo": ["gradio>=6,<7", "matplotlib"],  # tokensieve demo
         "bench": ["matplotlib"],
         "clip": ["open_clip_torch"],
         "kernels": ["triton>=3.2"],
@@ -42,8 +43,8 @@ setup(
         "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
         "ray": ["ray[data]>=2.50,<3"],  # tokensieve eval --executor ray
         "test": ["pytest>=8", "triton>=3.2", "av>=12", "open_clip_torch", "matplotlib", "lmms-eval>=0.7.3,<0.8",
-                 "filelock<4", "ray[data]>=2.50,<3"],
-        "all": ["av>=12", "gradio>=5", "matplotlib", "open_clip_torch", "triton>=3.2", "pytest>=8", "lmms-eval>=0.7.3,<0.8",
+                 "filelock<4", "ray[data]>=2.50,<3", "gradio>=6,<7", "playwright>=1.50"],
+        "all": ["av>=12", "gradio>=6,<7", "matplotlib", "open_clip_torch", "triton>=3.2", "pytest>=8", "lmms-eval>=0.7.3,<0.8",
                 "filelock<4", "ray[data]>=2.50,<3"],
     },
     entry_points={

@@ -1,0 +1,164 @@
+"""The demo's comparison, without the UI: one question about one image or video, answered under up to four
+budgets, one column each, streamed. ``compare`` yields the columns as they fill; the app draws them.
+
+    for columns in compare(engine, "scene.png", "what colour is the circle ?", "divprune", "1,0.5,0.25,0.11"):
+        columns[-1].answer, columns[-1].result
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..engine.errors import InputError, PlanError, TokenSieveError
+from ..engine.plan import Plan
+
+MAX_COLUMNS = 4
+DEFAULT_BUDGETS = "1,0.5,0.25,0.11"
+MAX_VIDEO_SECONDS = 600.0  # longer uploads are refused (the demo samples 8 frames; the cap bounds probing)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+JSON_FIELDS = ("plan", "answer", "visual_tokens", "kept_tokens", "prefill_s", "decode_s", "prefill_flops",
+               "kv_cache_bytes")
+
+
+class DemoError(TokenSieveError):
+    """A request the demo cannot run (shown as a message in the page)."""
+
+
+@dataclass
+class Column:
+    label: str  # "all tokens" or "50 %"
+    plan: str  # the plan string ("" for all tokens)
+    answer: str = ""
+    result: object = None  # the Result once the answer is complete
+    pictures: list = field(default_factory=list)  # (overlay image, caption)
+
+    def summary(self) -> dict:
+        """The column as the /compare endpoint's JSON reports it."""
+        st = self.result.stats if self.result is not None else {}
+        return {"plan": self.plan, "answer": self.answer, **{k: st.get(k) for k in JSON_FIELDS[2:]}}
+
+
+def parse_budgets(text: str) -> list[float]:
+    """"1,0.5,0.25" -> ratios of the visual tokens kept (1 = all); at most four, each in (0, 1]."""
+    try:
+        values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise DemoError(f"budgets must be ratios in (0, 1] separated by commas, e.g. {DEFAULT_BUDGETS}; got {text!r}") from None
+    if not values or len(values) > MAX_COLUMNS or any(not 0 < v <= 1 for v in values):
+        raise DemoError(f"give 1 to {MAX_COLUMNS} budgets in (0, 1] separated by commas (1 = all tokens); got {text!r}")
+    return values
+
+
+def plans_for(choice: str, budgets: list[float]) -> list[Column]:
+    """A pruner's name (placed where it acts by default; LLM pruners before layer 2) or a plan template with
+    ``{keep}``, at every budget -> the columns. Raises DemoError / PlanError before any model work."""
+    from ..eval.report import plan_for
+    from ..pruners import REGISTRY
+
+    choice = (choice or "").strip()
+    if "{keep}" not in choice and choice not in REGISTRY:
+        raise DemoError(f"choose a pruner ({', '.join(sorted(REGISTRY))}) or a plan template with {{keep}}, "
+                        f"e.g. fastv:layer=2,keep={{keep}}; got {choice!r}")
+    columns = []
+    for b in budgets:
+        if b >= 1:
+            columns.append(Column("all tokens", ""))
+            continue
+        plan = choice.replace("{keep}", f"{b:g}") if "{keep}" in choice else plan_for(choice, b)
+        columns.append(Column(f"{b:.0%} of the tokens", str(Plan.parse(plan))))
+    return columns
+
+
+def load_media(path) -> tuple[str, object]:
+    """("image", PIL image) or ("video", DecodedVideo: 8 frames) of an uploaded file. Raises DemoError."""
+    from ..engine.images import load_image
+    from ..engine.video import decode_video, probe_video
+
+    if not path:
+        raise DemoError("upload an image or a video, or pick one of the examples")
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DemoError(f"the uploaded file is gone: {path}")
+    if path.lower().endswith(VIDEO_SUFFIXES):
+        try:
+            probe = probe_video(path, default_nframes=8)
+            seconds = probe.total_frames / probe.video_fps if probe.video_fps else 0.0
+            if seconds > MAX_VIDEO_SECONDS:
+                raise DemoError(f"the video is {seconds:.0f} s long; this demo takes videos up to "
+                                f"{MAX_VIDEO_SECONDS:.0f} s")
+            return "video", decode_video(path, default_nframes=8)
+        except InputError as e:
+            raise DemoError(f"cannot use this video: {e}") from None
+    try:
+        return "image", load_image(path, os.path.basename(path))
+    except InputError as e:
+        raise DemoError(f"not an image or a video tokensieve can read: {e}") from None
+
+
+def compare(engine, media, question: str, choice: str, budgets: str, max_new_tokens: int = 16):
+    """Yield the list of columns after every decoded piece; every input is checked before the first model
+    call (DemoError / PlanError / InputError)."""
+    from .overlay import frame_overlays, image_overlays
+
+    if not isinstance(question, str) or not question.strip():
+        raise DemoError("type a question")
+    columns = plans_for(choice, parse_budgets(budgets))
+    kind, value = load_media(media)
+    inputs = {"images": [value]} if kind == "image" else {"video": value}
+    streams = []
+    for col in columns:  # every plan checked against the model and this input before any model work
+        try:
+            streams.append(engine.stream(question, plan=col.plan or None, max_new_tokens=max_new_tokens, **inputs))
+        except PlanError as e:
+            raise DemoError(f"{col.label}: {e}") from None
+    yield columns
+    for col, stream in zip(columns, streams):
+        for piece in stream:
+            if isinstance(piece, str):
+                col.answer += piece
+            else:
+                col.result, col.answer = piece, piece.text
+                col.pictures = (image_overlays(piece, [value]) if kind == "image" else
+                                frame_overlays(piece, value.frames, piece.stats["kept_tokens"]))
+            yield columns
+
+
+def chart(columns: list[Column]):
+    """A matplotlib figure: kept tokens and prefill / decode time against the budget, one point per column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [c for c in columns if c.result is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 2.8))
+    labels = [c.label.replace(" of the tokens", "") for c in done]
+    ax1.bar(labels, [c.result.stats["kept_tokens"] for c in done], color="#3c8dbc")
+    ax1.set(title="visual tokens kept", ylabel="tokens")
+    ax2.plot(labels, [1000 * c.result.stats["prefill_s"] for c in done], "o-", label="prefill")
+    ax2.plot(labels, [1000 * c.result.stats["decode_s"] for c in done], "s-", label="decode")
+    ax2.set(title="time (ms)", ylabel="ms")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def example_files() -> list[tuple[str, str]]:
+    """The bundled examples: (path, question), world scenes and a world video where the budgets visibly
+    differ on the embedded model (demos/examples/README.md says how they were chosen)."""
+    here = os.path.join(os.path.dirname(__file__), "examples")
+    return [(os.path.join(here, "shapes_green_cross.png"), "what shape is the green object ?"),
+            (os.path.join(here, "shapes_yellow_star.png"), "what colour is the star ?"),
+            (os.path.join(here, "objects_appear.mp4"), "how many distinct objects appeared ?")]
+
+
+def preview(media) -> Image.Image | None:
+    """The first frame of a video, or the image itself, for the page (None when it cannot be read)."""
+    try:
+        kind, value = load_media(media)
+    except DemoError:
+        return None
+    return value if kind == "image" else value.frames[0]
