@@ -136,3 +136,49 @@ def test_lmms_eval_runs_the_plugin_on_local_tasks(task_dir, tmp_path):
             assert len({round(ll, 3) for ll, _ in want}) > 1  # the letters are told apart
     finally:
         engine.close()
+
+
+def test_plugin_methods_on_image_documents_and_multi_round(tmp_path):
+    """generate_until on image documents (batched), and generate_until_multi_round, called as lmms-eval calls
+    them, against the engine on the same prompts."""
+    import random
+
+    from lmms_eval.api.instance import Instance
+
+    import tokensieve
+    from tokensieve.eval.lmms_plugin import TokenSieve
+    from tokensieve.eval.shapeworld import world
+
+    rng = random.Random(5)
+    docs = [{"image": world.render(world.random_scene(rng)), "question": q}
+            for q in ("what colour is the circle ?", "how many objects are there ?", "is there a red square ?")]
+    model = TokenSieve(plan="uniform:keep=0.5", batch_size=2)
+    model.task_dict = {"world": {"test": docs}}
+
+    def to_visual(doc):
+        return [doc["image"]]
+
+    gen = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n"]}
+    def meta(i):
+        return {"task": "world", "doc_id": i, "repeats": 1}
+
+    reqs = [Instance("generate_until", (d["question"], dict(gen), to_visual, i, "world", "test"), idx=0, metadata=meta(i))
+            for i, d in enumerate(docs)]
+    got = model.generate_until(reqs)
+    engine = tokensieve.load(plan="uniform:keep=0.5")
+    want = [engine.generate(d["question"], images=[d["image"]], max_new_tokens=4).text for d in docs]
+    assert got == want
+
+    def next_round(doc, previous_output, round_idx, previous_round_info):
+        """Round 1 asks again with the first answer in the prompt; round 2 ends."""
+        done = round_idx >= 2
+        return [doc["image"]], f"{doc['question']} {previous_output[-1]}", done, previous_output, None
+
+    multi = [Instance("generate_until_multi_round", (docs[0]["question"], dict(gen), to_visual, next_round, 0,
+                                                     "world", "test"), idx=0, metadata=meta(0))]
+    rounds = model.generate_until_multi_round(multi)[0]
+    first = engine.generate(docs[0]["question"], images=[docs[0]["image"]], max_new_tokens=4).text
+    second = engine.generate(f"{docs[0]['question']} {first}", images=[docs[0]["image"]], max_new_tokens=4).text
+    assert rounds == [first, second]
+    engine.close()
+    model.clean()
