@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["eval"]:  # the batch video-QA evaluation has its own options
         from tokensieve.eval.videoqa import main as videoqa_main
         return videoqa_main(argv[1:])
+    if argv[:1] == ["bench"]:  # the speed benchmark has its own options
+        from tokensieve.eval.bench import main as bench_main
+        return bench_main(argv[1:])
     if argv[:1] == ["demo"]:  # the Gradio demo has its own options
         from tokensieve.demos.app import main as demo_main
         return demo_main(argv[1:])
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("eval", help="batch video-QA evaluation of plans (tokensieve eval --help)", add_help=False)
     sub.add_parser("demo", help="the Gradio demo: budgets side by side (tokensieve demo --help)", add_help=False)
     sub.add_parser("pruners", help="list the pruners, where they act and their options")
+    sub.add_parser("bench", help="measured speed of plans against the FLOP ideal (tokensieve bench --help)",
+                   add_help=False)
     p = sub.add_parser("run", help="answer a question about images/video under one or more plans")
     p.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")

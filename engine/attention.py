@@ -34,6 +34,22 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive float mask -> allowed
 
 
+def eager_attention(query, key, value, mask, causal: bool, scale: float):
+    """Attention with its probabilities materialised, as ``output_attentions=True`` does:
+    (out [B, Sq, Hq, D], probs [B, Hq, Sq, Sk] in the query's dtype)."""
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    scores = (query @ key.transpose(-1, -2)) * scale
+    sq, sk = query.shape[2], key.shape[2]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[..., :sk], float("-inf"))
+    elif causal:
+        scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu(sk - sq + 1),
+                                    float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
 def tokensieve_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] -> (out [B, Sq, Hq, D], None)."""
     state = kwargs.pop(STATE_KWARG, None)
@@ -52,6 +68,10 @@ def tokensieve_attention(module, query, key, value, attention_mask, scaling=None
         return sdpa()
     mask = _bool_mask(attention_mask)
     causal = mask is None and getattr(module, "is_causal", True) and query.shape[2] > 1
+    if need == "last_query_eager":  # the peers' way: the whole attention matrix, then its last row
+        out, probs = eager_attention(query, key, value, mask, causal, scale)
+        state.importance[layer] = (probs * state.last_query_weights(query)[:, None, :, None]).sum(2)  # [B, Hq, Sk]
+        return out, None
     if need != "last_query":
         out, _ = sdpa()
         state.record_rows(need, layer, query, key, mask, causal, scale)

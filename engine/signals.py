@@ -32,7 +32,11 @@ class SignalsMixin:
     def llm_need(self, layer: int) -> str | None:
         """What the stage before ``layer + 1`` needs from this layer's attention (prefill only)."""
         run = self.llm_stages.get(layer + 1) if self.prefill else None
-        return None if run is None else run.pruner.needs
+        if run is None:
+            return None
+        if run.pruner.needs == "last_query" and run.stage.options.get("scoring") == "eager":
+            return "last_query_eager"
+        return run.pruner.needs
 
     def last_query_weights(self, query: torch.Tensor) -> torch.Tensor:
         """[B, Sq] one-hot on the last prompt token (always valid: rows are left padded)."""

@@ -2,9 +2,11 @@
 
 Inside the LLM, before decoder layer K: the head-averaged attention that the last prompt
 token pays to each visual token in layer K-1 is its importance; the top-k survive, and
-their original position ids are kept.
+their original position ids are kept. ``scoring=eager`` scores the same tokens the way the peers do
+(the whole attention matrix of layer K-1 materialised): the benchmark's baseline, same kept set.
 """
 from .base import Pruner, Selection, StageInput, topk_sorted
+from .options import Option
 
 
 class FastVPruner(Pruner):
@@ -13,6 +15,10 @@ class FastVPruner(Pruner):
     default_where = "llm"
     default_layer = 2
     needs = "last_query"
+    options = {"scoring": Option("str", "fused: the importance beside the attention output (no attention matrix); "
+                                        "eager: FastV's repository's way, layer K-1's full attention matrix "
+                                        "materialised (output_attentions), for comparison", "fused",
+                                 choices=("fused", "eager"))}
 
     def select(self, inp: StageInput) -> Selection:
         scores = inp.attn.float().mean(dim=0)  # [H, N] -> [N]

@@ -109,12 +109,14 @@ def test_d_padded_batch_equals_one_at_a_time(family, engine_for, plan):
         assert res.stats["batch_size"] == 3 and one.stats["batch_size"] == 1
 
 
-def test_e_kept_in_original_coordinates_fastv_matches_eager_attention(family, engine_for, tiny_path):
-    """FastV's kept set, after a uniform pre-LLM stage, equals top-k of eager attention (plain transformers)."""
+@pytest.mark.parametrize("scoring", ["fused", "eager"])
+def test_e_kept_in_original_coordinates_fastv_matches_eager_attention(family, engine_for, tiny_path, scoring):
+    """FastV's kept set, after a uniform pre-LLM stage, equals top-k of eager attention (plain transformers);
+    so does the peers' way of scoring it (``scoring=eager``, the benchmark's baseline)."""
     engine = engine_for(family)
     req = _requests(family)[0]
-    res = engine.generate(req["prompt"], images=req["images"], plan="uniform:keep=16;fastv:layer=2,keep=5",
-                          max_new_tokens=2)
+    res = engine.generate(req["prompt"], images=req["images"],
+                          plan=f"uniform:keep=16;fastv:layer=2,keep=5,scoring={scoring}", max_new_tokens=2)
     uni, fast = res.kept
     assert set(fast.tolist()) <= set(uni.tolist()) and len(uni) == 16 and len(fast) == 5
     # reference: eager transformers over the sequence with the uniform-dropped tokens hidden from every layer

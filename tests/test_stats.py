@@ -59,13 +59,3 @@ def test_vision_flops_match_flop_counter_and_vision_stages(engine_for):
     cut = engine.generate("what", images=[noise_image(0)], plan="uniform:where=vision,layer=1,keep=16",
                           max_new_tokens=1).stats["vision_flops"]
     assert cut == metering.vision_flops([[65], [17], [17]], vcfg)
-
-
-def test_engine_benchmark_script(tiny_path, tmp_path):
-    from tokensieve.eval import bench_engine
-    stem = bench_engine.main(["--model", tiny_path("llava"), "--plan", "", "--plan", "uniform:keep=16",
-                              "--repeats", "1", "--new-tokens", "2", "--out", str(tmp_path)])
-    import json
-    rows = json.load(open(stem + ".json"))["rows"]
-    assert rows[0]["ttft_ratio"] == 1.0 and rows[1]["kept_tokens"] == 16 and rows[1]["ideal_ratio"] < 1
-    assert "| `uniform:keep=16` | 16 / 64 |" in open(stem + ".md").read()
