@@ -63,8 +63,9 @@ class RequestState(SignalsMixin):
     valid: torch.Tensor | None = None
     vis_orig: torch.Tensor | None = None
     coords: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis, 3]
-    key_seq: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_seq: dict[int, torch.Tensor] = field(default_factory=dict)  # per LLM stage layer: its segment's cache
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per stage layer: this forward's mask
     importance: dict[int, object] = field(default_factory=dict)  # layer -> [B, H, Sk] or per-row list
     rope: tuple | None = None  # (cos, sin) [B, S, d] of the current tokens, for RoPE-free scores
     next_slot: int = 0
@@ -163,16 +164,23 @@ class RequestState(SignalsMixin):
         return hidden
 
     def _layer_mask(self, layer: int) -> torch.Tensor:
-        """Boolean SDPA mask [B, 1, Sq, Sk] for this layer's cache after appending the current tokens."""
-        if layer in self.key_seq:
-            self.key_seq[layer] = torch.cat([self.key_seq[layer], self.seq], dim=1)
-            self.key_valid[layer] = torch.cat([self.key_valid[layer], self.valid], dim=1)
+        """Boolean SDPA mask [B, 1, Sq, Sk] for this layer's cache after appending the current tokens.
+
+        The layers from one LLM stage to the next hold the same tokens, so they share one cache layout and
+        one mask: it is built at the segment's first layer in each forward and reused by the others."""
+        seg = max(k for k in self.llm_stages if k <= layer)
+        if seg in self.masks:
+            return self.masks[seg]
+        if seg in self.key_seq:
+            self.key_seq[seg] = torch.cat([self.key_seq[seg], self.seq], dim=1)
+            self.key_valid[seg] = torch.cat([self.key_valid[seg], self.valid], dim=1)
         else:
-            self.key_seq[layer], self.key_valid[layer] = self.seq, self.valid
-        ks, kv = self.key_seq[layer], self.key_valid[layer]
+            self.key_seq[seg], self.key_valid[seg] = self.seq, self.valid
+        ks, kv = self.key_seq[seg], self.key_valid[seg]
         mask = (ks[:, None, :] <= self.seq[:, :, None]) & kv[:, None, :]
         mask |= ~self.valid[:, :, None]  # padding queries attend everywhere: finite, never read
-        return mask[:, None]
+        self.masks[seg] = mask[:, None]
+        return self.masks[seg]
 
     def _prune_llm(self, run: StageRun, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         imp = self.importance.pop(layer - 1, None)
@@ -206,6 +214,7 @@ class RequestState(SignalsMixin):
     def start_decode(self, n_new: int, device) -> None:
         """The next forward carries ``n_new`` fresh tokens per row (all valid)."""
         self.prefill = False
+        self.masks = {}  # a new forward: each segment's mask is built again, once
         slots = torch.arange(self.next_slot, self.next_slot + n_new, device=device)
         self.seq = slots.expand(self.batch_size, n_new)
         self.valid = torch.ones(self.batch_size, n_new, dtype=torch.bool, device=device)

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         del engine
     os.makedirs(args.out, exist_ok=True)
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    stem = os.path.join(args.out, f"bench_{kind}_{'+'.join(models)}_{results['env']['date']}")
+    stem = os.path.join(args.out, f"bench_{kind}_{'+'.join(models)}_b{'+'.join(map(str, batches))}_{results['env']['date']}")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
     text = markdown(results)
