@@ -31,7 +31,7 @@ def check_model(model) -> str:
     looks_local = os.path.isabs(path) or model.startswith((".", "~")) or model.count("/") != 1
     if looks_local:
         raise InputError(f"model {model!r}: no such directory (a hub id is 'organisation/name')")
-    return _check_hub_id(model)
+    return model  # a hub id: its config is read once, by check_model_type
 
 
 def _check_directory(path: str) -> str:
@@ -54,21 +54,6 @@ def check_files(path: str) -> None:
     if missing:
         raise InputError(f"{path} is not a complete checkpoint: missing {'; '.join(missing)}")
     return path
-
-
-def _check_hub_id(model: str) -> str:
-    """A hub id whose config can be read (from the cache when offline)."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline else
-               f"it could not be fetched or found in the cache ({str(e).splitlines()[0][:200]})")
-        raise InputError(f"model {model!r}: not a local directory, and {why}; download it first "
-                         "(huggingface-cli download) or give a local directory") from None
-    return model
 
 
 def check_dtype(dtype):
@@ -100,12 +85,19 @@ def check_device(device) -> str:
 
 
 def check_model_type(model: str, supported) -> None:
+    """The checkpoint's config can be read (a hub id: from the cache when offline) and its family is supported."""
     from transformers import AutoConfig
 
     try:
         model_type = AutoConfig.from_pretrained(model).model_type
     except (OSError, ValueError) as e:
-        raise InputError(f"model {model!r}: cannot read its config.json ({str(e).splitlines()[0][:200]})") from None
+        if os.path.isdir(model):
+            raise InputError(f"model {model!r}: cannot read its config.json ({str(e).splitlines()[0][:200]})") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline else
+               f"it could not be fetched or found in the cache ({str(e).splitlines()[0][:200]})")
+        raise InputError(f"model {model!r}: not a local directory, and {why}; download it first "
+                         "(huggingface-cli download) or give a local directory") from None
     if model_type not in supported:
         raise UnsupportedModelError(
             f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(supported))}")

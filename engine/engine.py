@@ -98,7 +98,7 @@ class Engine:
         options = DecodeOptions.from_kwargs(generation_kwargs)
         req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens,
                       video_mode=video_mode)
-        batch = build_batch(self.processor, self.adapter, [0], [self._check(Request.of(req), self.plan)])
+        batch = build_batch(self.processor, self.adapter, [0], [self._check(req, self.plan)])
         return self._stream(batch, options)
 
     @torch.inference_mode()
