@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -293,7 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="eval/results/bench")
     args = ap.parse_args(argv)
     models = list(MODELS) if args.models == "all" else args.models.split(",")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        batches = [0]
+    bad = [m for m in models if m not in MODELS + ("tiny",)]
+    problem = (f"unknown model(s) {bad}; known: {', '.join(MODELS)}, tiny (or all)" if bad else
+               f"--batch-sizes must be positive ints separated by commas, got {args.batch_sizes!r}"
+               if min(batches) < 1 else None)
+    if problem is None and args.plans:
+        from ..engine.errors import TokenSieveError
+        from ..engine.plan import Plan
+        try:
+            for plan in args.plans.split(";;"):
+                Plan.parse(plan or None)
+        except TokenSieveError as e:
+            problem = str(e)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     results = {"env": environment(args.device, args.dtype, args.layers, args.vision_layers), "models": {}}
     for model in models:
         engine, request = bench_engine(model, args.layers or None, args.vision_layers or None, args.device, args.dtype)

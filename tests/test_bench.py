@@ -50,3 +50,11 @@ def test_repeats_run_round_robin_after_a_warm_up(monkeypatch):
     monkeypatch.setattr(bench, "ModuleClock", Clock)
     bench.run(None, {}, ["", "a", "bb"], batch=1, repeats=3, new_tokens=1)
     assert calls == ["", "a", "bb"] + ["", "a", "bb"] + ["a", "bb", ""] + ["bb", "", "a"]
+
+
+def test_bad_arguments_are_one_line_before_any_model_is_built(capsys):
+    for argv, words in ((["--models", "nosuch"], "unknown model(s) ['nosuch']"),
+                        (["--models", "tiny", "--plans", ";;cls:keep=nan"], "keep must be"),
+                        (["--batch-sizes", "0"], "--batch-sizes must be positive ints")):
+        assert bench.main(argv) == 2
+        assert words in capsys.readouterr().err
