@@ -73,5 +73,18 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
     return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens, video_mode=video_mode)
 
 
+_SUBMODULES = ("testing", "eval", "demos", "pruners", "kernels")  # imported on first use
+
+
+def __getattr__(name: str):
+    """``tokensieve.testing.make_tiny(...)`` after a plain ``import tokensieve``: public subpackages load
+    on first access (PEP 562), so importing the package stays cheap."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'tokensieve' has no attribute {name!r}")
+
+
 __all__ = ["load", "Engine", "Result", "Plan", "Stage", "Request", "TokenSieveError", "PlanError", "InputError",
            "UnsupportedModelError", "default_model"]

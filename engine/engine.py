@@ -46,8 +46,7 @@ class Engine:
         tok = processor.tokenizer
         tok.padding_side = "left"
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
+        self.eos_ids = end_of_sequence_ids(model.generation_config.eos_token_id, tok.eos_token_id)
         # scoring layers need the tokensieve attention function (SDPA plus the rows a pruner reads)
         towers = ["text_config"] + (["vision_config"] if self.adapter.cls_tower else [])
         self._attn_before = {t: getattr(model.config, t)._attn_implementation for t in towers}
@@ -201,6 +200,10 @@ class Engine:
             if pruner.requires_tower and not ad.cls_tower:
                 raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
                                 f"token (families: llava, llava_next); '{ad.family}' has none")
+            if stage.where == "vision" and ad.feature_prefix:
+                raise PlanError(f"stage {i} ({stage.describe()}): vision-tower stages need the patch-only features "
+                                "(vision_feature_select_strategy='default'); this model hands the projector its CLS "
+                                "hidden state too ('full'): prune at where=pre_llm or llm")
             if stage.where == "vision" and stage.layer > ad.feature_layer:
                 raise PlanError(f"stage {i} ({stage.describe()}): the LLM features come from vision layer "
                                 f"{ad.feature_layer}; a vision stage must act at layer <= {ad.feature_layer}")
@@ -299,8 +302,13 @@ class Engine:
                     state.image_owner.append(b)
                     state.image_offset.append(sum(patch_coords[k].shape[0] for k in ims[:j]))
             kwargs[STATE_KWARG] = state
-        per_image = self.adapter.encode_images(inputs, **kwargs) if n_img else []
+        want_tower = state is not None and any(r.pruner.merge_space == "tower" for r in state.pre_llm_stages)
+        per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs) if want_tower and n_img \
+            else (self.adapter.encode_images(inputs, **kwargs) if n_img else [], None)
         per_video = self.adapter.encode_videos(inputs) if n_vid else []
+        if want_tower:  # the projector's input per request (images only), for stages that merge before it
+            state.tower_feats = [torch.cat([per_tower[i] for i in ims]) if per_tower is not None and ims
+                                 and batch.video_of[b] is None else None for b, ims in enumerate(batch.images_of)]
         feats, alive = [], []
         for b, ims in enumerate(batch.images_of):
             if state is not None and state.vision_stages:  # images only (no native video): their surviving tokens
@@ -323,11 +331,30 @@ class Engine:
                     sel = frames.select_frames(state, run, b, feats[b], alive[b], coords, frame_of, scored[b].signals)
                 else:
                     signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
-                    sel = state.select(run, run.keep[b], feats[b], coords, sizes=state.sizes(b, alive[b].numel()),
+                    before = state.tower_feats[b] if run.pruner.merge_space == "tower" and state.tower_feats else None
+                    sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
+                                       sizes=state.sizes(b, alive[b].numel()),
                                        frames=frame_of if batch.n_video(b) else None, **signals)
-                feats[b] = feats[b][sel.keep_idx] if sel.tokens is None else sel.tokens.to(feats[b].dtype)
+                self._keep_tower_feats(state, b, sel, merged_before_projector=before is not None)
+                if sel.tokens is None:
+                    feats[b] = feats[b][sel.keep_idx]
+                elif before is not None:  # merged on the projector's input: project the merged tokens
+                    feats[b] = self.adapter.project(sel.tokens.to(before.dtype)).to(feats[b].dtype)
+                else:
+                    feats[b] = sel.tokens.to(feats[b].dtype)
                 alive[b] = state.record(run, b, alive[b], sel)
         return feats, alive
+
+    @staticmethod
+    def _keep_tower_feats(state, b: int, sel, merged_before_projector: bool) -> None:
+        """Keep request b's projector inputs aligned with its surviving tokens (None once a stage merged
+        after the projector: those tokens have no projector input)."""
+        if not state.tower_feats or state.tower_feats[b] is None:
+            return
+        if sel.tokens is None:
+            state.tower_feats[b] = state.tower_feats[b][sel.keep_idx]
+        else:
+            state.tower_feats[b] = sel.tokens if merged_before_projector else None
 
     def _tower_per_request(self, run, batch, inputs, state) -> list[dict]:
         """A stage's tower signals (tower_score [N], keys [N, d]) mapped to each request's visual tokens."""
@@ -389,7 +416,7 @@ class Engine:
         """Yield (token [B], the logits it was sampled from [B, V]) step by step until every request ended."""
         gen = torch.Generator().manual_seed(options.seed) if options.do_sample else None
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        eos = torch.tensor(sorted(self.eos_ids), device=logits.device)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=logits.device)
         pos = pos[..., -1:]
         for step in range(max_new_tokens):
             token = sample(logits, options, gen)
@@ -401,3 +428,11 @@ class Engine:
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             pos = next_positions(pos)
             logits = decode_one_token(self.model, self.adapter.embed, token, attn, pos, cache, state)
+
+
+def end_of_sequence_ids(generation_eos, tokenizer_eos) -> set[int]:
+    """The ids that end an answer: the generation config's (an int or a list), else the tokenizer's;
+    empty when neither names one (answers then run to max_new_tokens)."""
+    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    ids = ids or [tokenizer_eos]
+    return {int(i) for i in ids if i is not None}

@@ -58,6 +58,7 @@ class RequestState(SignalsMixin):
     image_alive: list[torch.Tensor] = field(default_factory=list)
     image_coords: list[torch.Tensor] = field(default_factory=list)  # [P, 3] per image
     image_offset: list[int] = field(default_factory=list)  # first visual index of each image in its request
+    tower_feats: list = field(default_factory=list)  # per request [N_b, D_tower] projector input, or None
     # LLM side: [B, S] slot of each current token, validity, original visual index (-1: text/pad)
     seq: torch.Tensor | None = None
     valid: torch.Tensor | None = None

@@ -107,6 +107,10 @@ class Pruner:
     requires_tower: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # may be given keep="auto"
     frame_signal: ClassVar[str | None] = None  # "relevance" (VLM rating pass) or "clip" (CLIP embeddings)
+    # "tower": a pre_llm merging method whose official code merges the vision tower's feature-layer hidden
+    # states before the projector; on families whose adapter exposes the projector's input (LLaVA-1.5) the
+    # engine hands those as ``tokens`` and projects the merged ones. "llm": the projected features.
+    merge_space: ClassVar[str] = "llm"
 
     @property
     def option_names(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]]
     vision_prefix: ClassVar[int | None] = None  # tokens before the patches in the tower (CLS); None: no vision stages
     cls_tower: ClassVar[bool] = False  # the tower has a CLS token whose attention the engine can record
+    feature_prefix: int = 0  # non-patch tokens (a CLS hidden state) before each image's patches in the LLM features
 
     def __init__(self, model: nn.Module, processor):
         self.model = model
@@ -81,6 +82,15 @@ class Adapter:
     # ---- vision -----------------------------------------------------------------------------
     def encode_images(self, inputs, **kwargs) -> list[torch.Tensor]:
         """Processor output -> one [N_i, D] feature tensor per image, in the order given."""
+        raise NotImplementedError
+
+    def encode_images_and_tower(self, inputs, **kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """``encode_images`` plus, per image, the projector's input [N_i, D_tower] aligned with the features
+        (for pruners that merge before the projector), or None where the family cannot give it."""
+        return self.encode_images(inputs, **kwargs), None
+
+    def project(self, tower_tokens: torch.Tensor) -> torch.Tensor:
+        """[k, D_tower] projector inputs -> [k, D] LLM features (families that give ``encode_images_and_tower``)."""
         raise NotImplementedError
 
     def image_coords(self, inputs) -> list[torch.Tensor]:
