@@ -22,6 +22,7 @@ measurements.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import time
 import torch
 
 from ...testing import make_tokenizer
-from . import tiny_models, world
+from . import phrasing, tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
                          cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, position_loss,
                          position_targets, query_loss, readout_loss, share_loss, word_loss)
@@ -242,15 +243,19 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
 
 @torch.no_grad()
 def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32,
-          progress=None) -> tuple[dict, dict]:
+          progress=None, typed: bool = False) -> tuple[dict, dict]:
     """``evaluate``'s counts: (right, total) per key ("all", each type, "open" / "multiple-choice");
-    ``progress(k)`` after each batch of k examples."""
+    ``progress(k)`` after each batch of k examples. ``typed``: open questions only, each rewritten the
+    way a person types it (``phrasing.rephrase``: capitals, "color", "What is the colour of ...?")."""
     was_training = model.training
     model.eval()
-    rng = random.Random(seed)
+    rng, typing = random.Random(seed), random.Random(seed + 1)
     right, total = {}, {}
     for start in range(0, n, batch):
-        examples = sample_examples(rng, min(batch, n - start), video)
+        examples = sample_examples(rng, min(batch, n - start), video, **({"mc_fraction": 0.0} if typed else {}))
+        if typed:
+            examples = [dict(ex, qas=[dataclasses.replace(qa, question=phrasing.rephrase(qa.question, typing))
+                                      for qa in ex["qas"]]) for ex in examples]
         b = collate(proc, examples, eos_id, targets=False)
         gold = b.pop("labels")[:, -2]
         pred = model(**b).logits[:, -3].argmax(-1)
@@ -515,6 +520,7 @@ def main(argv=None):
         if step % args.save_every == 0 or step == last:
             model.save_pretrained(args.out)
             proc.save_pretrained(args.out)
+            phrasing.install(os.path.join(args.out, "tokenizer.json"))  # questions as people type them
 
 
 if __name__ == "__main__":
