@@ -192,21 +192,29 @@ class Engine:
         """Raise PlanError when a plan does not fit this model (stage order, layers, CLS needs, frames stages)."""
         plan, ad = Plan.parse(plan), self.adapter
         vision_layers = ad.vision_layers
+        for i, stage in enumerate(plan.stages):  # before the layer checks: no placement helps such a stage
+            if get_pruner(stage.pruner).requires_tower and not ad.cls_tower:
+                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
+                                f"token (families: llava, llava_next); '{ad.family}' has none")
         plan.check(ad.text_config.num_hidden_layers, len(vision_layers) if vision_layers is not None else 0,
                    ad.vision_prefix is not None)
         seen_vision = False
         for i, stage in enumerate(plan.stages):
             pruner = get_pruner(stage.pruner)
-            if pruner.requires_tower and not ad.cls_tower:
-                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
-                                f"token (families: llava, llava_next); '{ad.family}' has none")
             if stage.where == "vision" and ad.feature_prefix:
                 raise PlanError(f"stage {i} ({stage.describe()}): vision-tower stages need the patch-only features "
                                 "(vision_feature_select_strategy='default'); this model hands the projector its CLS "
                                 "hidden state too ('full'): prune at where=pre_llm or llm")
-            if stage.where == "vision" and stage.layer > ad.feature_layer:
+            if stage.where == "vision" and pruner.progressive and sum(s.where == "vision" for s in plan.stages) > 1:
+                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} prunes step by step through the "
+                                "tower and must be the plan's only vision-tower stage")
+            if stage.where == "vision" and self._vision_layer(stage) > ad.feature_layer:
                 raise PlanError(f"stage {i} ({stage.describe()}): the LLM features come from vision layer "
                                 f"{ad.feature_layer}; a vision stage must act at layer <= {ad.feature_layer}")
+            beyond = [x for x in self._tower_layers(stage, pruner) if x >= len(vision_layers or ())]
+            if beyond:  # e.g. prumerge reads the layer after the feature layer
+                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads vision layer {beyond[0]}; "
+                                f"this tower has {len(vision_layers or ())} layers")
             if seen_vision and len(self._tower_layers(stage, pruner)) > 1:
                 raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads every tower layer and "
                                 "cannot follow a vision-tower stage")
@@ -217,8 +225,13 @@ class Engine:
         """Vision layers whose signals a stage reads (none for LLM stages or families without a CLS tower)."""
         if stage.where == "llm" or not pruner.vision_needs or not self.adapter.cls_tower:
             return []
-        last = stage.layer - 1 if stage.where == "vision" else self.adapter.feature_layer
+        last = self._vision_layer(stage) - 1 if stage.where == "vision" else self.adapter.feature_layer
         return pruner.tower_layers(last, stage.options)
+
+    def _vision_layer(self, stage) -> int:
+        """The layer a vision stage acts before (its last step): a progressive stage given none steps up to the
+        feature layer."""
+        return self.adapter.feature_layer if stage.layer is None else stage.layer
 
     def _check(self, req: Request, default_plan: Plan, video=None, decode: bool = True) -> CheckedRequest:
         """Check a request; ``video``: its video already decoded; ``decode=False``: only probe the video."""
@@ -256,7 +269,9 @@ class Engine:
             for layer in run.tower_layers:
                 state.tower_wants.setdefault(layer, set()).update(pruner.vision_needs)
             if stage.where == "vision":
-                state.vision_stages[stage.layer] = run
+                last = self._vision_layer(stage)
+                run.steps = pruner.vision_steps(last, stage.options) if pruner.progressive else [last]
+                state.vision_stages.update({layer: run for layer in run.steps})
             elif stage.where == "llm":
                 state.llm_stages[stage.layer] = run
             else:  # frames and pre_llm stages, in plan order
@@ -328,6 +343,7 @@ class Engine:
             for b in range(len(batch.reqs)):
                 coords, frame_of = batch.coords[b][alive[b]], batch.frames[b][alive[b]]
                 if run.stage.where == "frames":
+                    before = None
                     sel = frames.select_frames(state, run, b, feats[b], alive[b], coords, frame_of, scored[b].signals)
                 else:
                     signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}

@@ -52,7 +52,8 @@ class Stage:
         return int(self.keep)
 
     def describe(self) -> str:
-        at = {"vision": f"vision layer {self.layer}", "frames": "across frames", "pre_llm": "before the LLM",
+        at = {"vision": "vision tower up to the feature layer" if self.layer is None else f"vision layer {self.layer}",
+              "frames": "across frames", "pre_llm": "before the LLM",
               "llm": f"LLM layer {self.layer}"}
         return f"{self.pruner} ({at[self.where]}, keep={self.keep})"
 
@@ -100,8 +101,10 @@ class Plan:
         for i, s in enumerate(self.stages):
             if s.where == "vision":
                 if not supports_vision_stages:
-                    raise PlanError(f"stage {i} ({s.describe()}): this model family has no vision-tower stages")
-                if not 1 <= s.layer < n_vision_layers:
+                    from ..pruners import get_pruner
+                    hint = "; give where=pre_llm" if "pre_llm" in get_pruner(s.pruner).wheres else ""
+                    raise PlanError(f"stage {i} ({s.describe()}): this model family has no vision-tower stages{hint}")
+                if s.layer is not None and not 1 <= s.layer < n_vision_layers:
                     raise PlanError(f"stage {i} ({s.describe()}): vision layer must be in [1, {n_vision_layers - 1}]")
             if s.where == "llm" and not 1 <= s.layer < n_llm_layers:
                 raise PlanError(f"stage {i} ({s.describe()}): LLM layer must be in [1, {n_llm_layers - 1}]")
@@ -226,7 +229,9 @@ def _make_stage(i: int, item: dict) -> Stage:
         raise PlanError(f"stage {i} ({name}): {name} cannot act at '{where}' (it acts at {', '.join(pruner.wheres)})")
     if where in ("vision", "llm"):
         layer = pruner.default_layer if layer is None else layer
-        if not isinstance(layer, int) or isinstance(layer, bool):
+        if layer is None and where == "vision" and pruner.progressive:
+            pass  # steps up to the tower's feature layer, resolved by the engine
+        elif not isinstance(layer, int) or isinstance(layer, bool):
             raise PlanError(f"stage {i} ({name}): layer must be an int, got {layer!r}")
     elif layer is not None:
         raise PlanError(f"stage {i} ({name}): a '{where}' stage takes no layer")

@@ -56,7 +56,7 @@ def build_results(engine, batch, state, tokens, logits, n_text, prefill_s, decod
             visual_tokens=batch.n_visual[b], kept_tokens=alive_per_layer[-1], per_layer_kv_len=kv_len,
             kv_cache_bytes=metering.kv_cache_bytes(kv_len, tcfg, elem),
             prefill_flops=metering.prefill_flops(prefill_tokens, tcfg),
-            vision_flops=vision_flops(engine, plan, kept, batch.tower_seqs[b]),
+            vision_flops=vision_flops(engine, state, b, batch.tower_seqs[b]),
             prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
         stats.update(frames.video_stats(batch, state, b, kept))
         groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
@@ -76,17 +76,17 @@ def answer_text(engine, ids: list[int]) -> str:
     return engine.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def vision_flops(engine, plan: Plan, kept: list[torch.Tensor], seqs: list[int]) -> int:
-    """Tower FLOPs of one request: its tower sequences (one per image / tile), thinned by vision stages."""
+def vision_flops(engine, state, b: int, seqs: list[int]) -> int:
+    """Tower FLOPs of request b: its tower sequences (one per image / tile, images first), each image's as long
+    as the vision stages left it at every layer (``state.tower_patches``)."""
     vcfg = getattr(engine.model.config, "vision_config", None)
     if vcfg is None or not seqs:
         return 0
     n_layers = getattr(vcfg, "num_hidden_layers", None) or getattr(vcfg, "depth")
-    stages = {s.layer: i for i, s in enumerate(plan.stages) if s.where == "vision"}
+    patches = state.tower_patches if state is not None else {}
     per_layer = []
     for layer in range(n_layers):
-        if layer in stages:
-            k = kept[stages[layer]].numel() // len(seqs)
-            seqs = [(engine.adapter.vision_prefix or 0) + k for _ in seqs]
+        if layer in patches:
+            seqs = [(engine.adapter.vision_prefix or 0) + k for k in patches[layer][b]] + seqs[len(patches[layer][b]):]
         per_layer.append(list(seqs))
     return metering.vision_flops(per_layer, vcfg)

@@ -4,7 +4,8 @@ Vision tower (CLIP with a CLS token): the CLS row (single-row kernel / reference
 keys, value L1 norms, CLS value similarity, or a layer's q/k, only at the layers a stage asked
 for. Language model, in layer K-1 of a stage before layer K: the last prompt token's row
 (fused kernel on GPU), the same row with RoPE removed, or each text token's row. Every one of
-them is O(rows x tokens) in memory; no attention matrix is ever materialised.
+them is O(rows x tokens) in memory; only "all_rows" (AIM's PageRank: every token's row, as the
+official code's eager attention) materialises a request's attention matrix, in the layer read.
 """
 from __future__ import annotations
 
@@ -45,14 +46,15 @@ class SignalsMixin:
         return w
 
     def record_rows(self, need: str, layer: int, query, key, mask, causal: bool, scale: float) -> None:
-        """Exact softmax rows for 'last_query_norope' ([B, H, Sk]) or 'text_rows' (per request [H, T, Sk])."""
+        """Exact softmax rows for 'last_query_norope' ([B, H, Sk]), 'text_rows' (per request [H, T, Sk]) or
+        'all_rows' (per request [H, S_valid, Sk]: every valid slot's row)."""
         rep = query.shape[1] // key.shape[1]
         if need == "last_query_norope":
             cos, sin = self.rope
             q = unrotate(query[:, :, -1:], cos[:, -1:], sin[:, -1:])
             k = unrotate(key, cos, sin)
             rows = [query.shape[2] - 1]
-        elif need == "text_rows":
+        elif need in ("text_rows", "all_rows"):
             q, k = query, key
             rows = None
         else:
@@ -61,7 +63,9 @@ class SignalsMixin:
         sk = key.shape[2]
         out = []
         for i in range(b):
-            r = torch.tensor(rows if rows is not None else self.text_rows(i).tolist(), device=query.device, dtype=torch.long)
+            if rows is None:
+                own = self.text_rows(i) if need == "text_rows" else self.valid[i].nonzero().flatten()
+            r = torch.tensor(rows if rows is not None else own.tolist(), device=query.device, dtype=torch.long)
             qi = q[i:i + 1] if need == "last_query_norope" else q[i:i + 1, :, r]
             logits = (qi.float() @ k[i:i + 1].float().repeat_interleave(rep, 1).transpose(-1, -2)) * scale
             allowed = full_mask(1, hq, sq, sk, causal, None if mask is None else mask[i:i + 1], r, query.device)
@@ -80,8 +84,21 @@ class SignalsMixin:
         if imp is None:
             return {}
         if run.pruner.needs == "text_rows":
-            return {"text_attn": imp[b][:, :, vis_slots]}
+            raters = self.raters.get(run.index)
+            return {"text_attn": imp[b][:, :, vis_slots], "raters": None if raters is None else raters[b]}
+        if run.pruner.needs == "all_rows":  # rows are the valid slots in order: take the same key columns
+            valid = self.valid[b].nonzero().flatten()
+            return {"seq_attn": imp[b][:, :, valid], "seq_vis": torch.searchsorted(valid, vis_slots)}
         return {"attn": imp[b][:, vis_slots]}
+
+    def pick_raters(self, hidden: torch.Tensor) -> None:
+        """Before decoder layer 0 (prefill), hidden [B, S, D] = the LLM's input embeddings: the text raters
+        of every request for each LLM stage whose pruner picks them (``Pruner.picks_raters``)."""
+        for run in self.llm_stages.values():
+            if run.pruner.picks_raters:
+                self.raters[run.index] = [run.pruner.text_raters(hidden[b, self.vis_orig[b] >= 0],
+                                                                 hidden[b, self.text_rows(b)])
+                                          for b in range(self.batch_size)]
 
     # ---- vision tower -----------------------------------------------------------------------
     def record_vision(self, layer: int, query, key, value, scale: float) -> None:
@@ -92,18 +109,20 @@ class SignalsMixin:
             rec.cls[layer], _ = attention_row(query[:, :, 0], key, scale=scale)
         if "keys" in want:
             rec.keys[layer] = key.float().mean(1)
-        if "values" in want:
+        if "values" in want:  # FlowCut's value signals: [n, H, S] and [n, S]
             v = value.float()
-            rec.values_l1[layer] = v.abs().sum(-1)
-            rec.value_sim[layer] = torch.nn.functional.cosine_similarity(v, v[:, :, :1], dim=-1)
+            rec.value_attn[layer] = (v[:, :, :1] @ v.transpose(-1, -2))[:, :, 0].softmax(-1)
+            rec.value_l1[layer] = v.mean(1).abs().sum(-1)
         if "qk" in want:
             rec.qk[layer] = (query.detach(), key.detach())
 
-    def tower_signals(self, run) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(tower_score [n, S - prefix], keys [n, S - prefix, d]) of a stage, or Nones where not recorded."""
-        if not run.tower_layers or self.tower is None:
+    def tower_signals(self, run, layers: list[int] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(tower_score [n, S - prefix], keys [n, S - prefix, d]) of a stage (from ``layers``, default all its
+        tower layers), or Nones where not recorded."""
+        layers = run.tower_layers if layers is None else layers
+        if not layers or self.tower is None:
             return None, None
         needs = run.pruner.vision_needs
-        score = run.pruner.tower_score(self.tower, run.tower_layers) if needs - {"keys"} else None
-        keys = self.tower.keys[run.tower_layers[-1]][:, self.tower.prefix:] if "keys" in needs else None
+        score = run.pruner.tower_score(self.tower, layers) if needs - {"keys"} else None
+        keys = self.tower.keys[layers[-1]][:, self.tower.prefix:] if "keys" in needs else None
         return score, keys

@@ -35,6 +35,8 @@ class StageRun:
     pruner: Pruner
     keep: list[int]  # per request row (vision stages: per image)
     tower_layers: list[int] = field(default_factory=list)  # vision layers its tower signals come from
+    steps: list[int] = field(default_factory=list)  # vision stages: the layers it prunes before (progressive: several)
+    carry: list = field(default_factory=list)  # progressive stages: per image, the pruner's running state
 
 
 @dataclass
@@ -58,6 +60,7 @@ class RequestState(SignalsMixin):
     image_alive: list[torch.Tensor] = field(default_factory=list)
     image_coords: list[torch.Tensor] = field(default_factory=list)  # [P, 3] per image
     image_offset: list[int] = field(default_factory=list)  # first visual index of each image in its request
+    tower_patches: dict[int, list[list[int]]] = field(default_factory=dict)  # vision layer -> per request, per image
     tower_feats: list = field(default_factory=list)  # per request [N_b, D_tower] projector input, or None
     # LLM side: [B, S] slot of each current token, validity, original visual index (-1: text/pad)
     seq: torch.Tensor | None = None
@@ -68,6 +71,7 @@ class RequestState(SignalsMixin):
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per stage layer: this forward's mask
     importance: dict[int, object] = field(default_factory=dict)  # layer -> [B, H, Sk] or per-row list
+    raters: dict[int, list] = field(default_factory=dict)  # LLM stage index -> per request [T] bool text raters
     rope: tuple | None = None  # (cos, sin) [B, S, d] of the current tokens, for RoPE-free scores
     next_slot: int = 0
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
@@ -117,7 +121,9 @@ class RequestState(SignalsMixin):
         run = self.vision_stages.get(layer)
         if run is None:
             return hidden
-        tower_score, keys = self.tower_signals(run)
+        left, layers = self._vision_step(run, layer)
+        tower_score, keys = self.tower_signals(run, layers)
+        keeps = self._step_keeps(run, left, hidden, prefix, tower_score)
         per_request = [([], [], [], []) for _ in range(self.batch_size)]  # entering, keep_idx, groups, scores
         n_alive = [sum(len(a) for a, o in zip(self.image_alive, self.image_owner) if o == b) for b in range(self.batch_size)]
         sizes = [self.sizes(b, n) for b, n in enumerate(n_alive)]  # merge sizes over each request's alive tokens
@@ -125,10 +131,13 @@ class RequestState(SignalsMixin):
         for i, alive in enumerate(self.image_alive):
             entering, keep_idx, groups, scores = per_request[self.image_owner[i]]
             n_in, n_kept = sum(map(len, entering)), sum(map(len, keep_idx))
-            sel = self.select(run, run.keep[i], hidden[i, prefix:], self.image_coords[i][alive],
+            sel = self.select(run, keeps[i], hidden[i, prefix:], self.image_coords[i][alive],
                               tower_score=None if tower_score is None else tower_score[i],
                               keys=None if keys is None else keys[i],
-                              sizes=sizes[self.image_owner[i]][n_in:n_in + len(alive)])
+                              sizes=sizes[self.image_owner[i]][n_in:n_in + len(alive)], prefix=prefix,
+                              layers_left=left, carry=run.carry[i] if left is not None else None)
+            if left is not None:
+                run.carry[i] = sel.carry
             idx = sel.keep_idx.cpu()
             g = sel.groups.cpu() if sel.groups is not None else identity_groups(idx, alive.numel())
             entering.append(self.image_offset[i] + alive)
@@ -142,12 +151,42 @@ class RequestState(SignalsMixin):
             if entering:
                 sel = Selection(keep_idx=torch.cat(keep_idx), groups=torch.cat(groups),
                                 scores=None if any(x is None for x in scores) else torch.cat([x.cpu() for x in scores]))
+                prev = self.scores.get(run.index, [None] * self.batch_size)[b] if left is not None else None
                 self.record(run, b, torch.cat(entering), sel)
+                if prev is not None and sel.scores is not None:  # a later step: its tokens' scores are the latest
+                    prev = prev.clone()  # (a progressive stage is the only vision stage: its first step saw 0..N-1)
+                    prev[torch.cat(entering)] = self.scores[run.index][b]
+                    self.scores[run.index][b] = prev
+        self.tower_patches[layer] = [[len(a) for a, o in zip(self.image_alive, self.image_owner) if o == b]
+                                     for b in range(self.batch_size)]
         return torch.stack(new_rows)
+
+    def _vision_step(self, run: StageRun, layer: int) -> tuple[int | None, list[int] | None]:
+        """(layers_left, the tower layers read) of a progressive stage's step before vision ``layer``: the
+        layers since its previous step; (None, None) for a one-step stage (all its tower layers)."""
+        if not run.pruner.progressive:
+            return None, None
+        if not run.carry:
+            run.carry = [None] * len(self.image_alive)
+        prev = max((s for s in run.steps if s < layer), default=0)
+        return run.steps[-1] - layer, [j for j in run.tower_layers if prev <= j < layer]
+
+    def _step_keeps(self, run: StageRun, left: int | None, hidden, prefix: int, tower_score) -> list[int]:
+        """Per image, the tokens a step keeps: the stage's keep, except before a progressive stage's last step,
+        where the images of the tower batch (one length) keep the smallest of the pruner's proposals."""
+        if not left:
+            return run.keep
+        proposals = [run.pruner.step_keep(StageInput(
+            tokens=hidden[i, prefix:], keep=run.keep[i], coords=self.image_coords[i][alive], options=run.stage.options,
+            seed=self.seed, tower_score=None if tower_score is None else tower_score[i], layers_left=left,
+            carry=run.carry[i])) for i, alive in enumerate(self.image_alive)]
+        return [max(min(proposals), max(run.keep))] * len(proposals)
 
     # ---- decoder-layer pre-hook ------------------------------------------------------------
     def before_llm_layer(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Prune at a stage layer (prefill), then give layers past the first stage their own mask."""
+        if layer == 0 and self.prefill:
+            self.pick_raters(hidden)
         first = self.first_pruned_layer
         if first is None or layer < first - 1:
             return hidden

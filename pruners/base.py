@@ -37,12 +37,19 @@ class StageInput:
     tower_score: torch.Tensor | None = None  # [N] the pruner's own ``tower_score``, mapped to these tokens
     keys: torch.Tensor | None = None  # [N, d] head-averaged attention keys of these tokens (vision tower)
     text_attn: torch.Tensor | None = None  # [H, T, N] attention of each text query row to these tokens
+    seq_attn: torch.Tensor | None = None  # [H, S, S] softmax attention among all the request's tokens ("all_rows")
+    seq_vis: torch.Tensor | None = None  # [N] position of each of these tokens in seq_attn's sequence
     sizes: torch.Tensor | None = None  # [N] how many original tokens each token already stands for
+    prefix: int = 0  # tokens ahead of these in the sequence that always stay (the tower's CLS at a vision stage)
     # video (filled for requests with a video): the frame of each token, and per-frame signals
     frames: torch.Tensor | None = None  # [N] frame index of each token (0..T-1), -1 for a token of an image
     frame_relevance: torch.Tensor | None = None  # [T] P(yes) of a VLM asked whether frame t is relevant (QuoTA)
     frame_embeds: torch.Tensor | None = None  # [T, E] CLIP image embedding of each frame (KeyScore)
     text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
+    raters: torch.Tensor | None = None  # [T] bool: text rows (of text_attn) that rate the image (``picks_raters``)
+    # progressive pruners (``Pruner.progressive``), at each of their steps inside the vision tower
+    layers_left: int | None = None  # tower layers from this step to the stage's last step (0: the last step)
+    carry: torch.Tensor | None = None  # [N] the pruner's running state of these tokens from its previous step
 
 
 @dataclass
@@ -54,12 +61,14 @@ class Selection:
     tokens:   [k, D] new hidden states / features for the kept tokens (merging methods), or None
     groups:   [N] for merging methods, the position in keep_idx each entering token was merged
               into (-1: dropped); None means every kept token stands for itself only
+    carry:    [k] progressive pruners: running state of the kept tokens, handed back at the next step
     """
 
     keep_idx: torch.Tensor
     scores: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    carry: torch.Tensor | None = None
 
 
 @dataclass
@@ -69,16 +78,16 @@ class TowerRecord:
     Tensors are indexed [n_tiles, ...] over the tower's tokens at that layer, prefix (CLS) first.
         cls[l]        [n, H, S]      softmax attention of the CLS query in layer l
         keys[l]       [n, S, d]      head-averaged keys in layer l
-        values_l1[l]  [n, H, S]      L1 norm of each token's value vector, per head
-        value_sim[l]  [n, H, S]      cosine similarity of each value to the CLS value, per head
+        value_attn[l] [n, H, S]      softmax over the tokens of the CLS value . each value (unscaled), per head
+        value_l1[l]   [n, S]         L1 norm of each token's head-mean value vector
         qk[l]         (q, k)         [n, H, S, d] each (for methods that need whole-layer flow)
     """
 
     prefix: int
     cls: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)
-    values_l1: dict = field(default_factory=dict)
-    value_sim: dict = field(default_factory=dict)
+    value_attn: dict = field(default_factory=dict)
+    value_l1: dict = field(default_factory=dict)
     qk: dict = field(default_factory=dict)
 
 
@@ -89,11 +98,17 @@ class Pruner:
         "last_query": the last prompt token's attention (all heads) -> ``attn``
         "last_query_norope": the same with RoPE removed from the query and keys -> ``attn``
         "text_rows": every text token after the last visual token, row by row -> ``text_attn``
+        "all_rows": every token's row over every token (O(S^2), AIM's PageRank) -> ``seq_attn``, ``seq_vis``
     vision_needs: what the vision tower records for the pruner (vision / pre-LLM stages), a
         subset of {"cls", "keys", "values", "qk"}; the engine turns it into ``tower_score``
         (via ``tower_score``) and ``keys`` on families whose tower has a CLS token.
     requires_tower: True when the method is meaningless without those tower signals (the
         engine refuses it on other families); False when it has a documented surrogate.
+    progressive: a vision stage of the pruner prunes before each of its ``vision_steps`` (one plan
+        stage); at each step ``select`` gets ``layers_left``, its ``carry`` from the step before and
+        the signals of the tower layers since then, and keeps exactly ``keep``: before the last step
+        the smallest ``step_keep`` over the images of the tower batch (they must stay one length),
+        at the last step the stage's keep.
     """
 
     name: ClassVar[str]
@@ -107,6 +122,10 @@ class Pruner:
     requires_tower: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # may be given keep="auto"
     frame_signal: ClassVar[str | None] = None  # "relevance" (VLM rating pass) or "clip" (CLIP embeddings)
+    progressive: ClassVar[bool] = False  # prunes step by step inside the vision tower (``vision_steps``)
+    # True: ``text_raters`` picks, once per request from the LLM's input embeddings (before decoder layer 0),
+    # the text rows that rate the image; the engine hands them to each of the pruner's LLM stages as ``raters``
+    picks_raters: ClassVar[bool] = False
     # "tower": a pre_llm merging method whose official code merges the vision tower's feature-layer hidden
     # states before the projector; on families whose adapter exposes the projector's input (LLaVA-1.5) the
     # engine hands those as ``tokens`` and projects the merged ones. "llm": the projected features.
@@ -123,9 +142,22 @@ class Pruner:
     def select(self, inp: StageInput) -> Selection:
         raise NotImplementedError
 
+    def text_raters(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """visual [N, D], text [T, D] LLM input embeddings of one request -> [T] bool (``picks_raters``)."""
+        raise NotImplementedError
+
     def tower_layers(self, last: int, options: dict) -> list[int]:
         """Tower layers to record, given the last layer before the stage (default: that one)."""
         return [last]
+
+    def vision_steps(self, last: int, options: dict) -> list[int]:
+        """Progressive pruners: the vision layers before which they prune, ascending, ending at ``last``."""
+        return [last]
+
+    def step_keep(self, inp: StageInput) -> int:
+        """Progressive pruners, at a step before the last (``inp.keep``: the stage's keep): how many of the
+        N tokens to keep, in [keep, N]."""
+        return inp.tokens.shape[0]
 
     def tower_score(self, rec: TowerRecord, layers: list[int]) -> torch.Tensor:
         """[n, S - prefix] patch importance from the record (default: head-mean CLS attention)."""

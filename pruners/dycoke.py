@@ -41,7 +41,17 @@ Choices where the official code assumes a fixed layout (T even, 196 tokens a fra
   newline token LLaVA-OneVision appends to the last frame;
 - an odd last frame (no pair; the official code drops it) is a reference frame;
 - without ``frames`` (no video in the request) the item index ``coords[:, 0]`` is the frame.
-DyCoke's second part (dynamic KV-cache pruning during decoding) is not part of this stage.
+- ties in similarity: lower position first (the official ``topk`` leaves their order open).
+Checked against a transcription of ``dycole_ttm`` at 8 x 64, 6 x 64, 12 x 196, 16 x 169 and 32 x 196
+tokens and through the engine (tests/test_official_video.py): the kept sets are the official ones.
+
+Not part of this stage: DyCoke's second part, dynamic KV-cache pruning during decoding
+(``llava/model/language_model/modeling_qwen2.py::PrunableDynamicCache``, dycoke_l = 3, dycoke_p = 0.8):
+at every decoding step, layer 3 reads the previous layer's head-mean attention of the new token to the
+video tokens; when its cosine with the previous step's is below 0.9 (always at the first step), layers
+3.. attend to the top int(0.2 x video tokens) of them only (plus every non-video token), otherwise to
+the full cache. It selects per decoding step from live attention, which no stage of this engine does
+(stages run on the prefill).
 """
 from __future__ import annotations
 

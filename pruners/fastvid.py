@@ -29,8 +29,10 @@ Budget, our mapping: the official code keeps int(0.10 * 196) = 19 tokens a frame
 keep_v, is split over the frames by size (largest remainder) as R_f, so the retention ratio is
 keep_v / N_v (0.10 reproduces the paper); salient/context per frame as above with ``d`` (default
 0.4: 60/40); a segment's context share goes to its anchors in proportion to their non-salient
-tokens (largest remainder; the official floor(C * L / anchors) each drops the remainder); what the
-anchors cannot hold (short frames, high keep) becomes extra salient tokens of the segment's frames.
+tokens (largest remainder, ties to the earlier anchor; the official gives each floor(C * L / anchors)
+and drops the C * L mod anchors left, e.g. 35 = 17 + 17 + 1 for L = 5 at 196 tokens, so at keep = T x 19
+the segment's first anchor keeps one density peak more than the official); what the anchors cannot
+hold (short frames, high keep) becomes extra salient tokens of the segment's frames.
 
 Other choices:
 - frame features g_t: the official code uses SigLIP's attention-pooling head (its pooled output;
@@ -42,7 +44,17 @@ Other choices:
   to among all of its segment's anchors (the features follow the official per-anchor merge; with
   one anchor, L <= p, the two agree); non-salient tokens of a segment without context tokens drop;
 - frames are ranked by index; without ``frames`` (no video) the item index ``coords[:, 0]`` is the
-  frame. LLaVA-OneVision's newline token (last frame) is an ordinary token of that frame here.
+  frame. LLaVA-OneVision's newline token (last frame) is an ordinary token of that frame here (the
+  official block excludes it from ``video_token_len``: it is always kept, outside the budget);
+- salient scores: the official reads SigLIP's attention-pooling head (its probe's attention over the
+  27 x 27 patches, bilinearly pooled to 14 x 14 like the features); the transformers LLaVA-OneVision
+  tower has no head (its config sets ``vision_use_head=False``: no head weights are loaded), so here
+  the tower's CLS attention where there is one, else ``cls_or_surrogate``'s mean-query attention;
+- an anchor whose official count C*L // anchors equals C (only with p = 1, or p = 2 and C = 1) is
+  merged officially with its own frame's non-salient tokens only, and the segment's other frames' are
+  dropped; here the segment's pool is merged as for any other anchor.
+Equal-size frames with keep = T * int(n * ratio), and no remainder C*L % anchors, select and merge what
+the official block does (tests/test_official_video.py, 8 x 64, 16 x 169 and 32 x 196 tokens).
 """
 from __future__ import annotations
 

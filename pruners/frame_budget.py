@@ -9,20 +9,29 @@ one weight per frame (``FrameBudgetPruner.frame_weights``); the stage then
    resize of the frame's token grid (``resize_frame``), or any registered spatial pruner run on
    that frame alone (``within=uniform``, ``divprune``, ``cls``, ``tome``, ...).
 
-Choices (QuoTA's official code, MAC-AutoML/QuoTA ``core/llava_arch.py::token_compress``, leaves these open):
+Choices (QuoTA's official code, MAC-AutoML/QuoTA ``core/llava_arch.py::token_compress`` with
+``quota_pipeline.py``'s setting ``enhance_version = "v1"``, leaves these open or fixes them otherwise):
 
 - Allocation: the official budget is ``int(total * w_i)`` with ``w`` normalised, frames at 0
-  dropped, no cap (its default "v1" resize may even upsample a frame). Here the shares are capped at
-  each frame's token count and a capped frame's excess is re-spread over the others in proportion to
-  their weights (iterated until nothing exceeds its cap: the exact form of the official
-  ``scale_weights`` used by its other versions); the tokens the floors leave over go one each, by
-  largest fractional part (ties: earlier frame), to frames of positive weight. So the stage keeps
-  exactly ``total`` whenever the frames of positive weight hold that many tokens. A frame of positive
-  weight whose floor is 0 can thus get one token the official rule would not give it. All weights 0
-  (or none given): every frame weighs the same.
+  dropped, no cap (v1 may even upsample a frame). Here the shares are capped at each frame's token
+  count and a capped frame's excess is re-spread over the others in proportion to their weights,
+  iterated until nothing exceeds its cap (water-filling; the official ``scale_weights``, used by its
+  versions v2-v5 only, is a single pass that spreads the excess in proportion to w_i / sum(all weights
+  after capping) and caps again in frame order, so it can leave part of the total unspent); the tokens
+  the floors leave over go one each, by largest fractional part (ties: earlier frame), to frames of
+  positive weight. So the stage keeps exactly ``total`` whenever the frames of positive weight hold that
+  many tokens. Where the official floors already sum to ``total`` and no frame exceeds its tokens, the
+  budgets are the official ones; otherwise a frame of positive weight can get the one token more (even
+  from a floor of 0) that the official rule does not give it. All weights 0 (or none given): every
+  frame weighs the same.
 - ``within="resize"`` makes NEW tokens, h' x w' of them with h' * w' <= the frame's budget, so a
   frames stage with resize keeps at most ``keep`` tokens (often a few fewer). The other ``within``
-  choices keep exactly the frame's budget.
+  choices keep exactly the frame's budget. The grid resized is the one the stage is handed: on
+  LLaVA-OneVision the frames after the model's 2x2 bilinear pooling (14 x 14); the official v1 resizes
+  LLaVA-Video's unpooled 27 x 27 SigLIP grid (``token_compress`` skips the pooling except in v4), which
+  transformers' ``get_video_features`` pools before handing the features on. Tokens outside a frame's grid (the newline
+  LLaVA-OneVision puts after the last frame) are kept as they are and count toward the frame's budget;
+  the official code appends its newlines after the resize (one a row, LLaVA-Video's "grid" layout).
 """
 from __future__ import annotations
 
@@ -122,50 +131,60 @@ def nearest_cells(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ((2 * j + 1) * n_in) // (2 * n_out), ((2 * i + 1) * n_out) // (2 * n_in)
 
 
-def frame_grid(coords: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
-    """coords [n, 3] of one frame -> (h, w, pos [h*w]: the token at each raster cell), or None if the
-    tokens are not one full h x w grid (ragged, or thinned by an earlier stage)."""
+def frame_grid(coords: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+    """coords [n, 3] of one frame -> (h, w, pos [h*w]: the token at each raster cell, extra [e]: the tokens
+    outside the grid), or None if the tokens are not one full h x w grid plus such extras (ragged, or thinned
+    by an earlier stage). The grid is rows 0..h-1 x cols 0..w-1, h = the rows present in column 0, w = the
+    columns present in row 0; an extra is e.g. LLaVA-OneVision's newline after the last frame (at col w)."""
     rows, cols = coords[:, 1].long().cpu(), coords[:, 2].long().cpu()
     if rows.numel() == 0 or int(rows.min()) < 0 or int(cols.min()) < 0:
         return None
-    h, w = int(rows.max()) + 1, int(cols.max()) + 1
-    raster = rows * w + cols
-    if h * w != rows.numel() or raster.unique().numel() != rows.numel():
+    if not bool(((rows == 0) & (cols == 0)).any()):
+        return None
+    h, w = int(rows[cols == 0].max()) + 1, int(cols[rows == 0].max()) + 1
+    inside = (rows < h) & (cols < w)
+    raster = rows[inside] * w + cols[inside]
+    if h * w != raster.numel() or raster.unique().numel() != raster.numel():
         return None
     pos = torch.empty(h * w, dtype=torch.long)
-    pos[raster] = torch.arange(rows.numel())
-    return h, w, pos
+    pos[raster] = inside.nonzero().flatten()
+    return h, w, pos, (~inside).nonzero().flatten()
 
 
 def resize_frame(x: torch.Tensor, coords: torch.Tensor, budget: int):
     """QuoTA's default within-frame step: bilinear resize of the frame's token grid.
 
     x [n, D], coords [n, 3] (row, col in columns 1, 2) -> (keep_idx [k] sorted, tokens [k, D], groups [n]),
-    k = h' * w' <= budget (``resize_shape``). tokens = ``F.interpolate(grid, (h', w'), mode="bilinear")``
-    with PyTorch's default align_corners=False (as the official call), computed in float32, cast back.
-    Each output cell sits at the input token nearest its centre (its keep_idx entry); groups maps every
-    input token to the output cell whose centre is nearest (its position in keep_idx). A frame that is
-    not one full grid is resized as a 1 x n row in sequence order (linear interpolation).
+    k = h' * w' + e <= budget (``resize_shape`` on budget - e; e = the tokens outside the grid, kept as
+    they are, e.g. LLaVA-OneVision's newline, which the official code appends after the resize).
+    tokens = ``F.interpolate(grid, (h', w'), mode="bilinear")`` with PyTorch's default align_corners=False
+    (as the official call), computed in float32, cast back. Each output cell sits at the input token
+    nearest its centre (its keep_idx entry); groups maps every input token to the output cell whose centre
+    is nearest (its position in keep_idx). A frame that is not one full grid (or whose budget does not
+    exceed its extras) is resized as a 1 x n row in sequence order (linear interpolation).
     """
     n, d = x.shape
     grid = frame_grid(coords)
-    h, w, pos = grid if grid is not None else (1, n, torch.arange(n))
-    th, tw = resize_shape(h, w, min(budget, n))
+    if grid is None or grid[3].numel() >= min(budget, n):
+        grid = (1, n, torch.arange(n), torch.zeros(0, dtype=torch.long))
+    h, w, pos, extra = grid
+    th, tw = resize_shape(h, w, min(budget, n) - extra.numel())
     if (th, tw) == (h, w):  # nothing to resize: the identity
         idx = torch.arange(n, device=x.device)
         return idx, x.clone(), idx.clone()
     img = x.float()[pos.to(x.device)].T.reshape(1, d, h, w)
     out = F.interpolate(img, size=(th, tw), mode="bilinear")  # align_corners=None -> False
-    out = out.reshape(d, th * tw).T  # [k, D], output raster order
+    out = torch.cat([out.reshape(d, th * tw).T, x.float()[extra.to(x.device)]])  # [k, D]: cells in raster order, extras
     slot_r, own_r = nearest_cells(h, th)
     slot_c, own_c = nearest_cells(w, tw)
-    slots = pos[(slot_r[:, None] * w + slot_c[None, :]).flatten()]  # token position of each output cell
+    slots = torch.cat([pos[(slot_r[:, None] * w + slot_c[None, :]).flatten()], extra])  # token of each output
     keep_idx, order = slots.sort()
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())  # output cell -> place in keep_idx
+    rank[order] = torch.arange(order.numel())  # output -> place in keep_idx
     cell_of_raster = (own_r[:, None] * tw + own_c[None, :]).flatten()  # [h*w] output cell of each raster cell
     groups = torch.empty(n, dtype=torch.long)
     groups[pos] = rank[cell_of_raster]
+    groups[extra] = rank[th * tw + torch.arange(extra.numel())]
     dev = x.device
     return keep_idx.to(dev), out[order.to(dev)].to(x.dtype), groups.to(dev)
 

@@ -1,34 +1,40 @@
-"""`keyscore`: KeyScore (Lin, Paul & Chen, 2025, "From Captions to Keyframes: KeyScore for Multimodal
-Frame Scoring and Video-Language Understanding", arXiv 2510.06509; Amazon Prime Video).
+"""`keyscore`: KeyScore (Lin, Paul & Chen, 2025, "From Captions to Keyframes: KeyScore for Multimodal Frame
+Scoring and Video-Language Understanding", arXiv 2510.06509; Amazon Prime Video).
 
-A frames stage (``where="frames"``). The paper scores each frame by combining three signals: its
-semantic similarity to the caption (CLIP), its temporal representativeness ("temporal diversity" in
-v1's abstract, "temporal distinctiveness" in the OpenReview version), and its contextual drop impact
-(how much the video's match to the caption changes without it). Here the question plays the caption.
+A frames stage (``where="frames"``). KeyScore scores each frame by three signals: its semantic similarity to
+the caption (CLIP), its temporal representativeness, and its contextual drop impact (how much the video's
+match to the caption falls without it). Here the question plays the caption.
 
-What could be read, and what could not: only the abstracts (arXiv HTML v1, alphaXiv, OpenReview) were
-reachable; the method section (its Sec. 3, with the exact terms and their weighting) was not, and no
-official code exists (none listed by the paper; no GitHub repository named keyscore holds it). So
-``keyscore`` implements this documented reading, every choice below ours:
+No official code: the paper links none, and no repository in the stored material holds it (the GitHub
+repositories named "keyscore" are unrelated projects). The formulas below are the paper's method section as
+reported by the stored review of arXiv 2510.06509v1 (themoonlight.io; the arXiv HTML's method section
+itself could not be read): S_sem(i) = cos(f_i, t); S_temp(i) = cos(f_i, v), v the global video embedding
+("mean pooling of all frame embeddings, or text-guided attention"; it down-weights outlier frames);
+S_drop(i) = cos(v, t) - cos(v_(-i), t); KeyScore = alpha S_sem + beta S_temp + gamma S_drop,
+alpha + beta + gamma = 1, each term min-max normalised first. So, with T frames:
 
-    f_i = frame_embeds[i] / |.|,  q = text_embed / |.|,  T frames
-    S_sem(i)  = f_i . q                                              (caption-frame cosine)
-    S_temp(i) = mean_{j != i, |i - j| <= window} f_i . f_j             (representativeness of its
-                temporal neighbourhood; ``temporal="distinct"``: 1 - that, the "diversity" reading)
-    S_drop(i) = cos(v, q) - cos(v_{-i}, q),  v = mean_j f_j,  v_{-i} = mean_{j != i} f_j
-                (the drop in the video-caption match when frame i is removed; mean pooling of the
-                normalised frame embeddings as the video embedding, CLIP4Clip style)
+    f_i = frame_embeds[i] / |.|,  q = text_embed / |.|,  v = mean_j f_j,  v_{-i} = mean_{j != i} f_j
+    S_sem(i)  = f_i . q
+    S_temp(i) = cos(f_i, v)                           (``temporal="video"``, the default: mean pooling)
+    S_drop(i) = cos(v, q) - cos(v_{-i}, q)
     each term min-max normalised over the frames (a constant term -> 0), then
     KeyScore(i) = a S_sem + b S_temp + c S_drop,   (a, b, c) = ``weights``, default (1/3, 1/3, 1/3)
 
-With one frame S_temp = S_drop = 0. Frame weights for the budgets (``frame_budget.allocate_budgets``):
-softmax(KeyScore / ``temperature``), default temperature 0.2 (best-to-worst weight ratio <= e^5);
-``keyframes=m`` keeps only the m best frames (the paper's use: selecting keyframes; ties: earlier
-frame), softmax over them. Without ``frame_embeds`` (called outside the engine) every frame weighs
-the same.
+Ours, where the paper (as read) is silent or gives a choice: mean pooling of the normalised frame
+embeddings (not the text-guided attention) for v; equal weights (the paper's values were not readable);
+``temporal="representative"``: the mean cosine to the frames within ``window`` on each side instead of
+to v (this module's earlier default), ``temporal="distinct"``: 1 - that (the OpenReview abstract's
+"temporal distinctiveness", v1's "temporal diversity"). With one frame S_temp = S_drop = 0.
+
+The paper uses the scores to select keyframes; here they become frame weights for the budgets
+(``frame_budget.allocate_budgets``): softmax(KeyScore / ``temperature``), default temperature 0.2
+(best-to-worst weight ratio <= e^5); ``keyframes=m`` keeps only the m best frames (the paper's use;
+ties: earlier frame), softmax over them. Without ``frame_embeds`` (called outside the engine) every
+frame weighs the same.
 
 Options: ``within``, ``clip`` (the open_clip model the engine embeds with), ``weights`` (a/b/c),
-``window`` (default 2), ``temperature``, ``temporal`` (representative | distinct), ``keyframes``.
+``temporal`` (video | representative | distinct), ``window`` (default 2, the windowed terms only),
+``temperature``, ``keyframes``.
 """
 from __future__ import annotations
 
@@ -50,23 +56,26 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def keyscore_terms(frame_embeds: torch.Tensor, text_embed: torch.Tensor, window: int = DEFAULT_WINDOW,
-                   temporal: str = "representative") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   temporal: str = "video") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """frame_embeds [T, E], text_embed [E] -> raw (S_sem, S_temp, S_drop), each [T] float64 (see module doc)."""
     f = F.normalize(frame_embeds.detach().double().cpu(), dim=-1)
     q = F.normalize(text_embed.detach().double().cpu().flatten(), dim=0)
     n = f.shape[0]
     sem = f @ q
-    sim = f @ f.T
-    i = torch.arange(n)
-    near = ((i[:, None] - i[None, :]).abs() <= int(window)) & (i[:, None] != i[None, :])
-    count = near.sum(1)
-    temp = torch.where(count > 0, (sim * near).sum(1) / count.clamp_min(1), torch.zeros(n, dtype=torch.float64))
-    if temporal == "distinct":
-        temp = torch.where(count > 0, 1 - temp, temp)
-    elif temporal != "representative":
-        raise ValueError(f"keyscore: temporal must be 'representative' or 'distinct', got {temporal!r}")
+    total = f.sum(0)  # n v: the cosines below are scale-free
+    if temporal == "video":
+        temp = F.cosine_similarity(f, total[None], dim=-1) if n > 1 else torch.zeros(n, dtype=torch.float64)
+    elif temporal in ("representative", "distinct"):
+        sim = f @ f.T
+        i = torch.arange(n)
+        near = ((i[:, None] - i[None, :]).abs() <= int(window)) & (i[:, None] != i[None, :])
+        count = near.sum(1)
+        temp = torch.where(count > 0, (sim * near).sum(1) / count.clamp_min(1), torch.zeros(n, dtype=torch.float64))
+        if temporal == "distinct":
+            temp = torch.where(count > 0, 1 - temp, temp)
+    else:
+        raise ValueError(f"keyscore: temporal must be 'video', 'representative' or 'distinct', got {temporal!r}")
     if n > 1:
-        total = f.sum(0)
         full = F.cosine_similarity(total, q, dim=0)
         without = F.cosine_similarity(total[None] - f, q[None], dim=-1)  # mean vs sum: the cosine is scale-free
         drop = full - without
@@ -76,7 +85,7 @@ def keyscore_terms(frame_embeds: torch.Tensor, text_embed: torch.Tensor, window:
 
 
 def keyscore(frame_embeds: torch.Tensor, text_embed: torch.Tensor, weights=DEFAULT_WEIGHTS,
-             window: int = DEFAULT_WINDOW, temporal: str = "representative") -> torch.Tensor:
+             window: int = DEFAULT_WINDOW, temporal: str = "video") -> torch.Tensor:
     """frame_embeds [T, E], text_embed [E] -> [T] KeyScore = a S_sem + b S_temp + c S_drop, min-max normalised terms."""
     a, b, c = (float(v) for v in weights)
     sem, temp, drop = keyscore_terms(frame_embeds, text_embed, window, temporal)
@@ -103,10 +112,11 @@ class KeyScorePruner(FrameBudgetPruner):
         "clip": Option("str", "open_clip model name or local-dir:PATH (default: the shipped tiny-clip)", None),
         "weights": Option("floats", "weights of similarity / temporal / drop-impact terms", DEFAULT_WEIGHTS, low=0,
                           length=3),
-        "window": Option("int", "frames on each side for the temporal term", DEFAULT_WINDOW, low=1),
+        "window": Option("int", "frames on each side for temporal=representative|distinct", DEFAULT_WINDOW, low=1),
         "temperature": Option("float", "softmax temperature of the frame weights", DEFAULT_TEMPERATURE, low=1e-6),
-        "temporal": Option("str", "temporal term: representative of its neighbours, or distinct from them",
-                           "representative", choices=("representative", "distinct")),
+        "temporal": Option("str", "temporal term: cosine to the mean video embedding (the paper), mean cosine to "
+                           "the frames within window, or 1 - that", "video",
+                           choices=("video", "representative", "distinct")),
         "keyframes": Option("int", "give budget to the k best frames only (default: every frame)", None, low=1)}
 
     def frame_weights(self, inp: StageInput, n_frames: int) -> torch.Tensor:
