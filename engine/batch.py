@@ -67,6 +67,10 @@ def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedR
         is_video.append(is_vid)
         seqs.append([n for i in images_of[b] for n in img_seqs[i]] + (vid_seqs[video_of[b]] if r.native_video else []))
     n_visual = vis.sum(1).tolist()
+    for b, r in enumerate(reqs):
+        if r.priority is not None and r.priority.numel() != n_visual[b]:
+            raise InputError(f"request {idx[b]}: priority has {r.priority.numel()} values but its images and video "
+                             f"give {n_visual[b]} visual tokens")
     context = getattr(adapter.text_config, "max_position_embeddings", None)
     for i, r, n, f, n_tok in zip(idx, reqs, n_visual, frames, inputs["attention_mask"].sum(1).tolist()):
         try:

@@ -20,7 +20,8 @@ from ..pruners import TowerRecord, get_pruner
 from . import attention, frames, hooks
 from .adapters import Adapter, adapter_for
 from .batch import Batch, assemble, build_batch, process
-from .errors import InputError, PlanError, named
+from .errors import InputError, named
+from .fit import check_fit, tower_layers, vision_layer
 from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_logprob, next_positions, prefill,
                          sample)
 from .plan import Plan
@@ -84,9 +85,9 @@ class Engine:
         return process(self.processor, self.adapter, [self._check(Request.of(r), Plan()) for r in requests])
 
     def generate(self, prompt: str, images=None, video=None, plan=None, max_new_tokens: int | None = None,
-                 video_mode: str | None = None, **generation_kwargs) -> Result:
+                 video_mode: str | None = None, priority=None, **generation_kwargs) -> Result:
         req = Request(prompt=prompt, images=images or [], video=video, plan=plan, max_new_tokens=max_new_tokens,
-                      video_mode=video_mode)
+                      video_mode=video_mode, priority=priority)
         return self.generate_batch([req], **generation_kwargs)[0]
 
     def stream(self, prompt: str, images=None, video=None, plan=None, max_new_tokens: int | None = None,
@@ -190,48 +191,10 @@ class Engine:
 
     def check_plan(self, plan: Plan | str) -> None:
         """Raise PlanError when a plan does not fit this model (stage order, layers, CLS needs, frames stages)."""
-        plan, ad = Plan.parse(plan), self.adapter
-        vision_layers = ad.vision_layers
-        for i, stage in enumerate(plan.stages):  # before the layer checks: no placement helps such a stage
-            if get_pruner(stage.pruner).requires_tower and not ad.cls_tower:
-                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
-                                f"token (families: llava, llava_next); '{ad.family}' has none")
-        plan.check(ad.text_config.num_hidden_layers, len(vision_layers) if vision_layers is not None else 0,
-                   ad.vision_prefix is not None)
-        seen_vision = False
+        plan = Plan.parse(plan)
+        check_fit(self.adapter, plan)
         for i, stage in enumerate(plan.stages):
-            pruner = get_pruner(stage.pruner)
-            if stage.where == "vision" and ad.feature_prefix:
-                raise PlanError(f"stage {i} ({stage.describe()}): vision-tower stages need the patch-only features "
-                                "(vision_feature_select_strategy='default'); this model hands the projector its CLS "
-                                "hidden state too ('full'): prune at where=pre_llm or llm")
-            if stage.where == "vision" and pruner.progressive and sum(s.where == "vision" for s in plan.stages) > 1:
-                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} prunes step by step through the "
-                                "tower and must be the plan's only vision-tower stage")
-            if stage.where == "vision" and self._vision_layer(stage) > ad.feature_layer:
-                raise PlanError(f"stage {i} ({stage.describe()}): the LLM features come from vision layer "
-                                f"{ad.feature_layer}; a vision stage must act at layer <= {ad.feature_layer}")
-            beyond = [x for x in self._tower_layers(stage, pruner) if x >= len(vision_layers or ())]
-            if beyond:  # e.g. prumerge reads the layer after the feature layer
-                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads vision layer {beyond[0]}; "
-                                f"this tower has {len(vision_layers or ())} layers")
-            if seen_vision and len(self._tower_layers(stage, pruner)) > 1:
-                raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads every tower layer and "
-                                "cannot follow a vision-tower stage")
-            seen_vision |= stage.where == "vision"
             frames.check_stage(self, i, stage)
-
-    def _tower_layers(self, stage, pruner) -> list[int]:
-        """Vision layers whose signals a stage reads (none for LLM stages or families without a CLS tower)."""
-        if stage.where == "llm" or not pruner.vision_needs or not self.adapter.cls_tower:
-            return []
-        last = self._vision_layer(stage) - 1 if stage.where == "vision" else self.adapter.feature_layer
-        return pruner.tower_layers(last, stage.options)
-
-    def _vision_layer(self, stage) -> int:
-        """The layer a vision stage acts before (its last step): a progressive stage given none steps up to the
-        feature layer."""
-        return self.adapter.feature_layer if stage.layer is None else stage.layer
 
     def _check(self, req: Request, default_plan: Plan, video=None, decode: bool = True) -> CheckedRequest:
         """Check a request; ``video``: its video already decoded; ``decode=False``: only probe the video."""
@@ -265,11 +228,11 @@ class Engine:
             if stage.where == "vision":
                 keep = [keep[b] for b, ims in enumerate(batch.images_of) for _ in ims]
             pruner = get_pruner(stage.pruner)
-            run = StageRun(index=i, stage=stage, pruner=pruner, keep=keep, tower_layers=self._tower_layers(stage, pruner))
+            run = StageRun(index=i, stage=stage, pruner=pruner, keep=keep, tower_layers=tower_layers(self.adapter, stage, pruner))
             for layer in run.tower_layers:
                 state.tower_wants.setdefault(layer, set()).update(pruner.vision_needs)
             if stage.where == "vision":
-                last = self._vision_layer(stage)
+                last = vision_layer(self.adapter, stage)
                 run.steps = pruner.vision_steps(last, stage.options) if pruner.progressive else [last]
                 state.vision_stages.update({layer: run for layer in run.steps})
             elif stage.where == "llm":
@@ -348,10 +311,12 @@ class Engine:
                 else:
                     signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
                     before = state.tower_feats[b] if run.pruner.merge_space == "tower" and state.tower_feats else None
+                    if batch.reqs[b].priority is not None:
+                        signals["priority"] = batch.reqs[b].priority[alive[b]]
                     sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
                                        sizes=state.sizes(b, alive[b].numel()),
                                        frames=frame_of if batch.n_video(b) else None, **signals)
-                self._keep_tower_feats(state, b, sel, merged_before_projector=before is not None)
+                state.follow_tower_feats(b, sel, merged_before_projector=before is not None)
                 if sel.tokens is None:
                     feats[b] = feats[b][sel.keep_idx]
                 elif before is not None:  # merged on the projector's input: project the merged tokens
@@ -360,17 +325,6 @@ class Engine:
                     feats[b] = sel.tokens.to(feats[b].dtype)
                 alive[b] = state.record(run, b, alive[b], sel)
         return feats, alive
-
-    @staticmethod
-    def _keep_tower_feats(state, b: int, sel, merged_before_projector: bool) -> None:
-        """Keep request b's projector inputs aligned with its surviving tokens (None once a stage merged
-        after the projector: those tokens have no projector input)."""
-        if not state.tower_feats or state.tower_feats[b] is None:
-            return
-        if sel.tokens is None:
-            state.tower_feats[b] = state.tower_feats[b][sel.keep_idx]
-        else:
-            state.tower_feats[b] = sel.tokens if merged_before_projector else None
 
     def _tower_per_request(self, run, batch, inputs, state) -> list[dict]:
         """A stage's tower signals (tower_score [N], keys [N, d]) mapped to each request's visual tokens."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from PIL import Image
 
 from .errors import InputError, PlanError
@@ -31,6 +32,7 @@ class Request:
     plan: Plan | None = None
     max_new_tokens: int | None = None
     video_mode: str | None = None  # None: the engine's default
+    priority: Any = None  # [N_visual] numbers, one per visual token in order: the ``priority`` pruner keeps the highest
 
     @classmethod
     def of(cls, item: "Request | dict") -> "Request":
@@ -38,7 +40,7 @@ class Request:
             return item
         if not isinstance(item, dict) or "prompt" not in item:
             raise InputError(f"a request must be a Request or a dict with a 'prompt', got {item!r:.80}")
-        unknown = set(item) - {"prompt", "images", "video", "plan", "max_new_tokens", "video_mode"}
+        unknown = set(item) - {"prompt", "images", "video", "plan", "max_new_tokens", "video_mode", "priority"}
         if unknown:
             raise InputError(f"request has unknown field(s) {sorted(unknown)}")
         return cls(**item)
@@ -56,6 +58,7 @@ class CheckedRequest:
     max_new_tokens: int
     video: DecodedVideo | None = None
     native_video: bool = False  # the video enters through the processor's ``videos=``
+    priority: torch.Tensor | None = None  # [N_visual] float (its length is checked when the batch is laid out)
 
 
 def check_request(req: Request, processor, adapter, default_plan: Plan, default_max_new: int,
@@ -107,5 +110,26 @@ def check_request(req: Request, processor, adapter, default_plan: Plan, default_
     if video is None and any(s.where == "frames" for s in plan.stages):
         raise PlanError("a 'frames' stage (" + next(s.describe() for s in plan.stages if s.where == "frames")
                         + ") needs a request with a video; this one has none")
+    priority = check_priority(req.priority, plan)
     return CheckedRequest(text=text, question=req.prompt, images=pil + frames, n_frames=n_frames, plan=plan, max_new_tokens=max_new,
-                          video=video, native_video=native)
+                          video=video, native_video=native, priority=priority)
+
+
+def check_priority(priority, plan: Plan) -> torch.Tensor | None:
+    """A request's token priorities as a [N] float tensor (finite numbers); PlanError when a stage reads
+    priorities the request does not give."""
+    from ..pruners import get_pruner
+
+    reader = next((s for s in plan.stages if get_pruner(s.pruner).reads_priority), None)
+    if priority is None:
+        if reader is not None:
+            raise PlanError(f"{reader.describe()} keeps the tokens of highest priority: give the request a priority "
+                            "(one number per visual token)")
+        return None
+    try:
+        p = torch.as_tensor(priority, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"priority must be numbers, one per visual token; got {type(priority).__name__}") from None
+    if p.dim() != 1 or not torch.isfinite(p).all():
+        raise InputError(f"priority must be a 1-D list of finite numbers, got shape {tuple(p.shape)}")
+    return p

@@ -94,6 +94,16 @@ class RequestState(SignalsMixin):
         check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames")
         return sel
 
+    def follow_tower_feats(self, b: int, sel: Selection, merged_before_projector: bool) -> None:
+        """Keep request b's projector inputs aligned with its surviving tokens (None once a stage merged
+        after the projector: those tokens have no projector input)."""
+        if not self.tower_feats or self.tower_feats[b] is None:
+            return
+        if sel.tokens is None:
+            self.tower_feats[b] = self.tower_feats[b][sel.keep_idx]
+        else:
+            self.tower_feats[b] = sel.tokens if merged_before_projector else None
+
     def sizes(self, b: int, n_alive: int) -> torch.Tensor:
         """[n_alive] how many original tokens each alive token of request b stands for."""
         own = self.owner[b]

@@ -43,6 +43,8 @@ def plans_for(model: str) -> list[str]:
         plans += [f"{p}:keep={r}" for p in SPATIAL[:2] for r in ratios]
     plans += [f"{p}:keep={r}" for p in SPATIAL[2:] for r in ratios]
     plans.append(f"divprune:keep={2 * 192 / 576:.6f};fastv:layer=2,keep=0.25")  # 384, then 96 of 576
+    if model == "llava-1.5-7b":  # FlowCut prunes inside the tower as it runs (vision-tower stages: LLaVA-1.5)
+        plans += [f"flowcut:keep={r}" for r in ratios]
     if model == "llava-onevision-7b":
         plans += [f"{p}:keep={r}" for p in ("dycoke", "fastvid", "keyscore") for r in ("0.25", "0.1")]
     return plans

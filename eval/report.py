@@ -7,7 +7,9 @@ Held-out questions (seed 10_000, never used in training) on images and 8-frame v
 pruner runs at its default place in the model (LLM-stage pruners at decoder layer 2 of the tiny
 models' 4, ``--llm-layer``; at layer 3 the answer is already made and even random pruning keeps it:
 docs/training.md, "Pruning report") with keep = 50%, 25%, 11%, 5% of the visual tokens, plus the
-full-token baseline.
+full-token baseline, and the oracle (``eval/oracle.py``: the world's ground truth picks the tokens of the
+objects the question is about, then the other objects, then background) as the upper bound; a second table
+gives each pruner's accuracy as a share of the oracle's.
 A pruner a family cannot run (no CLS token) is reported as n/a. Every measured cell is appended to
 ``<out>/cells.jsonl`` as it is made, and a rerun skips the cells already there; the table
 (``report.md``) and the plot (``report.png``) are rebuilt from that file.
@@ -23,11 +25,13 @@ from dataclasses import dataclass
 from ..engine.errors import PlanError
 from ..engine.plan import Plan
 from ..pruners import REGISTRY
+from .oracle import oracle_priority
 from .shapeworld import world
-from .shapeworld.tiny_models import IMAGE, VIDEO_FRAMES
+from .shapeworld.tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 BUDGETS = (0.5, 0.25, 0.11, 0.05)
 LLM_LAYER = 2  # LLM-stage pruners prune before this decoder layer, scoring with the layer before
+ORACLE = "oracle"  # the upper bound: ``priority`` ranked by the world's ground truth (eval/oracle.py)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Question:
     answer: str
     type: str
     kind: str  # "image" | "video"
+    priority: object = None  # [N_visual] the oracle's ranks of the question's visual tokens (eval/oracle.py)
 
 
 def held_out(n_images: int, n_videos: int, seed: int = 10_000, mc_fraction: float = 0.2) -> list[Question]:
@@ -52,13 +57,16 @@ def held_out(n_images: int, n_videos: int, seed: int = 10_000, mc_fraction: floa
                 frames, qas = video.frames, world.video_questions(video, rng)
             qa = qas[i % len(qas)]
             qa = world.multiple_choice(qa, rng) if rng.random() < mc_fraction else qa
-            out.append(Question([world.render(s) for s in frames], qa.question, qa.answer, qa.type, kind))
+            out.append(Question([world.render(s) for s in frames], qa.question, qa.answer, qa.type, kind,
+                                oracle_priority(frames, qa.refs, GRID)))
     return out
 
 
 def plan_for(pruner: str, budget: float | None, llm_layer: int = LLM_LAYER) -> str:
     if budget is None:
         return ""
+    if pruner == ORACLE:
+        return f"priority:keep={budget}"
     where = REGISTRY[pruner].default_where
     return f"{pruner}:" + (f"layer={llm_layer}," if where == "llm" else "") + f"keep={budget}"
 
@@ -95,8 +103,10 @@ def request_plan(plan: str, question: str):
 
 def measure(engine, questions: list[Question], plan: str, batch_size: int) -> dict:
     """Accuracy per kind and per question type, and the mean visual tokens the LLM kept."""
+    oracle = any(REGISTRY[s.pruner].reads_priority for s in Plan.parse(plan).stages)
     reqs = [{"prompt": q.question, ("video" if q.kind == "video" else "images"): q.images,
-             "plan": request_plan(plan, q.question), "max_new_tokens": 1} for q in questions]
+             "plan": request_plan(plan, q.question), "max_new_tokens": 1,
+             **({"priority": q.priority} if oracle else {})} for q in questions]
     results = engine.generate_batch(reqs, batch_size=batch_size)
     right, total, kept = {}, {}, {}
     for q, r in zip(questions, results):
@@ -118,7 +128,7 @@ def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_imag
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "cells.jsonl")
     cells = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    cells = [c for c in cells if (c["pruner"] in REGISTRY or c["budget"] is None)
+    cells = [c for c in cells if (c["pruner"] in REGISTRY or c["pruner"] == ORACLE or c["budget"] is None)
              and c["plan"] == plan_for(c["pruner"], c["budget"], llm_layer)]
     done = {(c["model"], c["pruner"], c["budget"]) for c in cells}
     questions = held_out(n_images, n_videos)
@@ -155,8 +165,34 @@ def table(cells: list[dict], kind: str) -> str:
     lines = [head, "|" + "---|" * (1 + len(models) * len(budgets))]
     full = " | ".join(_pct(by.get((m, "none", None)), kind) for m in models for _ in budgets)
     lines.append(f"| (all tokens) | {full} |")
-    for p in dict.fromkeys(c["pruner"] for c in cells if c["pruner"] != "none"):
+    for p in _pruners(cells):
         lines.append(f"| {p} | " + " | ".join(_pct(by.get((m, p, b)), kind) for m in models for b in budgets) + " |")
+    return "\n".join(lines)
+
+
+def _pruners(cells: list[dict]) -> list[str]:
+    """The measured pruners, the oracle first."""
+    names = list(dict.fromkeys(c["pruner"] for c in cells if c["pruner"] != "none"))
+    return sorted(names, key=lambda p: p != ORACLE)
+
+
+def share(cells: list[dict], kind: str) -> str:
+    """Markdown: each pruner's accuracy as a share of the oracle's at the same model and budget, in %."""
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    budgets = sorted({c["budget"] for c in cells if c["budget"] is not None}, reverse=True)
+    by = {(c["model"], c["pruner"], c["budget"]): c for c in cells}
+
+    def cell(m, p, b):
+        c, o = by.get((m, p, b)), by.get((m, ORACLE, b))
+        if c is None or o is None or "error" in c or kind not in c.get("accuracy", {}) or not o["accuracy"].get(kind):
+            return "n/a" if c is not None and "error" in c else ""
+        return f"{100 * c['accuracy'][kind] / o['accuracy'][kind]:.0f}"
+
+    head = "| pruner | " + " | ".join(f"{m} {b:.0%}" for m in models for b in budgets) + " |"
+    lines = [head, "|" + "---|" * (1 + len(models) * len(budgets))]
+    for p in _pruners(cells):
+        if p != ORACLE:
+            lines.append(f"| {p} | " + " | ".join(cell(m, p, b) for m in models for b in budgets) + " |")
     return "\n".join(lines)
 
 
@@ -192,10 +228,11 @@ def plot(cells: list[dict], path: str) -> None:
         ax = axes[i][j]
         mine = [c for c in cells if c["model"] == model and kind in c.get("accuracy", {})]
         full = next((c["accuracy"][kind] for c in mine if c["pruner"] == "none"), None)
-        for n, p in enumerate(dict.fromkeys(c["pruner"] for c in mine if c["pruner"] != "none")):
+        for n, p in enumerate(_pruners(mine)):
             pts = sorted((c["budget"], c["accuracy"][kind]) for c in mine if c["pruner"] == p)
-            ax.plot([100 * b for b, _ in pts], [100 * a for _, a in pts], marker="o", label=p,
-                    color=plt.cm.tab20(n % 20), linestyle="-" if n < 10 else "--")
+            style = dict(color="black", linestyle=":", linewidth=2) if p == ORACLE else \
+                dict(color=plt.cm.tab20(n % 20), linestyle="-" if n < 10 else "--")
+            ax.plot([100 * b for b, _ in pts], [100 * a for _, a in pts], marker="o", label=p, **style)
         if full is not None:
             ax.axhline(100 * full, color="black", linestyle="--", label="all tokens")
         ax.set(xscale="log", xlabel="visual tokens kept (%)", ylabel="accuracy (%)", title=f"{model}: {kind} questions")
@@ -213,6 +250,8 @@ def write(cells: list[dict], out: str) -> str:
     for kind in ("image", "video"):
         if any(kind in c.get("accuracy", {}) for c in cells):
             md += [f"## {kind} questions (accuracy %)", "", table(cells, kind), ""]
+            if any(c["pruner"] == ORACLE for c in cells):
+                md += [f"## {kind} questions: accuracy as a share of the oracle's (%)", "", share(cells, kind), ""]
     text = "\n".join(md)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
@@ -226,8 +265,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(shipped.MODELS),
                     help=f"shipped model names ({', '.join(shipped.MODELS)}) or checkpoint directories")
-    ap.add_argument("--pruners", nargs="*", default=list(REGISTRY),
-                    help="registered pruners (default: all); none given: only the full-token baseline")
+    ap.add_argument("--pruners", nargs="*", default=[ORACLE] + [p for p, c in REGISTRY.items() if not c.reads_priority],
+                    help=f"registered pruners and '{ORACLE}' (the ground-truth upper bound; default: all); none "
+                         "given: only the full-token baseline")
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     ap.add_argument("--n-images", type=int, default=120)
     ap.add_argument("--n-videos", type=int, default=32)
@@ -236,9 +276,9 @@ def main(argv=None):
     ap.add_argument("--llm-layer", type=int, default=LLM_LAYER,
                     help=f"decoder layer the LLM-stage pruners prune before (default {LLM_LAYER} of the tiny models' 4)")
     args = ap.parse_args(argv)
-    unknown = [p for p in args.pruners if p not in REGISTRY]
+    unknown = [p for p in args.pruners if p not in REGISTRY and p != ORACLE]
     if unknown:
-        raise SystemExit(f"unknown pruner(s) {unknown}; known: {', '.join(REGISTRY)}")
+        raise SystemExit(f"unknown pruner(s) {unknown}; known: {ORACLE}, {', '.join(REGISTRY)}")
     bad = [b for b in args.budgets if not 0 < b <= 1]
     if bad:
         raise SystemExit(f"budgets must be fractions in (0, 1], got {bad}")

@@ -12,6 +12,7 @@ from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
 from .keyscore import KeyScorePruner
 from .pool import PoolPruner
+from .priority import PriorityPruner
 from .prumerge import PruMergePruner
 from .quota import QuotaPruner
 from .random import RandomPruner
@@ -40,6 +41,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "keyscore": KeyScorePruner,
     "dycoke": DyCokePruner,
     "fastvid": FastVIDPruner,
+    "priority": PriorityPruner,
 }
 
 

@@ -46,6 +46,7 @@ class StageInput:
     frame_relevance: torch.Tensor | None = None  # [T] P(yes) of a VLM asked whether frame t is relevant (QuoTA)
     frame_embeds: torch.Tensor | None = None  # [T, E] CLIP image embedding of each frame (KeyScore)
     text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
+    priority: torch.Tensor | None = None  # [N] the request's own priority of these tokens (``priority`` pruner)
     raters: torch.Tensor | None = None  # [T] bool: text rows (of text_attn) that rate the image (``picks_raters``)
     # progressive pruners (``Pruner.progressive``), at each of their steps inside the vision tower
     layers_left: int | None = None  # tower layers from this step to the stage's last step (0: the last step)
@@ -130,6 +131,7 @@ class Pruner:
     # states before the projector; on families whose adapter exposes the projector's input (LLaVA-1.5) the
     # engine hands those as ``tokens`` and projects the merged ones. "llm": the projected features.
     merge_space: ClassVar[str] = "llm"
+    reads_priority: ClassVar[bool] = False  # keeps by the priorities a request carries (Request.priority)
 
     @property
     def option_names(self) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ def full_input(keep, seed=0, **options):
                       attn=torch.softmax(torch.randn(H, N, generator=g), -1), options=options,
                       tower_score=torch.rand(N, 6, generator=g).abs(),  # flowcut: 2 layers x 3 channels
                       keys=torch.randn(N, 4, generator=g), text_attn=torch.softmax(torch.randn(H, T, N, generator=g), -1),
-                      sizes=torch.ones(N))
+                      sizes=torch.ones(N), priority=torch.randn(N, generator=g))
 
 
 def run(name, inp):
@@ -263,8 +263,15 @@ def test_every_family(name, family, engine_for):
         plan = plan.replace(":", ":where=pre_llm,", 1)
     frames_stage = get_pruner(name).default_where == "frames"  # shares a video's budget over its frames
     media = {"video": [noise_image(i) for i in range(4)]} if frames_stage else {"images": [noise_image(0)]}
+    if get_pruner(name).reads_priority:  # the request ranks its tokens: last first
+        with pytest.raises(PlanError, match="give the request a priority"):
+            engine.generate("what", **media, plan=plan)
+        n = engine.generate("what", **media, max_new_tokens=1).stats["visual_tokens"]
+        media["priority"] = list(range(n))
     res = engine.generate("what", **media, plan=plan, max_new_tokens=2)
     n = res.stats["visual_tokens"]
+    if get_pruner(name).reads_priority:
+        assert res.kept[0].tolist() == list(range(n - round(0.25 * n), n))
     if frames_stage:  # QuoTA's default resize of each frame's grid keeps at most the budget
         assert 0 < res.kept[0].numel() <= max(1, round(0.25 * n))
     else:

@@ -143,6 +143,13 @@ def centre_cell(o: Obj, grid: int) -> int:
     return min(int(o.y * grid), grid - 1) * grid + min(int(o.x * grid), grid - 1)
 
 
+def cell_cover(scene: Scene, grid: int) -> np.ndarray:
+    """[n_objects, grid * grid] the share of each cell (row-major) that each object shows in (0..1)."""
+    blocks = _cell_blocks(scene, grid)
+    return np.stack([(blocks == i + 1).mean(1) for i in range(len(scene.objects))]) if scene.objects \
+        else np.zeros((0, grid * grid))
+
+
 def object_cells(scene: Scene, grid: int, min_cover: float = 0.1) -> dict[int, list[int]]:
     """uid -> the cells (row-major indices of a ``grid`` x ``grid`` raster) the object covers by at
     least ``min_cover``: the visual tokens a question about it should read."""

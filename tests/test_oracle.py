@@ -1,0 +1,63 @@
+"""The report's oracle (issue 29, item 5): ranks from the scene's ground truth, kept through the engine's
+``priority`` pruner, on the layout of every shipped family's visual tokens."""
+import pytest
+import torch
+
+from tokensieve.eval import oracle, report
+from tokensieve.eval.shapeworld import shipped, world
+from tokensieve.eval.shapeworld.tiny_models import GRID, IMAGE
+
+# a 128-px scene on the 8 x 8 token grid (16 px a cell): a big red square over cells (1..2, 1..2), a small
+# blue circle inside cell (6, 6)
+SQUARE = world.Obj("square", "red", "big", x=0.25, y=0.25, uid=7)
+CIRCLE = world.Obj("circle", "blue", "small", x=6.5 / 8, y=6.5 / 8, uid=9)
+SCENE = world.Scene([SQUARE, CIRCLE], size=IMAGE)
+
+
+def _cells(p, lo, hi):
+    return sorted(int(i) for i in ((p >= lo) & (p < hi)).nonzero().flatten())
+
+
+def test_oracle_ranks_the_asked_object_then_the_others_then_background():
+    pixels = world.object_map(SCENE)  # reference: which cells each object shows in, from the rendered map
+    cell = IMAGE // GRID
+    shows = {v: sorted({(r // cell) * GRID + c // cell for r, c in zip(*(pixels == v).nonzero())}) for v in (1, 2)}
+    p = oracle.oracle_priority([SCENE], refs=(7,), grid=GRID)
+    assert p.shape == (GRID * GRID,)
+    assert _cells(p, 2, 3.01) == shows[1]  # the square the question is about: rank 2 + cover
+    assert _cells(p, 1, 2) == [c for c in shows[2] if c not in shows[1]]  # the circle: 1 + cover
+    assert int((p == 0).sum()) == GRID * GRID - len(set(shows[1]) | set(shows[2]))  # background
+    for i in range(GRID * GRID):  # the exact rank: 2 + the share of the cell the square fills, 1 + the circle's
+        block = pixels[(i // GRID) * cell:(i // GRID + 1) * cell, (i % GRID) * cell:(i % GRID + 1) * cell]
+        sq, ci = float((block == 1).mean()), float((block == 2).mean())
+        assert float(p[i]) == pytest.approx(2 + sq if sq else (1 + ci if ci else 0.0))
+    q = oracle.oracle_priority([SCENE, SCENE], refs=(9,), grid=GRID)  # frames in order; now the circle first
+    assert q.shape == (2 * GRID * GRID,) and _cells(q[64:], 2, 3.01) == shows[2]
+
+
+@pytest.mark.parametrize("name", list(shipped.MODELS))
+def test_priority_keeps_the_oracle_cells_on_each_shipped_family(name):
+    """The engine keeps exactly the cells the oracle ranks first: each family lays out an image's tokens in
+    raster order of the same 8 x 8 grid (checked from the adapter's coordinates)."""
+    import tokensieve
+    with tokensieve.load(shipped.path(name)) as engine:
+        coords = engine.adapter.image_coords(engine.prepare("what", images=[world.render(SCENE)]))[0]
+        assert coords[:, 1].tolist() == [i // GRID for i in range(GRID * GRID)]
+        assert coords[:, 2].tolist() == [i % GRID for i in range(GRID * GRID)]
+        p = oracle.oracle_priority([SCENE], refs=(7,), grid=GRID)
+        res = engine.generate("what colour is the square ?", images=[world.render(SCENE)], plan="priority:keep=4",
+                              priority=p, max_new_tokens=1)
+        assert res.kept[0].tolist() == sorted(torch.topk(p, 4).indices.tolist()) == [9, 10, 17, 18]
+
+
+def test_report_shows_the_oracle_and_the_shares(tiny_path, tmp_path):
+    models = {"tiny": shipped.path("llava")}
+    cells = report.run(models, [report.ORACLE, "random"], [0.25], n_images=6, n_videos=2, out=str(tmp_path))
+    by = {(c["pruner"], c["budget"]): c for c in cells}
+    assert by[(report.ORACLE, 0.25)]["plan"] == "priority:keep=0.25"
+    text = report.write(cells, str(tmp_path))
+    assert "accuracy as a share of the oracle's" in text
+    o, r = by[(report.ORACLE, 0.25)]["accuracy"]["image"], by[("random", 0.25)]["accuracy"]["image"]
+    if o:
+        assert f"| random | {100 * r / o:.0f} |" in text
+    assert text.index("| oracle |") < text.index("| random |")
