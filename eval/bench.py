@@ -9,7 +9,8 @@ Models: the real configurations of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B an
 for a CPU (0: the full depth). Plans: none; FastV (K=2) at 192 / 128 / 64 of 576 visual tokens (as ratios
 for other token counts), fused and scored the peers' way (``scoring=eager``: layer K-1's attention matrix
 materialised, as FastV's repository does with output_attentions); CLS, VisionZip, DivPrune, ToMe at the
-same budgets; a two-stage plan; on the video model DyCoke, FastVID and KeyScore at 25 / 10 %.
+same budgets; a two-stage plan; on LLaVA-1.5 FlowCut (its steps prune inside the vision tower as it runs);
+on the video model DyCoke, FastVID and KeyScore at 25 / 10 %.
 
 Measures, per plan and batch size: vision-tower time and LLM prefill time (forward hooks on this model
 instance; CUDA events on a GPU), time to first token, decode tokens per second, KV-cache bytes and peak
