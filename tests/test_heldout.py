@@ -37,7 +37,7 @@ def test_heldout_table_states_the_bar():
     assert "| m | video | 85.0 ± 3.6 | 90%: not met |" in text
 
 
-@pytest.mark.parametrize("argv, message", [(["--images", "0", "--videos", "0"], "not both 0"),
+@pytest.mark.parametrize("argv, message", [(["--images", "0", "--videos", "0"], "not all 0"),
                                            (["/no/such/dir"], "no checkpoint directory /no/such/dir")])
 def test_heldout_bad_input_is_one_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -51,3 +51,20 @@ def test_heldout_main_writes_json_and_table(tmp_path):
     import json
     assert json.loads(out.read_text())["results"]["llava"]["image"]["all"]["n"] == 4
     assert "| llava | image |" in (tmp_path / "r.md").read_text()
+
+
+def test_relevance_question_counts_match_the_engine():
+    """QuoTA's per-frame question on single world frames (issue 29, item 6): the held-out tally against the
+    engine answering the same frames, and the questions about present and absent objects both asked."""
+    import tokensieve
+    res = heldout.measure(shipped.path("llava"), n_images=0, n_videos=0, n_relevance=12)["relevance"]
+    examples = train_tiny.relevance_examples(random.Random(30_000), 12)
+    answers = [ex["qas"][0].answer for ex in examples]
+    assert {"yes", "no"} <= set(answers)
+    for ex in examples:  # the "yes" ones name an object the frame shows, the "no" ones one it does not
+        qa, shown = ex["qas"][0], {o.name for o in ex["scenes"][0].objects}
+        assert (qa.question.split()[3] + " " + qa.question.split()[4] in shown) == (qa.answer == "yes")
+    with tokensieve.load(shipped.path("llava")) as engine:
+        right = sum(engine.generate(ex["qas"][0].question, images=[world.render(ex["scenes"][0])],
+                                    max_new_tokens=1).text.strip() == ex["qas"][0].answer for ex in examples)
+    assert res["all"] == {"right": right, "n": 12, "accuracy": round(right / 12, 4)}

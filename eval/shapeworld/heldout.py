@@ -19,14 +19,16 @@ import torch
 
 from tokensieve.eval.shapeworld import shipped, train_tiny
 
-BAR = {"image": 0.95, "video": 0.90}
+BAR = {"image": 0.95, "video": 0.90, "relevance": 0.95}  # relevance: QuoTA's per-frame yes / no question
 
 
 def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, video_seed: int = 20_000,
-            progress=None, typed: bool = False) -> dict:
+            progress=None, typed: bool = False, n_relevance: int = 0, relevance_seed: int = 30_000) -> dict:
     """{"image" | "video": {key: {"right", "n", "accuracy"}}} for the checkpoint at ``path``; keys are
     "all", each question type, "open" and "multiple-choice". ``typed``: the same held-out scenes asked
-    as people type (open questions, ``phrasing.rephrase``), under "image typed" / "video typed"."""
+    as people type (open questions, ``phrasing.rephrase``), under "image typed" / "video typed".
+    ``n_relevance``: also that many single video frames asked QuoTA's per-frame question ("is there a X ?",
+    ``train_tiny.relevance_examples``), under "relevance"."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
@@ -39,6 +41,11 @@ def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, v
                                             progress=progress, typed=typed)
             out[f"{kind} typed" if typed else kind] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
                          for k in sorted(total)}
+    if n_relevance:
+        right, total = train_tiny.tally(model, proc, eos_id, n_relevance, relevance_seed, video=False, batch=32,
+                                        progress=progress, sampler=train_tiny.relevance_examples)
+        out["relevance"] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
+                            for k in sorted(total)}
     return out
 
 
@@ -67,11 +74,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--video-seed", type=int, default=20_000)
     ap.add_argument("--typed", action="store_true", help="ask the questions as people type them (open questions "
                     "rewritten by phrasing.rephrase: capitals, 'color', 'What is the colour of the X?', 'please')")
+    ap.add_argument("--relevance", type=int, default=0,
+                    help="also ask this many single video frames QuoTA's per-frame question (is there a X ?), "
+                         "seed 30 000; bar 95%%")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results here (JSON), and the table beside it (.md)")
     args = ap.parse_args(argv)
-    if args.images < 0 or args.videos < 0 or args.images + args.videos == 0:
-        ap.error("--images and --videos must be >= 0, and not both 0")
+    if min(args.images, args.videos, args.relevance) < 0 or args.images + args.videos + args.relevance == 0:
+        ap.error("--images, --videos and --relevance must be >= 0, and not all 0")
     names = args.models or list(shipped.MODELS)
     paths = {name: shipped.path(name) if name in shipped.MODELS else name for name in names}
     missing = [p for p in paths.values() if not os.path.isdir(p)]
@@ -80,10 +90,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
-    with tqdm(total=len(paths) * (args.images + args.videos), desc="held-out questions") as bar:
+    with tqdm(total=len(paths) * (args.images + args.videos + args.relevance), desc="held-out questions") as bar:
         for name, path in paths.items():
             results[name] = measure(path, args.images, args.videos, args.image_seed, args.video_seed, bar.update,
-                                    typed=args.typed)
+                                    typed=args.typed, n_relevance=args.relevance)
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -242,17 +242,41 @@ def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: in
 
 
 @torch.no_grad()
+def relevance_examples(rng: random.Random, n: int) -> list[dict]:
+    """``n`` single frames of world videos, each asked QuoTA's per-frame question about an object of its video
+    ("is there a red circle ?", type "relevance"): half about an object the frame shows (yes), a quarter about
+    one the video shows in other frames only (no), a quarter about one it never shows (no)."""
+    out = []
+    while len(out) < n:
+        video = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE)
+        frame = rng.choice(video.frames)
+        shown = {o.name for o in frame.objects}
+        elsewhere = sorted({o.name for o in video.meta["objects"].values()} - shown)
+        draw = rng.random()
+        if draw < 0.5 and shown:
+            name, answer = rng.choice(sorted(shown)), "yes"
+        elif draw < 0.75 and elsewhere:
+            name, answer = rng.choice(elsewhere), "no"
+        else:
+            name, answer = world.absent_name(list(video.meta["objects"].values()), rng), "no"
+        out.append({"scenes": [frame], "qas": [world.QA(f"is there a {name} ?", answer, "relevance")]})
+    return out
+
+
 def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32,
-          progress=None, typed: bool = False) -> tuple[dict, dict]:
+          progress=None, typed: bool = False, sampler=None) -> tuple[dict, dict]:
     """``evaluate``'s counts: (right, total) per key ("all", each type, "open" / "multiple-choice");
     ``progress(k)`` after each batch of k examples. ``typed``: open questions only, each rewritten the
-    way a person types it (``phrasing.rephrase``: capitals, "color", "What is the colour of ...?")."""
+    way a person types it (``phrasing.rephrase``: capitals, "color", "What is the colour of ...?").
+    ``sampler(rng, k)``: the examples to ask instead of ``sample_examples`` (e.g. ``relevance_examples``)."""
     was_training = model.training
     model.eval()
     rng, typing = random.Random(seed), random.Random(seed + 1)
     right, total = {}, {}
     for start in range(0, n, batch):
-        examples = sample_examples(rng, min(batch, n - start), video, **({"mc_fraction": 0.0} if typed else {}))
+        k = min(batch, n - start)
+        examples = sampler(rng, k) if sampler is not None else \
+            sample_examples(rng, k, video, **({"mc_fraction": 0.0} if typed else {}))
         if typed:
             examples = [dict(ex, qas=[dataclasses.replace(qa, question=phrasing.rephrase(qa.question, typing))
                                       for qa in ex["qas"]]) for ex in examples]
