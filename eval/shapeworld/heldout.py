@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -99,8 +100,9 @@ def main(argv=None) -> dict:
         with open(args.out, "w") as f:
             json.dump({"image_seed": args.image_seed, "video_seed": args.video_seed, "results": results}, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            flags = " ".join(sys.argv[1:] if argv is None else argv)
             f.write(f"Held-out full-token accuracy (images seed {args.image_seed}, videos seed {args.video_seed}; "
-                    f"`python -m tokensieve.eval.shapeworld.heldout`)\n\n{table(results)}\n")
+                    f"`python -m tokensieve.eval.shapeworld.heldout {flags}`)\n\n{table(results)}\n")
     return results
 
 
