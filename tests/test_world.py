@@ -154,3 +154,42 @@ def test_question_refs_name_the_objects_the_answer_is_read_from():
                 assert (qa.answer == "yes") == bool(refs) and all(o.name in qa.question for o in refs)
             else:
                 assert len(refs) == 1 and refs[0].name in qa.question
+
+
+def test_free_layout_scenes_anywhere():
+    """Issue 29 item 3's split: continuous centres, sizes from half a token cell to about three, varied
+    backgrounds in greys far from every object colour, and position questions only where the object lies
+    wholly on one side."""
+    import math
+    import random
+
+    import numpy as np
+
+    from tokensieve.eval.shapeworld import world
+
+    rng = random.Random(3)
+    kinds, off_lattice, scales = set(), 0, []
+    for _ in range(60):
+        scene = world.random_scene(rng, size=128, layout="free")
+        kinds.add(scene.background)
+        ids = world.object_map(scene)
+        for i, o in enumerate(scene.objects):
+            e = world.SIZES[o.size] * o.scale
+            scales.append(o.scale)
+            assert e <= o.x <= 1 - e and e <= o.y <= 1 - e  # inside the image
+            assert (ids == i + 1).sum() > 0.5 * (e * 128) ** 2  # drawn, and not hidden under another object
+            on_lattice = any(abs(v * 8 - round(v * 8 * 2) / 2) < 1e-9 for v in (o.x, o.y))
+            off_lattice += not on_lattice
+        bg = np.asarray(world.background(128, scene.background_seed, scene.background)).reshape(-1, 3).astype(float)
+        for rgb in world.COLOURS.values() if scene.background != "noise" else ():  # the new kinds (noise: the lattice's)
+            assert np.linalg.norm(bg - np.array(rgb), axis=1).min() > 60
+        for qa in world.image_questions(scene, rng):
+            if qa.type == "position":
+                o = next(o for o in scene.objects if o.uid == qa.refs[0])
+                e = world.SIZES[o.size] * o.scale
+                assert abs(o.x - 0.5) > e and abs(o.y - 0.5) > e
+    assert kinds == set(world.BACKGROUNDS)
+    assert off_lattice > 100 and min(scales) < 0.7 and max(scales) > 1.7
+    assert world.SIZES["small"] * min(scales) * 8 < 0.5 and world.SIZES["big"] * max(scales) * 2 * 8 > 2.5  # cells
+    with pytest.raises(ValueError, match="layout must be"):
+        world.random_scene(rng, layout="grid")

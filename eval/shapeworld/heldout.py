@@ -24,12 +24,14 @@ BAR = {"image": 0.95, "video": 0.90, "relevance": 0.95}  # relevance: QuoTA's pe
 
 
 def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, video_seed: int = 20_000,
-            progress=None, typed: bool = False, n_relevance: int = 0, relevance_seed: int = 30_000) -> dict:
+            progress=None, typed: bool = False, n_relevance: int = 0, relevance_seed: int = 30_000,
+            layout: str = "lattice") -> dict:
     """{"image" | "video": {key: {"right", "n", "accuracy"}}} for the checkpoint at ``path``; keys are
     "all", each question type, "open" and "multiple-choice". ``typed``: the same held-out scenes asked
     as people type (open questions, ``phrasing.rephrase``), under "image typed" / "video typed".
     ``n_relevance``: also that many single video frames asked QuoTA's per-frame question ("is there a X ?",
-    ``train_tiny.relevance_examples``), under "relevance"."""
+    ``train_tiny.relevance_examples``), under "relevance". ``layout="free"``: image scenes with objects anywhere
+    (``world.random_scene``), under "image free" (videos stay on the lattice)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
@@ -39,8 +41,9 @@ def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, v
     for kind, n, seed, batch in (("image", n_images, image_seed, 32), ("video", n_videos, video_seed, 8)):
         if n:
             right, total = train_tiny.tally(model, proc, eos_id, n, seed, video=kind == "video", batch=batch,
-                                            progress=progress, typed=typed)
-            out[f"{kind} typed" if typed else kind] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
+                                            progress=progress, typed=typed, layout=layout)
+            name = " ".join([kind] + (["free"] if layout == "free" and kind == "image" else []) + (["typed"] if typed else []))
+            out[name] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
                          for k in sorted(total)}
     if n_relevance:
         right, total = train_tiny.tally(model, proc, eos_id, n_relevance, relevance_seed, video=False, batch=32,
@@ -75,6 +78,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--video-seed", type=int, default=20_000)
     ap.add_argument("--typed", action="store_true", help="ask the questions as people type them (open questions "
                     "rewritten by phrasing.rephrase: capitals, 'color', 'What is the colour of the X?', 'please')")
+    ap.add_argument("--layout", choices=("lattice", "free"), default="lattice",
+                    help="image scenes on the token lattice (the training scenes) or anywhere: continuous positions, "
+                         "sizes from half a token cell to about three, touching objects, varied backgrounds")
     ap.add_argument("--relevance", type=int, default=0,
                     help="also ask this many single video frames QuoTA's per-frame question (is there a X ?), "
                          "seed 30 000; bar 95%%")
@@ -94,7 +100,7 @@ def main(argv=None) -> dict:
     with tqdm(total=len(paths) * (args.images + args.videos + args.relevance), desc="held-out questions") as bar:
         for name, path in paths.items():
             results[name] = measure(path, args.images, args.videos, args.image_seed, args.video_seed, bar.update,
-                                    typed=args.typed, n_relevance=args.relevance)
+                                    typed=args.typed, n_relevance=args.relevance, layout=args.layout)
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -65,15 +65,16 @@ def unlocked(types: tuple[str, ...], step: int, every: int) -> tuple[str, ...]:
 
 
 def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_fraction: float = 0.2,
-                    types: tuple[str, ...] | None = None) -> list[dict]:
-    """``n`` examples: {"scenes": [Scene per image/frame], "qas": [QA, ...] (up to ``turns``, of ``types``)}."""
+                    types: tuple[str, ...] | None = None, layout: str = "lattice") -> list[dict]:
+    """``n`` examples: {"scenes": [Scene per image/frame], "qas": [QA, ...] (up to ``turns``, of ``types``)};
+    ``layout``: where image objects sit (``world.random_scene``; videos stay on the lattice)."""
     out = []
     while len(out) < n:
         if video:
             v = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE)
             scenes, qas = v.frames, world.video_questions(v, rng)
         else:
-            scene = world.random_scene(rng, size=IMAGE)
+            scene = world.random_scene(rng, size=IMAGE, layout=layout)
             scenes, qas = [scene], world.image_questions(scene, rng)
         qas = [qa for qa in qas if types is None or qa.type in types]
         if not qas:
@@ -264,7 +265,7 @@ def relevance_examples(rng: random.Random, n: int) -> list[dict]:
 
 
 def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32,
-          progress=None, typed: bool = False, sampler=None) -> tuple[dict, dict]:
+          progress=None, typed: bool = False, sampler=None, layout: str = "lattice") -> tuple[dict, dict]:
     """``evaluate``'s counts: (right, total) per key ("all", each type, "open" / "multiple-choice");
     ``progress(k)`` after each batch of k examples. ``typed``: open questions only, each rewritten the
     way a person types it (``phrasing.rephrase``: capitals, "color", "What is the colour of ...?").
@@ -276,7 +277,7 @@ def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int =
     for start in range(0, n, batch):
         k = min(batch, n - start)
         examples = sampler(rng, k) if sampler is not None else \
-            sample_examples(rng, k, video, **({"mc_fraction": 0.0} if typed else {}))
+            sample_examples(rng, k, video, layout=layout, **({"mc_fraction": 0.0} if typed else {}))
         if typed:
             examples = [dict(ex, qas=[dataclasses.replace(qa, question=phrasing.rephrase(qa.question, typing))
                                       for qa in ex["qas"]]) for ex in examples]

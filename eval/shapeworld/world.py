@@ -42,6 +42,7 @@ class Obj:
     x: float  # centre, fraction of the width
     y: float  # centre, fraction of the height
     uid: int = 0  # identity across video frames
+    scale: float = 1.0  # extent = SIZES[size] * scale (the lattice scenes: 1; ``layout="free"``: 0.6 .. 1.8)
 
     @property
     def name(self) -> str:
@@ -53,6 +54,7 @@ class Scene:
     objects: list[Obj]
     size: int = 128
     background_seed: int = 0
+    background: str = "noise"  # one of BACKGROUNDS
 
 
 @dataclass
@@ -63,13 +65,36 @@ class Video:
 
 # ---- rendering ---------------------------------------------------------------------------------
 
-def background(size: int, seed: int) -> np.ndarray:
-    """Textured noise: smooth low-frequency colour blobs plus pixel noise, [size, size, 3] uint8."""
+BACKGROUNDS = ("noise", "flat", "gradient", "stripes")
+
+
+def background(size: int, seed: int, kind: str = "noise") -> np.ndarray:
+    """[size, size, 3] uint8 in muted greys (70..160, never an object colour): "noise" (smooth colour blobs
+    plus pixel noise, the lattice scenes'), "flat", "gradient" (between two tones, any direction) or "stripes"."""
     rng = np.random.RandomState(seed)
-    coarse = rng.rand(6, 6, 3)
-    img = np.array(Image.fromarray((coarse * 255).astype("uint8")).resize((size, size), Image.BICUBIC), dtype=float)
-    img = 70 + 0.35 * img + rng.normal(0, 12, (size, size, 3))
-    return np.clip(img, 0, 255).astype("uint8")
+    if kind == "noise":
+        coarse = rng.rand(6, 6, 3)
+        img = np.array(Image.fromarray((coarse * 255).astype("uint8")).resize((size, size), Image.BICUBIC), dtype=float)
+        img = 70 + 0.35 * img + rng.normal(0, 12, (size, size, 3))
+        return np.clip(img, 0, 255).astype("uint8")
+    a, b = (rng.uniform(70, 160) + rng.uniform(-15, 15, 3) for _ in range(2))  # greys with a faint tint
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = rng.rand() * 2 * np.pi
+    t = (np.cos(angle) * xx + np.sin(angle) * yy)
+    if kind == "flat":
+        t = np.zeros_like(t)
+    elif kind == "gradient":
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    elif kind == "stripes":
+        t = (np.floor(t * rng.randint(3, 12) * 2) % 2)
+    else:
+        raise ValueError(f"unknown background {kind!r}; one of {BACKGROUNDS}")
+    return (a + (b - a) * t[..., None]).clip(0, 255).astype("uint8")
+
+
+def extent(o: "Obj") -> float:
+    """Half the object's side, as a fraction of the image side."""
+    return SIZES[o.size] * o.scale
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -84,7 +109,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def _draw(draw: ImageDraw.ImageDraw, o: Obj, s: int, fill) -> None:
-    cx, cy, r = o.x * s, o.y * s, SIZES[o.size] * s
+    cx, cy, r = o.x * s, o.y * s, extent(o) * s
     if o.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif o.shape == "square":
@@ -94,7 +119,7 @@ def _draw(draw: ImageDraw.ImageDraw, o: Obj, s: int, fill) -> None:
 
 
 def render(scene: Scene) -> Image.Image:
-    img = Image.fromarray(background(scene.size, scene.background_seed))
+    img = Image.fromarray(background(scene.size, scene.background_seed, scene.background))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         _draw(draw, o, scene.size, COLOURS[o.colour])
@@ -201,8 +226,31 @@ def random_objects(rng: random.Random, n: int, uid0: int = 0, distinct_names: bo
     return objs
 
 
-def random_scene(rng: random.Random, n_min: int = 1, n_max: int = 8, size: int = 128) -> Scene:
-    return Scene(random_objects(rng, rng.randint(n_min, n_max)), size=size, background_seed=rng.randrange(2**31))
+def random_scene(rng: random.Random, n_min: int = 1, n_max: int = 8, size: int = 128, layout: str = "lattice") -> Scene:
+    """A scene of n_min..n_max objects: on the token lattice (``layout="lattice"``, the training scenes), or
+    anywhere (``"free"``: continuous centres, sizes from half a token cell to about three, objects may
+    touch, and any of BACKGROUNDS)."""
+    if layout == "lattice":
+        return Scene(random_objects(rng, rng.randint(n_min, n_max)), size=size, background_seed=rng.randrange(2**31))
+    if layout != "free":
+        raise ValueError(f"layout must be 'lattice' or 'free', got {layout!r}")
+    objs = free_objects(rng, rng.randint(n_min, n_max))
+    return Scene(objs, size=size, background_seed=rng.randrange(2**31), background=rng.choice(BACKGROUNDS))
+
+
+def free_objects(rng: random.Random, n: int) -> list[Obj]:
+    """Up to n objects at continuous positions and scales, no two overlapping beyond touching (bounding discs)."""
+    objs: list[Obj] = []
+    for _ in range(50 * n):
+        if len(objs) == n:
+            break
+        o = Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), 0.0, 0.0, uid=len(objs),
+                scale=rng.uniform(0.6, 1.8))
+        e = extent(o)
+        o = replace(o, x=rng.uniform(e, 1 - e), y=rng.uniform(e, 1 - e))
+        if all(math.hypot(o.x - p.x, o.y - p.y) >= (e + extent(p)) * 1.15 for p in objs):
+            objs.append(o)
+    return objs
 
 
 # ---- image questions ---------------------------------------------------------------------------
@@ -254,7 +302,7 @@ def image_questions(scene: Scene, rng: random.Random) -> list[QA]:
     else:
         out.append(QA(f"is there a {absent_name(objs, rng)} ?", "no", "exist"))
     unique_names = _unique(objs, lambda o: o.name)
-    clear = [o for o in unique_names if abs(o.x - 0.5) > 0.03 and abs(o.y - 0.5) > 0.03]
+    clear = [o for o in unique_names if min(abs(o.x - 0.5), abs(o.y - 0.5)) > max(0.03, extent(o))]  # one side
     if clear:
         o = rng.choice(clear)
         kind = rng.choice(["horizontal", "vertical", "quadrant"])
