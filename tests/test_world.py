@@ -193,3 +193,18 @@ def test_free_layout_scenes_anywhere():
     assert world.SIZES["small"] * min(scales) * 8 < 0.5 and world.SIZES["big"] * max(scales) * 2 * 8 > 2.5  # cells
     with pytest.raises(ValueError, match="layout must be"):
         world.random_scene(rng, layout="grid")
+
+
+def test_training_examples_mix_free_scenes_only_when_asked():
+    import random
+
+    from tokensieve.eval.shapeworld import train_tiny, world
+
+    plain = train_tiny.sample_examples(random.Random(1), 20, video=False)
+    again = train_tiny.sample_examples(random.Random(1), 20, video=False, free_fraction=0.0)
+    assert [e["qas"][0].question for e in plain] == [e["qas"][0].question for e in again]  # no extra draws
+    assert all(o.scale == 1.0 for e in plain for s in e["scenes"] for o in s.objects)
+    mixed = train_tiny.sample_examples(random.Random(1), 40, video=False, free_fraction=0.5)
+    free = [any(o.scale != 1.0 for o in e["scenes"][0].objects) or e["scenes"][0].background != "noise" for e in mixed]
+    assert 8 < sum(free) < 32
+    assert all(isinstance(e["scenes"][0], world.Scene) for e in mixed)

@@ -65,16 +65,19 @@ def unlocked(types: tuple[str, ...], step: int, every: int) -> tuple[str, ...]:
 
 
 def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_fraction: float = 0.2,
-                    types: tuple[str, ...] | None = None, layout: str = "lattice") -> list[dict]:
+                    types: tuple[str, ...] | None = None, layout: str = "lattice",
+                    free_fraction: float = 0.0) -> list[dict]:
     """``n`` examples: {"scenes": [Scene per image/frame], "qas": [QA, ...] (up to ``turns``, of ``types``)};
-    ``layout``: where image objects sit (``world.random_scene``; videos stay on the lattice)."""
+    ``layout``: where image objects sit (``world.random_scene``; videos stay on the lattice);
+    ``free_fraction``: the share of image scenes drawn with ``layout="free"`` instead (0: no draw is made)."""
     out = []
     while len(out) < n:
         if video:
             v = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE)
             scenes, qas = v.frames, world.video_questions(v, rng)
         else:
-            scene = world.random_scene(rng, size=IMAGE, layout=layout)
+            free = free_fraction > 0 and rng.random() < free_fraction
+            scene = world.random_scene(rng, size=IMAGE, layout="free" if free else layout)
             scenes, qas = [scene], world.image_questions(scene, rng)
         qas = [qa for qa in qas if types is None or qa.type in types]
         if not qas:
@@ -322,6 +325,9 @@ def main(argv=None):
     ap.add_argument("--curriculum", type=int, default=150,
                     help="open one question type every this many steps (image types, then video types from "
                          "--video-from); multiple choice once all are open; 0: everything from the start")
+    ap.add_argument("--free-fraction", type=float, default=0.0,
+                    help="share of training images whose objects sit anywhere (world layout 'free': continuous "
+                         "positions, sizes, touching objects, varied backgrounds); 0: lattice scenes only")
     ap.add_argument("--mc-fraction", type=float, default=0.2,
                     help="share of the turns asked in the multiple-choice form (A-D, answer a letter) once every "
                          "image type is open")
@@ -419,6 +425,8 @@ def main(argv=None):
         raise SystemExit("--steps and --batch must be positive")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise SystemExit(f"--stop-at must be a step 1-{args.steps} of --steps, got {args.stop_at}")
+    if not 0 <= args.free_fraction <= 1:
+        raise SystemExit(f"--free-fraction must be in [0, 1], got {args.free_fraction}")
     if not 0 <= args.mc_fraction <= 1:
         raise SystemExit(f"--mc-fraction must be in [0, 1], got {args.mc_fraction}")
     last = args.stop_at or args.steps
@@ -509,7 +517,7 @@ def main(argv=None):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
         mc = args.mc_fraction if img_types == IMAGE_TYPES else 0.0
-        parts = [sample_examples(rng, args.batch, False, args.turns, mc, img_types)]
+        parts = [sample_examples(rng, args.batch, False, args.turns, mc, img_types, free_fraction=args.free_fraction)]
         if args.video_batch and step >= args.video_from:
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
         info = {}
