@@ -219,9 +219,11 @@ def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
     return capture[0].reshape(len(scenes), GRID * GRID, -1)
 
 
-def tower_step(model, proc, head, capture: list, rng: random.Random, n: int) -> torch.Tensor:
-    """Phase 1: the tower and projector alone learn the per-token targets (no language model)."""
-    scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
+def tower_step(model, proc, head, capture: list, rng: random.Random, n: int, free_fraction: float = 0.0) -> torch.Tensor:
+    """Phase 1: the tower and projector alone learn the per-token targets (no language model); a
+    ``free_fraction`` share of the scenes with objects anywhere (0: no extra draw)."""
+    scenes = [world.random_scene(rng, size=IMAGE, layout="free" if free_fraction > 0 and rng.random() < free_fraction
+                                 else "lattice") for _ in range(n)]
     return aux_loss(aux_logits(head, tower_tokens(model, proc, capture, scenes), n), cell_targets(scenes))
 
 
@@ -326,8 +328,9 @@ def main(argv=None):
                     help="open one question type every this many steps (image types, then video types from "
                          "--video-from); multiple choice once all are open; 0: everything from the start")
     ap.add_argument("--free-fraction", type=float, default=0.0,
-                    help="share of training images whose objects sit anywhere (world layout 'free': continuous "
-                         "positions, sizes, touching objects, varied backgrounds); 0: lattice scenes only")
+                    help="share of training images (tower phase and LM steps) whose objects sit anywhere (world "
+                         "layout 'free': continuous positions, sizes, touching objects, varied backgrounds); 0: lattice "
+                         "scenes only")
     ap.add_argument("--mc-fraction", type=float, default=0.2,
                     help="share of the turns asked in the multiple-choice form (A-D, answer a letter) once every "
                          "image type is open")
@@ -492,7 +495,7 @@ def main(argv=None):
         tower = [p for p in params if id(p) not in lm]
         tower_opt = torch.optim.AdamW(tower, lr=args.lr, weight_decay=0.01)
         for step in range(1, args.tower_steps + 1):
-            loss = tower_step(model, proc, head, capture, rng, 64)
+            loss = tower_step(model, proc, head, capture, rng, 64, args.free_fraction)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tower, 1.0)
             tower_opt.step()
