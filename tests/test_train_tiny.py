@@ -464,3 +464,37 @@ def test_mc_fraction_sets_the_share_of_multiple_choice_turns(fraction):
     qas = [qa for ex in examples for qa in ex["qas"]]
     lettered = [qa for qa in qas if qa.answer in "ABCD" and qa.options]
     assert len(lettered) == (len(qas) if fraction else 0)
+
+
+def test_visual_share_loss_is_minus_log_of_the_head_mean_share_among_visual_tokens():
+    """The ranking FastV reads: the head mean of layer 1's attention, renormalised over the visual tokens;
+    the mass on text tokens (here token 0) does not count."""
+    att = torch.full((3, 1, 2, 4, 4), 0.25)  # layers, B, H, L, L
+    att[1, 0, 0, 3] = torch.tensor([0.7, 0.2, 0.1, 0.0])  # head 0: 0.2 on the object token 1, 0.1 on token 2
+    att[1, 0, 1, 3] = torch.tensor([0.1, 0.3, 0.3, 0.3])  # head 1: 0.3 on the object
+    att[2, 0, :, 3] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # layer 2 is not read
+    visual = torch.tensor([[False, True, True, False]])
+    mask = torch.tensor([[False, True, False, False]])
+    loss = objectives.visual_share_loss(list(att), torch.tensor([0]), torch.tensor([3]), mask, visual, layer=1)
+    on, seen = (0.2 + 0.3) / 2, (0.3 + 0.6) / 2
+    assert loss.item() == pytest.approx(-math.log(on / seen))
+
+
+def test_typed_fraction_writes_open_questions_the_way_people_type_and_the_normaliser_reads_them_back(monkeypatch):
+    """With --typed-fraction 1 every open question is typed (capitals, '?', 'color' ...), multiple choice is
+    untouched, and the normaliser the training tokenizer carries gives the world question's words back."""
+    from tokensieve.eval.shapeworld import phrasing
+
+    pairs, rephrase = [], phrasing.rephrase
+    monkeypatch.setattr(phrasing, "rephrase", lambda q, rng: pairs.append((q, rephrase(q, rng))) or pairs[-1][1])
+    examples = train_tiny.sample_examples(random.Random(5), 40, False, turns=3, mc_fraction=0.3, typed_fraction=1.0)
+    qas = [qa for ex in examples for qa in ex["qas"]]
+    assert [t for _, t in pairs] == [qa.question for qa in qas if not qa.options]
+    assert any(qa.options for qa in qas)  # (asked as the world asks them)
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    tok.backend_tokenizer.normalizer = phrasing.normalizer(tok.get_vocab())
+    mark = tok.convert_tokens_to_ids("?")
+    assert sum(w != t for w, t in pairs) > 40
+    for world_q, typed_q in pairs:  # (people may leave out the "?")
+        words = [[i for i in tok(q)["input_ids"] if i != mark] for q in (world_q, typed_q)]
+        assert words[0] == words[1], (world_q, typed_q)

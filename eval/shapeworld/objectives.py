@@ -233,6 +233,18 @@ def grounding_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torc
     return -mass.mean(-1).clamp_min(1e-6).log().mean()
 
 
+def visual_share_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor,
+                      layer: int = 1) -> torch.Tensor:
+    """-log of the share of the answer-predicting token's head-mean attention in ``layer``, counted over the
+    visual tokens only (``visual`` [T, L]), that falls on the question's objects (``mask`` [T, L]), averaged
+    over turns: exactly the ranking FastV-style pruners read before layer ``layer + 1``. It says nothing of
+    how much of the attention goes to visual tokens at all, so the layer's heads stay free to read the
+    question's words (``word_loss``). attentions: per layer [B, H, L, L]; rows, pos [T]."""
+    probs = attentions[layer][rows, :, pos, :].mean(1)  # [T, L]
+    on, seen = (probs * mask).sum(-1), (probs * visual).sum(-1)  # [T]
+    return -(on.clamp_min(1e-9) / seen.clamp_min(1e-9)).log().mean()
+
+
 def word_loss(attentions, rows: torch.Tensor, pos: torch.Tensor, words: torch.Tensor, layer: int = 1
               ) -> torch.Tensor:
     """How far the answer-predicting token's attention in ``layer`` (1: the layer before the grounded one)

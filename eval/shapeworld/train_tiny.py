@@ -31,10 +31,10 @@ import time
 import torch
 
 from ...testing import make_tokenizer
-from . import phrasing, tiny_models, world
+from . import lossy, phrasing, tiny_models, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
                          cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, position_loss,
-                         position_targets, query_loss, readout_loss, share_loss, word_loss)
+                         position_targets, query_loss, readout_loss, share_loss, visual_share_loss, word_loss)
 from .video_targets import frame_targets, look_targets, novelty_targets
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
@@ -66,10 +66,12 @@ def unlocked(types: tuple[str, ...], step: int, every: int) -> tuple[str, ...]:
 
 def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_fraction: float = 0.2,
                     types: tuple[str, ...] | None = None, layout: str = "lattice",
-                    free_fraction: float = 0.0) -> list[dict]:
+                    free_fraction: float = 0.0, typed_fraction: float = 0.0) -> list[dict]:
     """``n`` examples: {"scenes": [Scene per image/frame], "qas": [QA, ...] (up to ``turns``, of ``types``)};
     ``layout``: where image objects sit (``world.random_scene``; videos stay on the lattice);
-    ``free_fraction``: the share of image scenes drawn with ``layout="free"`` instead (0: no draw is made)."""
+    ``free_fraction``: the share of image scenes drawn with ``layout="free"`` instead (0: no draw is made);
+    ``typed_fraction``: the share of open questions written the ways people type them (``phrasing.rephrase``;
+    0: no draw is made)."""
     out = []
     while len(out) < n:
         if video:
@@ -84,16 +86,20 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
             continue
         qas = rng.sample(qas, min(turns, len(qas)))
         qas = [world.multiple_choice(qa, rng) if rng.random() < mc_fraction else qa for qa in qas]
+        if typed_fraction > 0:
+            qas = [dataclasses.replace(qa, question=phrasing.rephrase(qa.question, rng))
+                   if not qa.options and rng.random() < typed_fraction else qa for qa in qas]
         out.append({"scenes": scenes, "qas": qas})
     return out
 
 
 def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
-            options: TargetOptions = TargetOptions()) -> dict:
+            options: TargetOptions = TargetOptions(), media=None) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
     [n_images, GRID * GRID, len(TARGETS)] (the per-token targets), ``ground`` (grounding_targets) and
-    ``novelty`` [B, L] (novelty_targets), ``frames`` (frame_targets) and ``look`` (look_targets)."""
+    ``novelty`` [B, L] (novelty_targets), ``frames`` (frame_targets) and ``look`` (look_targets).
+    ``media(frames) -> frames``: what an example's rendered images pass through first (``lossy``: a codec)."""
     texts, images, frames = [], [], []
     for ex in examples:
         messages = []
@@ -102,7 +108,8 @@ def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
             messages += [{"role": "user", "content": content},
                          {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]}]
         texts.append(proc.apply_chat_template(messages, tokenize=False).rstrip())
-        images.append([world.render(s) for s in ex["scenes"]])
+        rendered = [world.render(s) for s in ex["scenes"]]
+        images.append(rendered if media is None else media(rendered))
         frames += ex["scenes"]
     batch = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
     ids = batch["input_ids"]
@@ -139,7 +146,8 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
                share_weight: float = 0.0, readout_layers: tuple[int, ...] = (2,), ground_per_head: bool = False,
                query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0,
                word_weight: float = 0.0, frame_reader=None, frame_weight: float = 0.0, look_weight: float = 0.0,
-               look_layer: int = 1, look_heads: tuple[int, ...] | None = None, count_after_frames: bool = False
+               look_layer: int = 1, look_heads: tuple[int, ...] | None = None, count_after_frames: bool = False,
+               visual_share_weight: float = 0.0, visual_share_layer: int = 1, visual_id: int | None = None
                ) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty, positions = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty"), batch.pop("positions")
@@ -148,7 +156,7 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
     framed = frame_weight > 0 and frames is not None
     looked = look_weight > 0 and look is not None
     out = model(**batch, output_attentions=framed or looked or g is not None and (
-                    ground_weight > 0 or option_weight > 0 or share_weight > 0 or word_weight > 0),
+                    ground_weight > 0 or option_weight > 0 or share_weight > 0 or word_weight > 0 or visual_share_weight > 0),
                 output_hidden_states=novel or framed or position_weight > 0 or (
                     g is not None and (readout_weight > 0 or letter_weight > 0 or query_weight > 0)))
     loss, info = out.loss, {"lm": out.loss.item()}
@@ -156,6 +164,11 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         sel = g.grounded
         term = grounding_loss(out.attentions, g.rows[sel], g.pos[sel], g.mask[sel], per_head=ground_per_head)
         loss, info["ground"] = loss + ground_weight * term, term.item()
+    if g is not None and visual_share_weight and g.grounded.any():  # what FastV ranks before the next layer
+        sel = g.grounded
+        visual = batch["input_ids"][g.rows[sel]] == visual_id  # [T, L]
+        term = visual_share_loss(out.attentions, g.rows[sel], g.pos[sel], g.mask[sel], visual, visual_share_layer)
+        loss, info["visual_share"] = loss + visual_share_weight * term, term.item()
     if g is not None and option_weight and g.option.any():
         sel = g.option.any(-1)
         term = grounding_loss(out.attentions, g.rows[sel], g.pos[sel], g.option[sel], layer=len(out.attentions) - 1)
@@ -270,11 +283,12 @@ def relevance_examples(rng: random.Random, n: int) -> list[dict]:
 
 
 def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32,
-          progress=None, typed: bool = False, sampler=None, layout: str = "lattice") -> tuple[dict, dict]:
+          progress=None, typed: bool = False, sampler=None, layout: str = "lattice", media=None) -> tuple[dict, dict]:
     """``evaluate``'s counts: (right, total) per key ("all", each type, "open" / "multiple-choice");
     ``progress(k)`` after each batch of k examples. ``typed``: open questions only, each rewritten the
     way a person types it (``phrasing.rephrase``: capitals, "color", "What is the colour of ...?").
-    ``sampler(rng, k)``: the examples to ask instead of ``sample_examples`` (e.g. ``relevance_examples``)."""
+    ``sampler(rng, k)``: the examples to ask instead of ``sample_examples`` (e.g. ``relevance_examples``).
+    ``media``: what each example's rendered images pass through (``collate``; e.g. a codec from ``lossy``)."""
     was_training = model.training
     model.eval()
     rng, typing = random.Random(seed), random.Random(seed + 1)
@@ -286,7 +300,7 @@ def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int =
         if typed:
             examples = [dict(ex, qas=[dataclasses.replace(qa, question=phrasing.rephrase(qa.question, typing))
                                       for qa in ex["qas"]]) for ex in examples]
-        b = collate(proc, examples, eos_id, targets=False)
+        b = collate(proc, examples, eos_id, targets=False, media=media)
         gold = b.pop("labels")[:, -2]
         pred = model(**b).logits[:, -3].argmax(-1)
         for p, g, ex in zip(pred.tolist(), gold.tolist(), examples):
@@ -413,6 +427,18 @@ def main(argv=None):
                          "it, or on the first token where the object is new (video_targets.look_targets): the lookup "
                          "the novelty reader needs, trained on the attention itself")
     ap.add_argument("--look-layer", type=int, default=1, help="the LM layer of the look-back loss")
+    ap.add_argument("--visual-share-weight", type=float, default=0.0,
+                    help="weight of the visual-share loss: the answer token's head-mean attention in "
+                         "--visual-share-layer, counted over the visual tokens only, falls on the question's objects "
+                         "(objectives.visual_share_loss): the ranking FastV-style pruners read, one layer before the "
+                         "grounded layer 2")
+    ap.add_argument("--visual-share-layer", type=int, default=1, help="the LM layer of the visual-share loss")
+    ap.add_argument("--lossy-fraction", type=float, default=0.0,
+                    help="share of training examples whose rendered images pass through ordinary lossy media first "
+                         "(lossy.degrade: JPEG of random quality, or an mpeg4 / yuv420p stream for a video); 0: none")
+    ap.add_argument("--typed-fraction", type=float, default=0.0,
+                    help="share of open training questions written the ways people type them (phrasing.rephrase; "
+                         "the tokenizer's normaliser is on while training too)")
     ap.add_argument("--look-heads", type=int, nargs="+", default=[0],
                     help="the heads of --look-layer that look back (the others stay free)")
     ap.add_argument("--width-rope-scale", type=float, default=None,
@@ -430,6 +456,12 @@ def main(argv=None):
         raise SystemExit(f"--stop-at must be a step 1-{args.steps} of --steps, got {args.stop_at}")
     if not 0 <= args.free_fraction <= 1:
         raise SystemExit(f"--free-fraction must be in [0, 1], got {args.free_fraction}")
+    for name in ("lossy_fraction", "typed_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not 0 <= args.visual_share_layer < tiny_models.LM["num_hidden_layers"] or args.visual_share_weight < 0:
+        raise SystemExit(f"--visual-share-layer must be an LM layer and --visual-share-weight >= 0, got "
+                         f"{args.visual_share_layer}, {args.visual_share_weight}")
     if not 0 <= args.mc_fraction <= 1:
         raise SystemExit(f"--mc-fraction must be in [0, 1], got {args.mc_fraction}")
     last = args.stop_at or args.steps
@@ -454,7 +486,10 @@ def main(argv=None):
     tok = make_tokenizer(tuple(vocabulary()))
     extra = {} if args.width_rope_scale is None else {"width_rope_scale": args.width_rope_scale}
     model, proc = tiny_models.BUILDERS[args.family](tok, **extra)
-    if args.ground_weight or args.option_weight or args.word_weight or args.frame_weight or args.look_weight:  # (read attention probabilities)
+    if args.typed_fraction:  # the normaliser the saved tokenizer gets (phrasing.install), on while training
+        tok.backend_tokenizer.normalizer = phrasing.normalizer(tok.get_vocab())
+    if (args.ground_weight or args.option_weight or args.word_weight or args.frame_weight or args.look_weight
+            or args.visual_share_weight):  # (read attention probabilities)
         model.set_attn_implementation("eager")
     eos_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -516,16 +551,22 @@ def main(argv=None):
         args.aux_weight = 0.0
     target_options = TargetOptions(args.count_readout, args.distinct_readout, args.order_first,
                                    args.novelty_centres, args.distinct_sink, args.count_sink, args.frame_weight > 0)
+    media_rng = random.Random(args.seed + 1)  # its own stream: the scenes drawn do not depend on --lossy-fraction
+    media = (lambda frames: lossy.degrade(frames, media_rng) if media_rng.random() < args.lossy_fraction else frames) \
+        if args.lossy_fraction else None
+    visual_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
     for step in range(1, last + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
         mc = args.mc_fraction if img_types == IMAGE_TYPES else 0.0
-        parts = [sample_examples(rng, args.batch, False, args.turns, mc, img_types, free_fraction=args.free_fraction)]
+        parts = [sample_examples(rng, args.batch, False, args.turns, mc, img_types, free_fraction=args.free_fraction,
+                                 typed_fraction=args.typed_fraction)]
         if args.video_batch and step >= args.video_from:
-            parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types))
+            parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types,
+                                         typed_fraction=args.typed_fraction))
         info = {}
         for kind, examples in zip(("", "video_"), parts):
-            batch = collate(proc, examples, eos_id, options=target_options)
+            batch = collate(proc, examples, eos_id, options=target_options, media=media)
             loss, part = train_step(
                 model, head, capture, batch, args.aux_weight, args.ground_weight, reader=reader,
                 readout_weight=args.readout_weight, option_weight=args.option_weight, letter_reader=letter_reader,
@@ -535,7 +576,8 @@ def main(argv=None):
                 position_reader=position_reader, position_weight=args.position_weight, word_weight=args.word_weight,
                 frame_reader=frame_reader, frame_weight=args.frame_weight, look_weight=args.look_weight,
                 look_layer=args.look_layer, look_heads=tuple(args.look_heads),
-                count_after_frames=args.count_after_frames)
+                count_after_frames=args.count_after_frames, visual_share_weight=args.visual_share_weight,
+                visual_share_layer=args.visual_share_layer, visual_id=visual_id)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:
