@@ -66,3 +66,30 @@ def extend_inputs(inputs: dict, new_tokens: list[int]) -> dict:
     if "mm_token_type_ids" in inputs:
         out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
     return out
+
+
+def clip_tower_attention(tower, pixel_values, store=None):
+    """Run a CLIP vision ``tower`` on ``pixel_values`` with hooks that compute each layer's softmax
+    attention from its q_proj / k_proj, here and not by the model: returns (attention per layer
+    [B, H, S, S], the tower's hidden states); with ``store``, also each layer's keys and values
+    [B, H, S, d] under "k" / "v"."""
+    attn = []
+
+    def hook(mod, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        b, s, _ = x.shape
+        q = mod.q_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
+        k = mod.k_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
+        attn.append(torch.softmax(q @ k.transpose(-1, -2) * mod.scale, -1))
+        if store is not None:
+            store.setdefault("k", []).append(k)
+            store.setdefault("v", []).append(mod.v_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2))
+
+    hooks = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in tower.encoder.layers]
+    try:
+        with torch.no_grad():
+            hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+    finally:
+        for h in hooks:
+            h.remove()
+    return attn, hidden

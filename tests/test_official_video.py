@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import noise_image
+from reference import clip_tower_attention
 from tokensieve.pruners import StageInput, get_pruner
 from tokensieve.pruners.fastvid import FastVIDPruner, fastvid_select
 from tokensieve.pruners.frame_budget import FrameBudgetPruner, resize_frame
@@ -322,21 +323,9 @@ def tiny_llava_video(engine, path, n_frames):
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer  # -2: the hidden states entering the last layer
-    attn = []
-
-    def hook(mod, args, kwargs):
-        h = kwargs.get("hidden_states", args[0] if args else None)
-        b, s, _ = h.shape
-        q = mod.q_proj(h).view(b, s, -1, mod.head_dim).transpose(1, 2)
-        k = mod.k_proj(h).view(b, s, -1, mod.head_dim).transpose(1, 2)
-        attn.append(torch.softmax(q @ k.transpose(-1, -2) * mod.scale, -1))
-
-    hooks = [lay.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for lay in tower.encoder.layers]
+    attn, hidden = clip_tower_attention(tower, pv)
     with torch.no_grad():
-        hidden = tower(pv, output_hidden_states=True).hidden_states
         feats = model.model.multi_modal_projector(hidden[layer][:, 1:])
-    for h in hooks:
-        h.remove()
     cls = attn[len(hidden) - 1 + layer][:, :, 0, 1:].mean(1)  # the layer whose output is hidden[layer]
     return frames, feats, cls
 

@@ -109,26 +109,14 @@ def _eager_tower(path, pixel_values, store=None):
     """Per CLIP layer: softmax attention [H, S, S] of image 0, computed here from q_proj/k_proj
     (and, in ``store``, that layer's keys and values [H, S, d])."""
     from transformers import AutoModelForImageTextToText
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    tower = model.model.vision_tower
-    attn = []
-
-    def hook(mod, args, kwargs):
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        b, s, _ = x.shape
-        q = mod.q_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
-        k = mod.k_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)
-        attn.append(torch.softmax(q @ k.transpose(-1, -2) * mod.scale, -1)[0])
-        if store is not None:
-            store.setdefault("k", []).append(k[0])
-            store.setdefault("v", []).append(mod.v_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)[0])
-
-    hs = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in tower.encoder.layers]
-    with torch.no_grad():
-        tower(pixel_values, output_hidden_states=True)
-    for h in hs:
-        h.remove()
-    return attn
+    from reference import clip_tower_attention
+    tower = AutoModelForImageTextToText.from_pretrained(path).eval().model.vision_tower
+    kv = {} if store is not None else None
+    attn, _ = clip_tower_attention(tower, pixel_values, kv)
+    if store is not None:
+        for key, per_layer in kv.items():
+            store.setdefault(key, []).extend(t[0] for t in per_layer)
+    return [a[0] for a in attn]
 
 
 def _topk(scores, k):
