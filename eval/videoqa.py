@@ -55,11 +55,11 @@ def expand_plans(plans: list[str], pruners: str | None, budgets: str | None) -> 
 
 def world_dataset(out: str) -> str:
     """The embedded default set, written once under ``out/world`` (held-out seed 20 000)."""
-    from .shapeworld import world
+    from .shapeworld import dataset
 
     path = os.path.join(out, "world", "dataset.jsonl")
     if not os.path.exists(path):
-        world.write_dataset(os.path.join(out, "world"), n_images=0, n_videos=WORLD_VIDEOS, seed=20_000, progress=True)
+        dataset.write_dataset(os.path.join(out, "world"), n_images=0, n_videos=WORLD_VIDEOS, seed=20_000, progress=True)
     return path
 
 

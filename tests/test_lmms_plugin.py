@@ -76,10 +76,10 @@ def doc_to_target(doc):
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    from tokensieve.eval.shapeworld import world
+    from tokensieve.eval.shapeworld import dataset
 
     root = tmp_path_factory.mktemp("lmms")
-    path = world.write_dataset(str(root / "world"), n_images=0, n_videos=3, seed=20_000, mc_fraction=0.5, progress=False)
+    path = dataset.write_dataset(str(root / "world"), n_images=0, n_videos=3, seed=20_000, mc_fraction=0.5, progress=False)
     rows = [json.loads(line) for line in open(path)]
     data = root / "tasks" / "data.jsonl"
     data.parent.mkdir()

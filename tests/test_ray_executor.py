@@ -30,10 +30,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def world_data(tmp_path_factory):
-    from tokensieve.eval.shapeworld import world
+    from tokensieve.eval.shapeworld import dataset
 
-    return world.write_dataset(str(tmp_path_factory.mktemp("world")), n_images=0, n_videos=4, seed=20_000, size=64,
-                               progress=False)
+    return dataset.write_dataset(str(tmp_path_factory.mktemp("world")), n_images=0, n_videos=4, seed=20_000, size=64,
+                                 progress=False)
 
 
 def _records(out):

@@ -14,10 +14,10 @@ pytest.importorskip("av")
 
 @pytest.fixture(scope="module")
 def world_data(tmp_path_factory):
-    from tokensieve.eval.shapeworld import world
+    from tokensieve.eval.shapeworld import dataset
 
     out = tmp_path_factory.mktemp("world")
-    return world.write_dataset(str(out), n_images=0, n_videos=3, seed=20_000, size=64, progress=False)
+    return dataset.write_dataset(str(out), n_images=0, n_videos=3, seed=20_000, size=64, progress=False)
 
 
 def _lines(out):

@@ -5,8 +5,9 @@ import random
 import numpy as np
 import pytest
 
+from tokensieve.eval.shapeworld.dataset import write_dataset
 from tokensieve.eval.shapeworld.world import (COLOURS, Obj, Scene, image_questions, multiple_choice, random_scene, random_video,
-                                   render, video_questions, write_dataset)
+                                   render, video_questions)
 
 
 def test_deterministic_for_a_seed():
@@ -71,6 +72,18 @@ def test_write_dataset(tmp_path):
     again = tmp_path / "again"
     write_dataset(str(again), n_images=3, n_videos=2, seed=0, progress=False)
     assert open(again / "dataset.jsonl").read() == open(path).read()
+
+
+def test_write_dataset_typed_fraction_types_the_open_questions_only(tmp_path):
+    """typed_fraction=1: every open question as people type it (never the world's spaced " ?": "circle?", or no
+    question mark at all); multiple-choice questions keep the world's wording."""
+    rows = [json.loads(line) for line in open(write_dataset(str(tmp_path), n_images=6, n_videos=0, seed=1,
+                                                            mc_fraction=0.3, progress=False, typed_fraction=1.0))]
+    open_rows = [r for r in rows if not r["options"]]
+    assert open_rows and not any(" ?" in r["question"] for r in open_rows)
+    assert all(" ?" in r["question"] for r in rows if r["options"])
+    with pytest.raises(ValueError, match="typed_fraction must be in"):
+        write_dataset(str(tmp_path / "bad"), n_images=1, typed_fraction=2, progress=False)
 
 
 def test_cell_labels_name_what_each_token_cell_shows():

@@ -1,6 +1,6 @@
 """Ordinary lossy media: what users' files do to the world's renders (issue 29, item 2).
 
-The world writes its own videos losslessly (``world.write_video``: libx264rgb, decoding gives back
+The world writes its own videos losslessly (``dataset.write_video``: libx264rgb, decoding gives back
 the render), but users' images are JPEGs and their videos are 4:2:0 MPEG files: colour at half the
 resolution, so a one-cell object bleeds into its neighbours, and block artefacts. These functions
 apply exactly that to rendered frames, in memory, with the real codecs (Pillow's JPEG, PyAV's
@@ -72,12 +72,12 @@ def degrade(frames: list[Image.Image], rng: random.Random) -> list[Image.Image]:
 
 
 def world_mp4(frames: list[Image.Image]) -> list[Image.Image]:
-    """``frames`` written as the world writes its videos (``world.write_video``) and read back by the engine's
+    """``frames`` written as the world writes its videos (``dataset.write_video``) and read back by the engine's
     reader (``engine.video.decode_video``, every frame): what the evaluation script sees of the world's files."""
     import tempfile
 
     from ...engine.video import decode_video
-    from .world import write_video
+    from .dataset import write_video
 
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/video.mp4"
