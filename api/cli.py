@@ -38,12 +38,14 @@ def table(rows: list[dict]) -> str:
 def run(args) -> int:
     import tokensieve
 
-    from tokensieve.engine.request import load_image
+    from tokensieve.engine.request import check_priority, load_image
     from tokensieve.engine.video import decode_video
 
     plans = args.plan if args.plan else DEFAULT_PLANS
     try:
         parsed = [tokensieve.Plan.parse(p or None) for p in plans]
+        for plan in parsed:  # the command line gives no token priorities: a plan that reads them fails here
+            check_priority(None, plan)
         for i, path in enumerate(args.image):  # bad files fail before the model loads
             load_image(path, f"image {i}")
         video = None

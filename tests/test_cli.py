@@ -43,6 +43,14 @@ def test_cli_bad_image_is_one_clear_error(tmp_path):
     assert out.stderr.strip() == f"error: image 0: file not found: {tmp_path / 'missing.png'}"
 
 
+def test_cli_priority_plan_is_refused_before_the_model_loads(tmp_path):
+    """The command line gives no priorities: the plan is refused first (a missing model would be the error
+    if it loaded first)."""
+    out = _run("--model", str(tmp_path / "no-model"), "--prompt", "what", "--plan", "priority:keep=8")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and "priority" in out.stderr and "no-model" not in out.stderr
+
+
 def test_module_commands_run_from_the_repository_root():
     """``python -m tokensieve...`` from the checkout's root (as the README's commands are typed), where
     ``kernels/`` could shadow the Hugging Face ``kernels`` package that transformers imports."""
