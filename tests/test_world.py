@@ -221,3 +221,42 @@ def test_training_examples_mix_free_scenes_only_when_asked():
     free = [any(o.scale != 1.0 for o in e["scenes"][0].objects) or e["scenes"][0].background != "noise" for e in mixed]
     assert 8 < sum(free) < 32
     assert all(isinstance(e["scenes"][0], world.Scene) for e in mixed)
+
+
+def test_free_layout_videos_drift_anywhere_with_the_lattice_videos_events():
+    """Issue 29 item 3, videos: objects anywhere, drifting less than a token cell per segment, inside the image
+    and never overlapping beyond touching in any frame; events only at segment boundaries (so 8 evenly sampled
+    frames see them all) and the questions' answers follow the spans."""
+    import math
+
+    from tokensieve.eval.shapeworld import world
+
+    kinds, drift = set(), []
+    for seed in range(20):
+        n = random.Random(seed).choice([8, 16, 32])
+        video = world.random_video(random.Random(seed), n_frames=n, size=96, layout="free")
+        seg, spans = n // 8, video.meta["spans"]
+        kinds.add(video.frames[0].background)
+        names = [o.name for o in video.meta["objects"].values()]
+        assert len(names) == len(set(names))
+        last = {}
+        for f, frame in enumerate(video.frames):
+            assert {o.uid for o in frame.objects} == {u for u, (a, b) in spans.items() if a <= f < b}
+            assert {o.uid for o in frame.objects} == {o.uid for o in video.frames[f // seg * seg].objects}
+            for o in frame.objects:
+                e = world.SIZES[o.size] * o.scale
+                assert e - 1e-9 <= o.x <= 1 - e + 1e-9 and e - 1e-9 <= o.y <= 1 - e + 1e-9
+                if o.uid in last:
+                    drift.append(math.hypot(o.x - last[o.uid][0], o.y - last[o.uid][1]))
+                last[o.uid] = (o.x, o.y)
+            for i, a in enumerate(frame.objects):
+                for b in frame.objects[i + 1:]:
+                    ea, eb = world.SIZES[a.size] * a.scale, world.SIZES[b.size] * b.scale
+                    assert math.hypot(a.x - b.x, a.y - b.y) >= ea + eb
+        for qa in world.video_questions(video, random.Random(seed)):
+            if qa.type == "distinct":
+                assert qa.answer == str(len(spans))
+    assert max(drift) < 1 / 8 and sum(d > 0 for d in drift) > 20  # they move, by less than one cell a segment
+    assert len(kinds) >= 3
+    with pytest.raises(ValueError, match="layout must be"):
+        world.random_video(random.Random(0), n_frames=8, layout="grid")

@@ -30,8 +30,8 @@ def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, v
     "all", each question type, "open" and "multiple-choice". ``typed``: the same held-out scenes asked
     as people type (open questions, ``phrasing.rephrase``), under "image typed" / "video typed".
     ``n_relevance``: also that many single video frames asked QuoTA's per-frame question ("is there a X ?",
-    ``train_tiny.relevance_examples``), under "relevance". ``layout="free"``: image scenes with objects anywhere
-    (``world.random_scene``), under "image free" (videos stay on the lattice). ``codec`` (``lossy.CODECS``): the
+    ``train_tiny.relevance_examples``), under "relevance". ``layout="free"``: scenes and videos with objects
+    anywhere (``world.random_scene`` / ``random_video``), under "image free" / "video free". ``codec`` (``lossy.CODECS``): the
     images and frames pass through it first (e.g. "mpeg4": videos as users' lossy files), under "image mpeg4" ..."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -43,7 +43,7 @@ def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, v
         if n:
             right, total = train_tiny.tally(model, proc, eos_id, n, seed, video=kind == "video", batch=batch,
                                             progress=progress, typed=typed, layout=layout, media=media)
-            name = " ".join([kind] + (["free"] if layout == "free" and kind == "image" else []) + (["typed"] if typed else [])
+            name = " ".join([kind] + (["free"] if layout == "free" else []) + (["typed"] if typed else [])
                             + ([codec] if codec != "none" else []))
             out[name] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
                          for k in sorted(total)}
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--typed", action="store_true", help="ask the questions as people type them (open questions "
                     "rewritten by phrasing.rephrase: capitals, 'color', 'What is the colour of the X?', 'please')")
     ap.add_argument("--layout", choices=("lattice", "free"), default="lattice",
-                    help="image scenes on the token lattice (the training scenes) or anywhere: continuous positions, "
+                    help="scenes and videos on the token lattice (the training scenes) or anywhere: continuous positions, "
                          "sizes from half a token cell to about three, touching objects, varied backgrounds")
     ap.add_argument("--relevance", type=int, default=0,
                     help="also ask this many single video frames QuoTA's per-frame question (is there a X ?), "

@@ -67,14 +67,15 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
                     types: tuple[str, ...] | None = None, layout: str = "lattice",
                     free_fraction: float = 0.0, typed_fraction: float = 0.0) -> list[dict]:
     """``n`` examples: {"scenes": [Scene per image/frame], "qas": [QA, ...] (up to ``turns``, of ``types``)};
-    ``layout``: where image objects sit (``world.random_scene``; videos stay on the lattice);
-    ``free_fraction``: the share of image scenes drawn with ``layout="free"`` instead (0: no draw is made);
+    ``layout``: where objects sit (``world.random_scene`` / ``random_video``: "lattice" or "free");
+    ``free_fraction``: the share of image scenes drawn with ``layout="free"`` instead (0: no draw is made;
+    videos keep ``layout``);
     ``typed_fraction``: the share of open questions written the ways people type them (``phrasing.rephrase``;
     0: no draw is made)."""
     out = []
     while len(out) < n:
         if video:
-            v = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE)
+            v = world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE, layout=layout)
             scenes, qas = v.frames, world.video_questions(v, rng)
         else:
             free = free_fraction > 0 and rng.random() < free_fraction

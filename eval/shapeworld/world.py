@@ -233,7 +233,7 @@ def random_scene(rng: random.Random, n_min: int = 1, n_max: int = 8, size: int =
     return Scene(objs, size=size, background_seed=rng.randrange(2**31), background=rng.choice(BACKGROUNDS))
 
 
-def free_objects(rng: random.Random, n: int) -> list[Obj]:
+def free_objects(rng: random.Random, n: int, distinct_names: bool = False) -> list[Obj]:
     """Up to n objects at continuous positions and scales, no two overlapping beyond touching (bounding discs)."""
     objs: list[Obj] = []
     for _ in range(50 * n):
@@ -243,9 +243,14 @@ def free_objects(rng: random.Random, n: int) -> list[Obj]:
                 scale=rng.uniform(0.6, 1.8))
         e = extent(o)
         o = replace(o, x=rng.uniform(e, 1 - e), y=rng.uniform(e, 1 - e))
-        if all(math.hypot(o.x - p.x, o.y - p.y) >= (e + extent(p)) * 1.15 for p in objs):
+        if _apart(o, objs) and not (distinct_names and any(p.name == o.name for p in objs)):
             objs.append(o)
     return objs
+
+
+def _apart(o: Obj, objs: list[Obj]) -> bool:
+    """``o`` overlaps none of ``objs`` beyond touching (bounding discs, 15 % margin)."""
+    return all(math.hypot(o.x - p.x, o.y - p.y) >= (extent(o) + extent(p)) * 1.15 for p in objs if p.uid != o.uid)
 
 
 # ---- image questions ---------------------------------------------------------------------------
@@ -330,9 +335,10 @@ def multiple_choice(qa: QA, rng: random.Random) -> QA:
 SEGMENTS = 8  # a video's events happen at segment boundaries
 
 
-def random_video(rng: random.Random, n_frames: int | None = None, size: int = 128) -> Video:
+def random_video(rng: random.Random, n_frames: int | None = None, size: int = 128, layout: str = "lattice") -> Video:
     """Objects (distinct names) appear, disappear and move on the lattice; ``meta`` records each one's
-    first and last frame.
+    first and last frame. ``layout="free"``: objects anywhere (``free_objects``: continuous positions and
+    sizes, touching allowed) on any of BACKGROUNDS, moving up to about half a token cell per segment.
 
     The video is cut into SEGMENTS equal segments and objects appear / disappear only at segment
     boundaries (and move one cell at a boundary), so any SEGMENTS evenly spaced frames (what the engine
@@ -341,11 +347,13 @@ def random_video(rng: random.Random, n_frames: int | None = None, size: int = 12
     n_frames = n_frames or rng.choice([8, 16, 24, 32])
     if n_frames % SEGMENTS:
         raise ValueError(f"n_frames must be a multiple of {SEGMENTS}, got {n_frames}")
+    if layout not in ("lattice", "free"):
+        raise ValueError(f"layout must be 'lattice' or 'free', got {layout!r}")
     seg = n_frames // SEGMENTS
+    if layout == "free":
+        return _free_video(rng, n_frames, size, seg)
     pool = random_objects(rng, rng.randint(2, 5), distinct_names=True)
-    starts = [0] + sorted(rng.sample(range(1, SEGMENTS - 1), len(pool) - 1))
-    rng.shuffle(pool)
-    spans = {o.uid: (s * seg, rng.randint(s + 1, SEGMENTS) * seg) for o, s in zip(pool, starts)}
+    spans = _spans(rng, pool, seg)
     at = [pool]  # positions per segment: each object steps one lattice cell per segment when it can
     step = {o.uid: (rng.choice((-1, 0, 1)) / LATTICE, rng.choice((-1, 0, 1)) / LATTICE) for o in pool}
     for _ in range(1, SEGMENTS):
@@ -363,6 +371,37 @@ def random_video(rng: random.Random, n_frames: int | None = None, size: int = 12
     frames = [Scene([o for o in at[f // seg] if spans[o.uid][0] <= f < spans[o.uid][1]], size=size, background_seed=bg)
               for f in range(n_frames)]
     return Video(frames, meta={"spans": spans, "objects": {o.uid: o for o in pool}})
+
+
+def _free_video(rng: random.Random, n_frames: int, size: int, seg: int) -> Video:
+    """``random_video``'s events (``_spans``) with ``free_objects`` that drift, bouncing off the edges and
+    staying where a step would overlap another object."""
+    pool = free_objects(rng, rng.randint(2, 5), distinct_names=True)
+    spans = _spans(rng, pool, seg)
+    at, step = [pool], {o.uid: (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)) for o in pool}
+    for _ in range(1, SEGMENTS):
+        moved = list(at[-1])
+        for i, o in enumerate(moved):
+            dx, dy = step[o.uid]
+            cand = replace(o, x=o.x + dx, y=o.y + dy)
+            e = extent(o)
+            if e <= cand.x <= 1 - e and e <= cand.y <= 1 - e and _apart(cand, moved):
+                moved[i] = cand
+            else:
+                step[o.uid] = (-dx, -dy)
+        at.append(moved)
+    bg, kind = rng.randrange(2**31), rng.choice(BACKGROUNDS)
+    frames = [Scene([o for o in at[f // seg] if spans[o.uid][0] <= f < spans[o.uid][1]], size=size, background_seed=bg,
+                    background=kind) for f in range(n_frames)]
+    return Video(frames, meta={"spans": spans, "objects": {o.uid: o for o in pool}})
+
+
+def _spans(rng: random.Random, pool: list[Obj], seg: int) -> dict[int, tuple[int, int]]:
+    """Each object's [first, last) frame: the first object from frame 0, the others from distinct later
+    segments, each until a random later segment boundary (shuffles ``pool`` in place)."""
+    starts = [0] + sorted(rng.sample(range(1, SEGMENTS - 1), len(pool) - 1))
+    rng.shuffle(pool)
+    return {o.uid: (s * seg, rng.randint(s + 1, SEGMENTS) * seg) for o, s in zip(pool, starts)}
 
 
 def video_questions(video: Video, rng: random.Random) -> list[QA]:
