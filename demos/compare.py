@@ -150,8 +150,8 @@ def example_files() -> list[tuple[str, str]]:
     """The bundled examples: (path, question), world scenes and a world video where the budgets visibly
     differ on the embedded model (demos/examples/README.md says how they were chosen)."""
     here = os.path.join(os.path.dirname(__file__), "examples")
-    return [(os.path.join(here, "shapes_green_cross.png"), "what shape is the green object ?"),
-            (os.path.join(here, "shapes_yellow_star.png"), "what colour is the star ?"),
+    return [(os.path.join(here, "shapes_purple_square.png"), "what colour is the square ?"),
+            (os.path.join(here, "shapes_red_count.png"), "how many red objects are there ?"),
             (os.path.join(here, "objects_appear.mp4"), "how many distinct objects appeared ?")]
 
 
