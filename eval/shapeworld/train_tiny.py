@@ -16,8 +16,11 @@ saved); a grounding loss pulls the answer-predicting token's attention (LM layer
 tokens of the objects the question is about (``QA.refs``); and a readout loss asks a linear reader
 (not saved) to tell that object's colour, shape and half-plane from the answer-predicting token
 right after layer 2, so what the attention found reaches the answer (the targets and losses are
-in ``objectives``). ``--init-from`` continues from a saved checkpoint. docs/training.md has the
-measurements.
+in ``objectives``). ``--visual-share-weight`` also ranks the question's objects first among the visual
+tokens in layer 1's attention (what FastV reads before layer 2). The data can be widened towards what
+users bring: objects anywhere (``--free-fraction``), lossy media (``--lossy-fraction``, ``lossy``) and typed
+questions (``--typed-fraction``). ``--init-from`` continues from a saved checkpoint. The options and their
+checks are in ``train_options``; docs/training.md has the measurements.
 """
 from __future__ import annotations
 
