@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import replace
 
 from PIL import Image
 
-from .phrasing import rephrase
+from .phrasing import maybe_typed
 from .world import QA, image_questions, multiple_choice, random_scene, random_video, render, video_questions
 
 
@@ -55,9 +54,7 @@ def write_dataset(out_dir: str, n_images: int, n_videos: int = 0, seed: int = 0,
 
     def ask(qa: QA) -> QA:
         qa = multiple_choice(qa, rng) if rng.random() < mc_fraction else qa
-        if typed_fraction > 0 and not qa.options and rng.random() < typed_fraction:
-            qa = replace(qa, question=rephrase(qa.question, rng))
-        return qa
+        return maybe_typed(qa, rng, typed_fraction)
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     if n_videos:

@@ -18,6 +18,7 @@ read as the first:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -81,6 +82,14 @@ TYPED = {  # world prefix -> ways people type it ({rest} is the remainder of the
     "is there a ": ("Is there a {rest}?", "is there a {rest}", "Is there a {rest} please?"),
 }
 POLITE = ("", " please", " Please.", "")
+
+
+def maybe_typed(qa, rng: random.Random, fraction: float):
+    """``qa`` (a ``world.QA``) with its question ``rephrase``d with probability ``fraction`` if it is open (a
+    multiple-choice question keeps the world's wording); no draw is made for ``fraction`` 0 or an option list."""
+    if fraction > 0 and not qa.options and rng.random() < fraction:
+        return dataclasses.replace(qa, question=rephrase(qa.question, rng))
+    return qa
 
 
 def rephrase(question: str, rng: random.Random) -> str:

@@ -89,9 +89,7 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
             continue
         qas = rng.sample(qas, min(turns, len(qas)))
         qas = [world.multiple_choice(qa, rng) if rng.random() < mc_fraction else qa for qa in qas]
-        if typed_fraction > 0:
-            qas = [dataclasses.replace(qa, question=phrasing.rephrase(qa.question, rng))
-                   if not qa.options and rng.random() < typed_fraction else qa for qa in qas]
+        qas = [phrasing.maybe_typed(qa, rng, typed_fraction) for qa in qas]
         out.append({"scenes": scenes, "qas": qas})
     return out
 

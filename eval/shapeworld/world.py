@@ -367,10 +367,7 @@ def random_video(rng: random.Random, n_frames: int | None = None, size: int = 12
             else:
                 step[o.uid] = (-dx, -dy)  # bounce
         at.append(moved)
-    bg = rng.randrange(2**31)
-    frames = [Scene([o for o in at[f // seg] if spans[o.uid][0] <= f < spans[o.uid][1]], size=size, background_seed=bg)
-              for f in range(n_frames)]
-    return Video(frames, meta={"spans": spans, "objects": {o.uid: o for o in pool}})
+    return _video(pool, spans, at, n_frames, size, rng.randrange(2**31))
 
 
 def _free_video(rng: random.Random, n_frames: int, size: int, seg: int) -> Video:
@@ -391,8 +388,15 @@ def _free_video(rng: random.Random, n_frames: int, size: int, seg: int) -> Video
                 step[o.uid] = (-dx, -dy)
         at.append(moved)
     bg, kind = rng.randrange(2**31), rng.choice(BACKGROUNDS)
-    frames = [Scene([o for o in at[f // seg] if spans[o.uid][0] <= f < spans[o.uid][1]], size=size, background_seed=bg,
-                    background=kind) for f in range(n_frames)]
+    return _video(pool, spans, at, n_frames, size, bg, kind)
+
+
+def _video(pool: list[Obj], spans: dict, at: list[list[Obj]], n_frames: int, size: int, background_seed: int,
+           background: str = "noise") -> Video:
+    """The frames of a video whose objects sit at ``at[segment]`` and show during their ``spans``."""
+    seg = n_frames // SEGMENTS
+    frames = [Scene([o for o in at[f // seg] if spans[o.uid][0] <= f < spans[o.uid][1]], size=size,
+                    background_seed=background_seed, background=background) for f in range(n_frames)]
     return Video(frames, meta={"spans": spans, "objects": {o.uid: o for o in pool}})
 
 
