@@ -18,33 +18,38 @@ import sys
 
 import torch
 
-from tokensieve.eval.shapeworld import lossy, shipped, train_tiny
+from tokensieve.eval.shapeworld import lossy, native_video, shipped, train_tiny
 
 BAR = {"image": 0.95, "video": 0.90, "relevance": 0.95}  # relevance: QuoTA's per-frame yes / no question
 
 
 def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, video_seed: int = 20_000,
             progress=None, typed: bool = False, n_relevance: int = 0, relevance_seed: int = 30_000,
-            layout: str = "lattice", codec: str = "none") -> dict:
+            layout: str = "lattice", codec: str = "none", video_mode: str = "frames") -> dict:
     """{"image" | "video": {key: {"right", "n", "accuracy"}}} for the checkpoint at ``path``; keys are
     "all", each question type, "open" and "multiple-choice". ``typed``: the same held-out scenes asked
     as people type (open questions, ``phrasing.rephrase``), under "image typed" / "video typed".
     ``n_relevance``: also that many single video frames asked QuoTA's per-frame question ("is there a X ?",
     ``train_tiny.relevance_examples``), under "relevance". ``layout="free"``: scenes and videos with objects
     anywhere (``world.random_scene`` / ``random_video``), under "image free" / "video free". ``codec`` (``lossy.CODECS``): the
-    images and frames pass through it first (e.g. "mpeg4": videos as users' lossy files), under "image mpeg4" ..."""
+    images and frames pass through it first (e.g. "mpeg4": videos as users' lossy files), under "image mpeg4" ...
+    ``video_mode="native"``: each video enters as one native video (``native_video``: Qwen2-VL's temporal patches of
+    two frames, the engine's default), under "video native"."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     proc = AutoProcessor.from_pretrained(path)
     eos_id = model.config.get_text_config().eos_token_id
+    if video_mode == "native" and n_videos:
+        native_video.check_family(proc, "--video-mode native")
     out, media = {}, None if codec == "none" else (lambda frames: lossy.through(codec, frames))
     for kind, n, seed, batch in (("image", n_images, image_seed, 32), ("video", n_videos, video_seed, 8)):
         if n:
             right, total = train_tiny.tally(model, proc, eos_id, n, seed, video=kind == "video", batch=batch,
-                                            progress=progress, typed=typed, layout=layout, media=media)
+                                            progress=progress, typed=typed, layout=layout, media=media,
+                                            native=video_mode == "native")
             name = " ".join([kind] + (["free"] if layout == "free" else []) + (["typed"] if typed else [])
-                            + ([codec] if codec != "none" else []))
+                            + ([codec] if codec != "none" else []) + (["native"] if kind == "video" and video_mode == "native" else []))
             out[name] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
                          for k in sorted(total)}
     if n_relevance:
@@ -90,6 +95,9 @@ def main(argv=None) -> dict:
                     help="pass the images and frames through this first: world-mp4 (videos written as the world's "
                          "files and read back by the engine), jpeg (quality 75, 4:2:0), mpeg4 (videos as users' lossy "
                          "files: yuv420p, qscale 4; still images as jpeg)")
+    ap.add_argument("--video-mode", choices=("frames", "native"), default="frames",
+                    help="videos as frames (one image each, how the tiny models were first trained) or as one native "
+                         "video (Qwen2-VL's temporal patches of two frames: the engine's default for Qwen)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results here (JSON), and the table beside it (.md)")
     args = ap.parse_args(argv)
@@ -106,7 +114,8 @@ def main(argv=None) -> dict:
     with tqdm(total=len(paths) * (args.images + args.videos + args.relevance), desc="held-out questions") as bar:
         for name, path in paths.items():
             results[name] = measure(path, args.images, args.videos, args.image_seed, args.video_seed, bar.update,
-                                    typed=args.typed, n_relevance=args.relevance, layout=args.layout, codec=args.codec)
+                                    typed=args.typed, n_relevance=args.relevance, layout=args.layout, codec=args.codec,
+                                    video_mode=args.video_mode)
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -13,7 +13,6 @@ training script's per-token auxiliary loss.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ...testing import CHAT_TEMPLATES

@@ -123,6 +123,10 @@ def parse(argv=None, description: str | None = None) -> argparse.Namespace:
     ap.add_argument("--typed-fraction", type=float, default=0.0,
                     help="share of open training questions written the ways people type them (phrasing.rephrase; "
                          "the tokenizer's normaliser is on while training too)")
+    ap.add_argument("--native-fraction", type=float, default=0.0,
+                    help="share of the video batches (and of the tower phase's steps) entering as native videos: "
+                         "temporal patches of two frames (native_video; Qwen2-VL, the engine's default video mode); "
+                         "0: videos as frames only")
     ap.add_argument("--width-rope-scale", type=float, default=None,
                     help="qwen2_vl only: multiply the LM's M-RoPE width frequencies by this (21.5: as height's; "
                          "tiny_models.mrope_parameters); with --init-from, the checkpoint's other weights are kept")
@@ -142,7 +146,7 @@ def check(args: argparse.Namespace) -> None:
         raise SystemExit("--steps and --batch must be positive")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise SystemExit(f"--stop-at must be a step 1-{args.steps} of --steps, got {args.stop_at}")
-    for name in ("free_fraction", "lossy_fraction", "typed_fraction", "mc_fraction"):
+    for name in ("free_fraction", "lossy_fraction", "typed_fraction", "mc_fraction", "native_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if not 0 <= args.visual_share_layer < tiny_models.LM["num_hidden_layers"] or args.visual_share_weight < 0:

@@ -33,10 +33,11 @@ import time
 import torch
 
 from ...testing import make_tokenizer
-from . import lossy, phrasing, tiny_models, train_options, world
-from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TARGETS, TargetOptions, aux_logits, aux_loss,
-                         cell_targets, grounding_loss, grounding_targets, letter_loss, novelty_loss, position_loss,
-                         position_targets, query_loss, readout_loss, share_loss, visual_share_loss, word_loss)
+from . import lossy, native_video, phrasing, tiny_models, train_options, world
+from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TargetOptions, aux_logits, aux_loss, cell_targets,
+                         grounding_loss, grounding_targets, letter_loss, novelty_loss, position_loss, position_targets,
+                         query_loss, readout_loss, share_loss, visual_share_loss, word_loss)
+from .tower_phase import tower_accuracy, tower_step
 from .video_targets import frame_targets, look_targets, novelty_targets
 from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
@@ -95,24 +96,30 @@ def sample_examples(rng: random.Random, n: int, video: bool, turns: int = 1, mc_
 
 
 def collate(proc, examples: list[dict], eos_id: int, targets: bool = True,
-            options: TargetOptions = TargetOptions(), media=None) -> dict:
+            options: TargetOptions = TargetOptions(), media=None, native: bool = False) -> dict:
     """Processor inputs for a conversation (one turn per QA, the first turn exactly the engine's
     prompt); ``labels`` keep each answer and the eos after it; with ``targets``, ``cells``
     [n_images, GRID * GRID, len(TARGETS)] (the per-token targets), ``ground`` (grounding_targets) and
     ``novelty`` [B, L] (novelty_targets), ``frames`` (frame_targets) and ``look`` (look_targets).
-    ``media(frames) -> frames``: what an example's rendered images pass through first (``lossy``: a codec)."""
+    ``media(frames) -> frames``: what an example's rendered images pass through first (``lossy``: a codec).
+    ``native``: every example is a video entering as one native video (``native_video``; Qwen2-VL), whose
+    targets are those of its temporal patches (``native_video.temporal_groups``)."""
     texts, images, frames = [], [], []
+    if native:
+        examples = [dict(ex, frames=ex["scenes"], scenes=native_video.temporal_groups(ex["scenes"])) for ex in examples]
     for ex in examples:
         messages = []
+        visual = [{"type": "video"}] if native else [{"type": "image"}] * len(ex["scenes"])
         for i, qa in enumerate(ex["qas"]):
-            content = [{"type": "image"}] * (len(ex["scenes"]) if i == 0 else 0) + [{"type": "text", "text": qa.question}]
+            content = (visual if i == 0 else []) + [{"type": "text", "text": qa.question}]
             messages += [{"role": "user", "content": content},
                          {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]}]
         texts.append(proc.apply_chat_template(messages, tokenize=False).rstrip())
-        rendered = [world.render(s) for s in ex["scenes"]]
+        rendered = [world.render(s) for s in ex.get("frames", ex["scenes"])]
         images.append(rendered if media is None else media(rendered))
         frames += ex["scenes"]
-    batch = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+    visuals = native_video.video_kwargs(proc, images) if native else {"images": images}
+    batch = dict(proc(text=texts, return_tensors="pt", padding=True, **visuals))
     ids = batch["input_ids"]
     marker = proc.tokenizer.convert_tokens_to_ids(assistant_marker(proc))
     answer = torch.zeros_like(ids, dtype=torch.bool)
@@ -148,7 +155,7 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
                query_reader=None, query_weight: float = 0.0, position_reader=None, position_weight: float = 0.0,
                word_weight: float = 0.0, frame_reader=None, frame_weight: float = 0.0, look_weight: float = 0.0,
                look_layer: int = 1, look_heads: tuple[int, ...] | None = None, count_after_frames: bool = False,
-               visual_share_weight: float = 0.0, visual_share_layer: int = 1, visual_id: int | None = None
+               visual_share_weight: float = 0.0, visual_share_layer: int = 1, visual_ids: tuple[int, ...] = ()
                ) -> tuple[torch.Tensor, dict]:
     capture.clear()
     cells, g, novelty, positions = batch.pop("cells"), batch.pop("ground"), batch.pop("novelty"), batch.pop("positions")
@@ -167,7 +174,7 @@ def train_step(model, head, capture: list, batch: dict, aux_weight: float, groun
         loss, info["ground"] = loss + ground_weight * term, term.item()
     if g is not None and visual_share_weight and g.grounded.any():  # what FastV ranks before the next layer
         sel = g.grounded
-        visual = batch["input_ids"][g.rows[sel]] == visual_id  # [T, L]
+        visual = torch.isin(batch["input_ids"][g.rows[sel]], torch.tensor(visual_ids))  # [T, L] image or video tokens
         term = visual_share_loss(out.attentions, g.rows[sel], g.pos[sel], g.mask[sel], visual, visual_share_layer)
         loss, info["visual_share"] = loss + visual_share_weight * term, term.item()
     if g is not None and option_weight and g.option.any():
@@ -226,38 +233,11 @@ def frame_new_map(frames, shape) -> torch.Tensor:
     return out
 
 
-def tower_tokens(model, proc, capture: list, scenes: list) -> torch.Tensor:
-    """The LLM's visual tokens for these scenes, from the tower and projector alone: [n, GRID * GRID, D]."""
-    capture.clear()
-    model.model.get_image_features(**proc.image_processor([world.render(s) for s in scenes], return_tensors="pt"))
-    return capture[0].reshape(len(scenes), GRID * GRID, -1)
-
-
-def tower_step(model, proc, head, capture: list, rng: random.Random, n: int, free_fraction: float = 0.0) -> torch.Tensor:
-    """Phase 1: the tower and projector alone learn the per-token targets (no language model); a
-    ``free_fraction`` share of the scenes with objects anywhere (0: no extra draw)."""
-    scenes = [world.random_scene(rng, size=IMAGE, layout="free" if free_fraction > 0 and rng.random() < free_fraction
-                                 else "lattice") for _ in range(n)]
-    return aux_loss(aux_logits(head, tower_tokens(model, proc, capture, scenes), n), cell_targets(scenes))
-
-
 @torch.no_grad()
-def tower_accuracy(model, proc, head, capture: list, seed: int, n: int = 64) -> dict:
-    """Held-out accuracy of the per-token heads on the cells an object covers (TARGETS)."""
-    rng = random.Random(seed)
-    scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
-    logits = aux_logits(head, tower_tokens(model, proc, capture, scenes), n)
-    cells = cell_targets(scenes)
-    obj = cells[..., 1] > 0
-    return {name: round((lg.argmax(-1)[obj] == cells[..., i][obj]).float().mean().item(), 4)
-            for i, (name, lg) in enumerate(zip(TARGETS, logits))}
-
-
-@torch.no_grad()
-def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32) -> dict:
+def evaluate(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32, native: bool = False) -> dict:
     """Greedy accuracy of the answer word per question type (and over open / multiple-choice questions)
     on held-out single-question examples (another seed), in exactly the engine's prompt format."""
-    right, total = tally(model, proc, eos_id, n, seed, video, batch)
+    right, total = tally(model, proc, eos_id, n, seed, video, batch, native=native)
     return {k: round(right[k] / total[k], 4) for k in sorted(total)}
 
 
@@ -284,12 +264,14 @@ def relevance_examples(rng: random.Random, n: int) -> list[dict]:
 
 
 def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int = 32,
-          progress=None, typed: bool = False, sampler=None, layout: str = "lattice", media=None) -> tuple[dict, dict]:
+          progress=None, typed: bool = False, sampler=None, layout: str = "lattice", media=None,
+          native: bool = False) -> tuple[dict, dict]:
     """``evaluate``'s counts: (right, total) per key ("all", each type, "open" / "multiple-choice");
     ``progress(k)`` after each batch of k examples. ``typed``: open questions only, each rewritten the
     way a person types it (``phrasing.rephrase``: capitals, "color", "What is the colour of ...?").
     ``sampler(rng, k)``: the examples to ask instead of ``sample_examples`` (e.g. ``relevance_examples``).
-    ``media``: what each example's rendered images pass through (``collate``; e.g. a codec from ``lossy``)."""
+    ``media``: what each example's rendered images pass through (``collate``; e.g. a codec from ``lossy``).
+    ``native``: videos enter as native videos (``collate``), as the engine's default ``video_mode`` gives Qwen2-VL."""
     was_training = model.training
     model.eval()
     rng, typing = random.Random(seed), random.Random(seed + 1)
@@ -301,7 +283,7 @@ def tally(model, proc, eos_id: int, n: int, seed: int, video: bool, batch: int =
         if typed:
             examples = [dict(ex, qas=[dataclasses.replace(qa, question=phrasing.rephrase(qa.question, typing))
                                       for qa in ex["qas"]]) for ex in examples]
-        b = collate(proc, examples, eos_id, targets=False, media=media)
+        b = collate(proc, examples, eos_id, targets=False, media=media, native=native and video)
         gold = b.pop("labels")[:, -2]
         pred = model(**b).logits[:, -3].argmax(-1)
         for p, g, ex in zip(pred.tolist(), gold.tolist(), examples):
@@ -335,6 +317,8 @@ def main(argv=None):
     tok = make_tokenizer(tuple(vocabulary()))
     extra = {} if args.width_rope_scale is None else {"width_rope_scale": args.width_rope_scale}
     model, proc = tiny_models.BUILDERS[args.family](tok, **extra)
+    if args.native_fraction:
+        native_video.check_family(proc, "--native-fraction")
     if args.typed_fraction:  # the normaliser the saved tokenizer gets (phrasing.install), on while training
         tok.backend_tokenizer.normalizer = phrasing.normalizer(tok.get_vocab())
     if (args.ground_weight or args.option_weight or args.word_weight or args.frame_weight or args.look_weight
@@ -379,7 +363,7 @@ def main(argv=None):
         tower = [p for p in params if id(p) not in lm]
         tower_opt = torch.optim.AdamW(tower, lr=args.lr, weight_decay=0.01)
         for step in range(1, args.tower_steps + 1):
-            loss = tower_step(model, proc, head, capture, rng, 64, args.free_fraction)
+            loss = tower_step(model, proc, head, capture, rng, 64, args.free_fraction, args.native_fraction)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tower, 1.0)
             tower_opt.step()
@@ -388,7 +372,9 @@ def main(argv=None):
                 print(f"tower step {step} aux {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
             if step % args.eval_every == 0 or step == args.tower_steps:
                 acc = tower_accuracy(model, proc, head, capture, 30_000 + args.seed)
-                log.write(json.dumps({"tower_step": step, "aux": loss.item(), "object_cells": acc,
+                native = {"object_cells_native": tower_accuracy(model, proc, head, capture, 30_000 + args.seed,
+                                                                native=True)} if args.native_fraction else {}
+                log.write(json.dumps({"tower_step": step, "aux": loss.item(), "object_cells": acc, **native,
                                       "s": round(time.time() - t0)}) + "\n")
                 log.flush()
                 print(f"tower step {step} held-out object cells {acc}", flush=True)
@@ -403,7 +389,9 @@ def main(argv=None):
     media_rng = random.Random(args.seed + 1)  # its own stream: the scenes drawn do not depend on --lossy-fraction
     media = (lambda frames: lossy.degrade(frames, media_rng) if media_rng.random() < args.lossy_fraction else frames) \
         if args.lossy_fraction else None
-    visual_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    native_rng = random.Random(args.seed + 2)  # (which video batches enter natively: no draw at 0)
+    visual_ids = tuple(proc.tokenizer.convert_tokens_to_ids(t) for t in (proc.image_token, getattr(proc, "video_token", None))
+                       if t is not None)
     for step in range(1, last + 1):
         img_types = unlocked(IMAGE_TYPES, step, args.curriculum)
         vid_types = unlocked(VIDEO_TYPES, step - args.video_from, args.curriculum)
@@ -413,9 +401,10 @@ def main(argv=None):
         if args.video_batch and step >= args.video_from:
             parts.append(sample_examples(rng, args.video_batch, True, args.turns, mc, vid_types,
                                          typed_fraction=args.typed_fraction))
+        native = len(parts) > 1 and args.native_fraction > 0 and native_rng.random() < args.native_fraction
         info = {}
-        for kind, examples in zip(("", "video_"), parts):
-            batch = collate(proc, examples, eos_id, options=target_options, media=media)
+        for kind, examples in zip(("", "native_" if native else "video_"), parts):
+            batch = collate(proc, examples, eos_id, options=target_options, media=media, native=kind == "native_")
             loss, part = train_step(
                 model, head, capture, batch, args.aux_weight, args.ground_weight, reader=reader,
                 readout_weight=args.readout_weight, option_weight=args.option_weight, letter_reader=letter_reader,
@@ -426,7 +415,7 @@ def main(argv=None):
                 frame_reader=frame_reader, frame_weight=args.frame_weight, look_weight=args.look_weight,
                 look_layer=args.look_layer, look_heads=tuple(args.look_heads),
                 count_after_frames=args.count_after_frames, visual_share_weight=args.visual_share_weight,
-                visual_share_layer=args.visual_share_layer, visual_id=visual_id)
+                visual_share_layer=args.visual_share_layer, visual_ids=visual_ids)
             (loss * len(examples) / sum(map(len, parts))).backward()
             info.update({kind + k: v for k, v in part.items()})
         if args.clip:
@@ -441,6 +430,9 @@ def main(argv=None):
             acc = {"image": evaluate(model, proc, eos_id, args.eval_n, 10_000 + args.seed, video=False)}
             if args.video_batch:
                 acc["video"] = evaluate(model, proc, eos_id, args.eval_n // 2, 20_000 + args.seed, video=True, batch=8)
+            if args.video_batch and args.native_fraction:
+                acc["video_native"] = evaluate(model, proc, eos_id, args.eval_n // 2, 20_000 + args.seed, video=True,
+                                               batch=8, native=True)
             log.write(json.dumps({"step": step, **info, "held_out": acc, "s": round(time.time() - t0)}) + "\n")
             log.flush()
             print(f"step {step} held-out {acc}", flush=True)

@@ -83,9 +83,14 @@ def look_targets(proc, examples: list[dict], ids: torch.Tensor, centres: bool = 
 
 
 def frame_slots(proc, ids: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """[n_frames, GRID * GRID] the positions of each image's (frame's) visual tokens in ``ids`` [L]."""
+    """[n_frames, GRID * GRID] the positions of each image's (frame's) visual tokens in ``ids`` [L]; in a
+    sequence with no image but a native video (``native_video``), of each temporal patch's video tokens
+    (the processor lays a video out patch by patch, each patch's grid row-major)."""
     image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-    return (ids == image_id).nonzero().flatten().reshape(n_frames, GRID * GRID)
+    where = (ids == image_id).nonzero().flatten()
+    if not len(where) and getattr(proc, "video_token", None) is not None:
+        where = (ids == proc.tokenizer.convert_tokens_to_ids(proc.video_token)).nonzero().flatten()
+    return where.reshape(n_frames, GRID * GRID)
 
 
 def video_examples(proc, examples: list[dict], ids: torch.Tensor):
