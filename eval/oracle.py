@@ -9,7 +9,9 @@ of a frame's ``grid`` x ``grid`` raster, frames in order) by what its cell shows
                 rest), so the background a budget keeps is spread over the frame
 
 and the engine's ``priority`` pruner keeps the highest (``priority:keep=...`` with the ranks as the
-request's ``priority``). Its accuracy is the report's upper bound at each budget.
+request's ``priority``). Its accuracy is the report's upper bound at each budget. A video entering natively
+(Qwen2-VL: one token grid per temporal patch of two frames) is ranked per video token by
+``per_video_token``: a token ranks as the best of its patch's frames at its cell.
 """
 from __future__ import annotations
 
@@ -36,3 +38,20 @@ def coarse_to_fine(grid: int) -> np.ndarray:
     2nd, 0 elsewhere: a background budget taken from the top spreads over the whole frame."""
     r, c = np.divmod(np.arange(grid * grid), grid)
     return np.where((r % 4 == 1) & (c % 4 == 1), 0.5, np.where((r % 2 == 1) & (c % 2 == 1), 0.25, 0.0))
+
+
+def per_video_token(per_frame: torch.Tensor, coords: torch.Tensor, grid: int) -> torch.Tensor:
+    """The oracle's ranks of a native video's tokens.
+
+    per_frame: [n_frames * grid * grid] ``oracle_priority`` of the video's frames, raster order.
+    coords:    [N_v, 3] (temporal patch t, row, col) of each video token (``adapter.video_coords``); the
+               n_frames frames split into equal consecutive temporal patches.
+    returns    [N_v]: each token's rank, the highest its cell has in the frames of its patch.
+    """
+    n_patches = int(coords[:, 0].max()) + 1
+    frames = per_frame.view(-1, grid * grid)  # [n_frames, grid * grid]
+    if frames.shape[0] % n_patches:
+        raise ValueError(f"{frames.shape[0]} frames do not split into {n_patches} temporal patches")
+    patches = frames.view(n_patches, -1, grid * grid).amax(1)  # [n_patches, grid * grid]
+    t, row, col = coords.long().unbind(1)
+    return patches[t, row * grid + col]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..engine.errors import PlanError
 from ..engine.plan import Plan
 from ..pruners import REGISTRY
-from .oracle import oracle_priority
+from .oracle import oracle_priority, per_video_token
 from .shapeworld import world
 from .shapeworld.tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
@@ -106,7 +106,7 @@ def measure(engine, questions: list[Question], plan: str, batch_size: int) -> di
     oracle = any(REGISTRY[s.pruner].reads_priority for s in Plan.parse(plan).stages)
     reqs = [{"prompt": q.question, ("video" if q.kind == "video" else "images"): q.images,
              "plan": request_plan(plan, q.question), "max_new_tokens": 1,
-             **({"priority": q.priority} if oracle else {})} for q in questions]
+             **({"priority": request_priority(engine, q)} if oracle else {})} for q in questions]
     results = engine.generate_batch(reqs, batch_size=batch_size)
     right, total, kept = {}, {}, {}
     for q, r in zip(questions, results):
@@ -116,6 +116,15 @@ def measure(engine, questions: list[Question], plan: str, batch_size: int) -> di
         kept.setdefault(q.kind, []).append(r.stats["kept_tokens"] / r.stats["visual_tokens"])
     acc = {k: round(right[k] / total[k], 4) for k in sorted(total)}
     return {"accuracy": acc, "kept_fraction": {k: round(sum(v) / len(v), 4) for k, v in kept.items()}, "n": total}
+
+
+def request_priority(engine, q: Question):
+    """The oracle's ranks in the layout the engine feeds the model: one per frame cell, or for a video
+    entering natively (the engine's default on families with a video input) one per video token."""
+    if q.kind == "video" and engine.video_mode == "native" and engine.adapter.video_token is not None:
+        coords = engine.adapter.video_coords(engine.prepare(q.question, video=q.images))[0]  # [N_v, 3]
+        return per_video_token(q.priority, coords, GRID)
+    return q.priority
 
 
 def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_images: int, n_videos: int,

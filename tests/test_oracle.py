@@ -63,3 +63,33 @@ def test_report_shows_the_oracle_and_the_shares(tiny_path, tmp_path):
     if o:
         assert f"| random | {100 * r / o:.0f} |" in text
     assert text.index("| oracle |") < text.index("| random |")
+
+
+def test_native_video_tokens_rank_as_the_best_frame_of_their_temporal_patch():
+    """Qwen2-VL reads 4 frames as 2 temporal patches of 2: a token ranks as its cell's best frame in its
+    patch (the square in frames 0-1, the circle in frame 3 only)."""
+    empty = world.Scene([], size=IMAGE)
+    frames = [world.Scene([SQUARE], size=IMAGE), empty, empty, world.Scene([CIRCLE], size=IMAGE)]
+    per_frame = oracle.oracle_priority(frames, refs=(9,), grid=GRID).view(4, GRID * GRID)
+    coords = torch.tensor([(t, r, c) for t in range(2) for r in range(GRID) for c in range(GRID)])
+    p = oracle.per_video_token(per_frame.flatten(), coords, GRID)
+    assert p.shape == (2 * GRID * GRID,)
+    square = [9, 10, 17, 18]  # cells (1..2, 1..2): another object, 1 + its full cover, in patch 0 only (frame 1 is empty)
+    assert _cells(p[:64], 1, 2.01) == square and torch.equal(p[:64][square], per_frame[0][square])
+    assert _cells(p[64:], 2, 3.01) == [54]  # the circle (asked about), cell (6, 6), in patch 1 only
+    assert _cells(p[:64], 2, 3.01) == [] and _cells(p[64:], 1, 2.01) == []
+
+
+def test_report_ranks_a_native_video_per_video_token():
+    """Through the engine's native video on the shipped Qwen2-VL: as many ranks as video tokens (8 frames ->
+    4 patches of 64), each the best of its two frames."""
+    import tokensieve
+    q = report.held_out(0, 1)[0]
+    with tokensieve.load(shipped.path("qwen2_vl")) as engine:
+        assert engine.video_mode == "native"
+        p = report.request_priority(engine, q)
+        res = engine.generate(q.question, video=q.images, plan="priority:keep=0.25", priority=p, max_new_tokens=1)
+    frames = q.priority.view(4, 2, GRID * GRID).amax(1).flatten()  # patch t = frames 2t, 2t + 1
+    assert torch.equal(p, frames) and res.stats["visual_tokens"] == 4 * GRID * GRID
+    with tokensieve.load(shipped.path("qwen2_vl"), video_mode="frames") as engine:
+        assert torch.equal(report.request_priority(engine, q), q.priority)
