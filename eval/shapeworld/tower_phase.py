@@ -28,6 +28,16 @@ def native_tokens(model, proc, capture: list, videos: list[list]) -> torch.Tenso
     return capture[0].reshape(-1, GRID * GRID, capture[0].shape[-1])
 
 
+def native_patches(model, proc, capture: list, rng: random.Random, n: int, layout=lambda: "lattice"
+                   ) -> tuple[torch.Tensor, list]:
+    """About ``n`` temporal patches: n / 4 fresh world videos of 8 frames (``layout()`` each) entering natively;
+    their tokens [n_patches, GRID * GRID, D] and one target scene per patch (``native_video.temporal_groups``)."""
+    videos = [world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE, layout=layout()).frames
+              for _ in range(max(1, n * native_video.TEMPORAL_PATCH // VIDEO_FRAMES))]
+    groups = [g for v in videos for g in native_video.temporal_groups(v)]
+    return native_tokens(model, proc, capture, videos), groups
+
+
 def _layout(rng: random.Random, free_fraction: float) -> str:
     return "free" if free_fraction > 0 and rng.random() < free_fraction else "lattice"
 
@@ -38,10 +48,8 @@ def tower_step(model, proc, head, capture: list, rng: random.Random, n: int, fre
     or, a ``native_fraction`` share of the steps, the temporal patches of n / 4 world videos of 8 frames
     entering natively (targets: ``native_video.temporal_groups``). 0: no extra draw is made."""
     if native_fraction > 0 and rng.random() < native_fraction:
-        videos = [world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE, layout=_layout(rng, free_fraction)).frames
-                  for _ in range(max(1, n * native_video.TEMPORAL_PATCH // VIDEO_FRAMES))]
-        groups = [g for v in videos for g in native_video.temporal_groups(v)]
-        return aux_loss(aux_logits(head, native_tokens(model, proc, capture, videos), len(groups)), cell_targets(groups))
+        tokens, groups = native_patches(model, proc, capture, rng, n, lambda: _layout(rng, free_fraction))
+        return aux_loss(aux_logits(head, tokens, len(groups)), cell_targets(groups))
     scenes = [world.random_scene(rng, size=IMAGE, layout=_layout(rng, free_fraction)) for _ in range(n)]
     return aux_loss(aux_logits(head, tower_tokens(model, proc, capture, scenes), n), cell_targets(scenes))
 
@@ -52,10 +60,7 @@ def tower_accuracy(model, proc, head, capture: list, seed: int, n: int = 64, nat
     lattice scenes, or with ``native`` on the temporal patches of n / 4 lattice videos entering natively."""
     rng = random.Random(seed)
     if native:
-        videos = [world.random_video(rng, n_frames=VIDEO_FRAMES, size=IMAGE).frames
-                  for _ in range(max(1, n * native_video.TEMPORAL_PATCH // VIDEO_FRAMES))]
-        scenes = [g for v in videos for g in native_video.temporal_groups(v)]
-        tokens = native_tokens(model, proc, capture, videos)
+        tokens, scenes = native_patches(model, proc, capture, rng, n)
     else:
         scenes = [world.random_scene(rng, size=IMAGE) for _ in range(n)]
         tokens = tower_tokens(model, proc, capture, scenes)
