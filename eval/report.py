@@ -149,8 +149,7 @@ def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_imag
             if model != loaded:  # one model in memory at a time
                 if engine is not None:
                     engine.close()
-                # the shipped VLMs were trained on videos as sequences of frames (issue 29 adds native video)
-                engine, loaded = tokensieve.load(models[model], video_mode="frames"), model
+                engine, loaded = tokensieve.load(models[model]), model  # default video mode (Qwen2-VL: native)
             cell = {"model": model, "pruner": pruner, "budget": budget,
                     "plan": plan_for(pruner, budget, llm_layer)}
             try:

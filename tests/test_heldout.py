@@ -29,6 +29,21 @@ def test_heldout_counts_match_the_engine_on_the_same_questions():
             assert got == {k: expected.get(k, 0) for k in got} and sum(got.values()) == cells["all"]["right"]
 
 
+def test_heldout_reads_videos_as_the_engine_does_by_default():
+    """Qwen2-VL: native video (the engine's default), its counts those of the engine's ``video=``; LLaVA: frames."""
+    import tokensieve
+    res = heldout.measure(shipped.path("qwen2_vl"), n_images=0, n_videos=4)
+    assert list(res) == ["video native"] and list(heldout.measure(shipped.path("llava"), 0, 1)) == ["video"]
+    with tokensieve.load(shipped.path("qwen2_vl")) as engine:
+        right = {}
+        for ex in train_tiny.sample_examples(random.Random(20_000), 4, True):
+            qa = ex["qas"][0]
+            text = engine.generate(qa.question, video=[world.render(s) for s in ex["scenes"]], max_new_tokens=1).text
+            right[qa.type] = right.get(qa.type, 0) + int(text.strip() == qa.answer)
+    got = {k: c["right"] for k, c in res["video native"].items() if k not in ("all", "open", "multiple-choice")}
+    assert got == {k: right.get(k, 0) for k in got} and sum(right.values()) == res["video native"]["all"]["right"]
+
+
 def test_heldout_table_states_the_bar():
     res = {"m": {"image": {"all": {"right": 96, "n": 100, "accuracy": 0.96}, "colour": {"right": 9, "n": 10, "accuracy": 0.9}},
                  "video": {"all": {"right": 85, "n": 100, "accuracy": 0.85}}}}

@@ -25,7 +25,7 @@ BAR = {"image": 0.95, "video": 0.90, "relevance": 0.95}  # relevance: QuoTA's pe
 
 def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, video_seed: int = 20_000,
             progress=None, typed: bool = False, n_relevance: int = 0, relevance_seed: int = 30_000,
-            layout: str = "lattice", codec: str = "none", video_mode: str = "frames") -> dict:
+            layout: str = "lattice", codec: str = "none", video_mode: str = "default") -> dict:
     """{"image" | "video": {key: {"right", "n", "accuracy"}}} for the checkpoint at ``path``; keys are
     "all", each question type, "open" and "multiple-choice". ``typed``: the same held-out scenes asked
     as people type (open questions, ``phrasing.rephrase``), under "image typed" / "video typed".
@@ -34,12 +34,15 @@ def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, v
     anywhere (``world.random_scene`` / ``random_video``), under "image free" / "video free". ``codec`` (``lossy.CODECS``): the
     images and frames pass through it first (e.g. "mpeg4": videos as users' lossy files), under "image mpeg4" ...
     ``video_mode="native"``: each video enters as one native video (``native_video``: Qwen2-VL's temporal patches of
-    two frames, the engine's default), under "video native"."""
+    two frames), under "video native"; ``"frames"``: one image a frame; ``"default"``: as the engine reads the
+    model's videos (native where the processor has a video input, else frames)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     proc = AutoProcessor.from_pretrained(path)
     eos_id = model.config.get_text_config().eos_token_id
+    if video_mode == "default":
+        video_mode = "native" if native_video.has_native(proc) else "frames"
     if video_mode == "native" and n_videos:
         native_video.check_family(proc, "--video-mode native")
     out, media = {}, None if codec == "none" else (lambda frames: lossy.through(codec, frames))
@@ -95,9 +98,9 @@ def main(argv=None) -> dict:
                     help="pass the images and frames through this first: world-mp4 (videos written as the world's "
                          "files and read back by the engine), jpeg (quality 75, 4:2:0), mpeg4 (videos as users' lossy "
                          "files: yuv420p, qscale 4; still images as jpeg)")
-    ap.add_argument("--video-mode", choices=("frames", "native"), default="frames",
-                    help="videos as frames (one image each, how the tiny models were first trained) or as one native "
-                         "video (Qwen2-VL's temporal patches of two frames: the engine's default for Qwen)")
+    ap.add_argument("--video-mode", choices=("default", "frames", "native"), default="default",
+                    help="videos as the engine reads them by default (native on Qwen2-VL, frames on LLaVA), as frames "
+                         "(one image each), or as one native video (Qwen2-VL's temporal patches of two frames)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results here (JSON), and the table beside it (.md)")
     args = ap.parse_args(argv)

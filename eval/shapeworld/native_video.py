@@ -53,9 +53,14 @@ def video_kwargs(proc, videos: list[list]) -> dict:
     return kwargs
 
 
+def has_native(proc) -> bool:
+    """Whether the processor takes a native video (``videos=``: Qwen2-VL); LLaVA-1.5 reads frames only."""
+    return getattr(proc, "video_processor", None) is not None and getattr(proc, "video_token", None) is not None
+
+
 def check_family(proc, option: str) -> None:
     """One clear error (naming the command-line ``option``) where the model has no native video input
     (LLaVA-1.5 reads a video as frames only)."""
-    if getattr(proc, "video_processor", None) is None or getattr(proc, "video_token", None) is None:
+    if not has_native(proc):
         raise SystemExit(f"{option}: {type(proc).__name__} has no native video input (LLaVA-1.5 reads a video as "
                          "frames); native video needs a Qwen2-VL model")

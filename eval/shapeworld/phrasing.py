@@ -51,10 +51,11 @@ def normalizer(vocab: dict[str, int]):
     words = known_words(vocab)
     steps = [normalizers.Replace(Regex(p), r) for p, r in PUNCTUATION]
     for w in words:  # Capitalised and UPPER forms of a known word (never the letters A-D: options)
-        for form in {w.capitalize(), w.upper()} - {w, *KEEP_CASE}:
+        for form in sorted({w.capitalize(), w.upper()} - {w, *KEEP_CASE}):
             steps.append(normalizers.Replace(Regex(rf"\b{re.escape(form)}\b(?!:)"), w))
     steps += [normalizers.Replace(Regex(p), r) for p, r in VARIANTS]
-    allowed = sorted(set(words) | {"what's"} | {w.rstrip(":") for w in vocab if w.endswith(":")}, key=len, reverse=True)
+    allowed = sorted(set(words) | {"what's"} | {w.rstrip(":") for w in vocab if w.endswith(":")},
+                     key=lambda w: (-len(w), w))  # longest first; sorted, so the file is the same under any hash seed
     # any other word: dropped (a word is letters, apostrophes and hyphens; the letters A-D are options)
     steps.append(normalizers.Replace(Regex(rf"(?<![\w<|-])(?!(?:{'|'.join(map(re.escape, allowed))}|[A-D])(?![\w'-]))"
                                            rf"[A-Za-z][A-Za-z'-]*"), ""))
