@@ -38,3 +38,18 @@ def test_diagnose_runs_on_a_checkpoint(tmp_path):
     assert set(count["by_count"]) <= {"1", "2", "3", "4", "5"}  # the world's videos show 2-5 objects
     assert all(0.0 <= c["share_on_new_frames"] <= 1.0 for c in count["by_count"].values())
     assert len(count["count_probe_after_layer"]) == n_layers + 1
+
+
+def test_diagnose_reads_qwen2_vl_videos_natively_by_default(tmp_path):
+    """The video probes read a Qwen2-VL's videos as the engine does (native), or as frames when asked; the
+    distinct-count questions are answered in both (4 videos each)."""
+    tok = make_tokenizer(tuple(train_tiny.vocabulary(n=300)))
+    model, proc = tiny_models.BUILDERS["qwen2_vl"](tok)
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    for flags, mode in (([], "native"), (["--video-mode", "frames"], "frames")):
+        out = tmp_path / f"{mode}.json"
+        diagnose.main([str(tmp_path / "m"), "--n", "4", "--videos", "4", "--out", str(out), *flags])
+        result = json.loads(out.read_text())
+        assert result["video_mode"] == mode and result["distinct_count"]["n"] == 4
+        assert result["look_back"]["n_tokens"] > 0

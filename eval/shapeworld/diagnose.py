@@ -12,7 +12,9 @@ On held-out image questions (seed 10 000, the report's), in the training script'
   reading each visual token's column at the LM input: is the object's place in the tokens, and does
   it reach the answer?
 
-On held-out videos (seed 20 000), for the "how many distinct objects appeared ?" path:
+On held-out videos (seed 20 000), read as the engine reads the model's videos (``--video-mode default``:
+native on Qwen2-VL, temporal patches of two frames; frames on LLaVA), for the "how many distinct objects
+appeared ?" path:
 
 - ``look_back``: per LM layer and head, the attention mass that each video object token puts on its
   look-back target (``video_targets.look_targets``: its object's tokens in the frame before, or the
@@ -31,7 +33,7 @@ from collections import defaultdict
 
 import torch
 
-from . import train_tiny
+from . import native_video, train_tiny
 from .tiny_models import GRID
 
 SEED = 10_000
@@ -110,12 +112,12 @@ def left_right_probe(model, proc, eos_id: int, n: int) -> dict:
 
 
 @torch.no_grad()
-def look_back(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
+def look_back(model, proc, eos_id: int, n: int, batch: int = 8, native: bool = False) -> dict:
     rng = random.Random(VIDEO_SEED)
     seen, fresh, hidden, new = [], [], defaultdict(list), []
     for start in range(0, n, batch):
         examples = train_tiny.sample_examples(rng, min(batch, n - start), True, 1)
-        b = train_tiny.collate(proc, examples, eos_id)
+        b = train_tiny.collate(proc, examples, eos_id, native=native)
         look, novelty = b["look"], b["novelty"]
         _model_inputs(b)
         out = model(**b, output_attentions=True, output_hidden_states=True)
@@ -136,7 +138,7 @@ def look_back(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
 
 
 @torch.no_grad()
-def distinct_count(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
+def distinct_count(model, proc, eos_id: int, n: int, batch: int = 8, native: bool = False) -> dict:
     """Open "how many distinct objects appeared ?" questions: where the count is lost. Per true count: the
     greedy answer's accuracy and the answer token's share of its frame-count-layer attention (mean of
     the heads) on the frames that show a new object, among all frame tokens (``--frame-weight``'s target
@@ -146,7 +148,7 @@ def distinct_count(model, proc, eos_id: int, n: int, batch: int = 8) -> dict:
     right, shares, hidden, counts = defaultdict(list), [], defaultdict(list), []
     for start in range(0, n, batch):
         examples = train_tiny.sample_examples(rng, min(batch, n - start), True, 1, 0.0, ("distinct",))
-        b = train_tiny.collate(proc, examples, eos_id)
+        b = train_tiny.collate(proc, examples, eos_id, native=native)
         frames = b["frames"]
         _model_inputs(b)
         out = model(**b, output_attentions=True, output_hidden_states=True)
@@ -181,17 +183,23 @@ def main(argv=None):
     ap.add_argument("model", help="a trained checkpoint directory")
     ap.add_argument("--n", type=int, default=256, help="held-out image questions (the probe uses 3x as many position ones)")
     ap.add_argument("--videos", type=int, default=64, help="held-out videos for look_back and distinct_count")
+    ap.add_argument("--video-mode", choices=("default", "frames", "native"), default="default",
+                    help="videos as the engine reads them by default (native on Qwen2-VL, frames on LLaVA), as "
+                         "frames, or as one native video (Qwen2-VL's temporal patches of two frames)")
     ap.add_argument("--out", default=None, help="also write the result here (JSON)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager").eval()
     proc = AutoProcessor.from_pretrained(args.model)
     eos_id = model.config.get_text_config().eos_token_id
+    if args.video_mode == "native":
+        native_video.check_family(proc, "--video-mode native")
+    native = args.video_mode == "native" or (args.video_mode == "default" and native_video.has_native(proc))
     acc, mass = accuracy_and_mass(model, proc, eos_id, args.n)
-    result = {"model": args.model, "accuracy": acc, "object_mass": mass,
+    result = {"model": args.model, "video_mode": "native" if native else "frames", "accuracy": acc, "object_mass": mass,
               "left_right_probe": left_right_probe(model, proc, eos_id, 3 * args.n),
-              "look_back": look_back(model, proc, eos_id, args.videos),
-              "distinct_count": distinct_count(model, proc, eos_id, args.videos)}
+              "look_back": look_back(model, proc, eos_id, args.videos, native=native),
+              "distinct_count": distinct_count(model, proc, eos_id, args.videos, native=native)}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
