@@ -183,18 +183,14 @@ def main(argv=None):
     ap.add_argument("model", help="a trained checkpoint directory")
     ap.add_argument("--n", type=int, default=256, help="held-out image questions (the probe uses 3x as many position ones)")
     ap.add_argument("--videos", type=int, default=64, help="held-out videos for look_back and distinct_count")
-    ap.add_argument("--video-mode", choices=("default", "frames", "native"), default="default",
-                    help="videos as the engine reads them by default (native on Qwen2-VL, frames on LLaVA), as "
-                         "frames, or as one native video (Qwen2-VL's temporal patches of two frames)")
+    native_video.add_video_mode_option(ap)
     ap.add_argument("--out", default=None, help="also write the result here (JSON)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager").eval()
     proc = AutoProcessor.from_pretrained(args.model)
     eos_id = model.config.get_text_config().eos_token_id
-    if args.video_mode == "native":
-        native_video.check_family(proc, "--video-mode native")
-    native = args.video_mode == "native" or (args.video_mode == "default" and native_video.has_native(proc))
+    native = native_video.reads_native(proc, args.video_mode)
     acc, mass = accuracy_and_mass(model, proc, eos_id, args.n)
     result = {"model": args.model, "video_mode": "native" if native else "frames", "accuracy": acc, "object_mass": mass,
               "left_right_probe": left_right_probe(model, proc, eos_id, 3 * args.n),

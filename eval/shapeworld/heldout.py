@@ -41,18 +41,15 @@ def measure(path: str, n_images: int, n_videos: int, image_seed: int = 10_000, v
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     proc = AutoProcessor.from_pretrained(path)
     eos_id = model.config.get_text_config().eos_token_id
-    if video_mode == "default":
-        video_mode = "native" if native_video.has_native(proc) else "frames"
-    if video_mode == "native" and n_videos:
-        native_video.check_family(proc, "--video-mode native")
+    native = bool(n_videos) and native_video.reads_native(proc, video_mode)
     out, media = {}, None if codec == "none" else (lambda frames: lossy.through(codec, frames))
     for kind, n, seed, batch in (("image", n_images, image_seed, 32), ("video", n_videos, video_seed, 8)):
         if n:
             right, total = train_tiny.tally(model, proc, eos_id, n, seed, video=kind == "video", batch=batch,
                                             progress=progress, typed=typed, layout=layout, media=media,
-                                            native=video_mode == "native")
+                                            native=native)
             name = " ".join([kind] + (["free"] if layout == "free" else []) + (["typed"] if typed else [])
-                            + ([codec] if codec != "none" else []) + (["native"] if kind == "video" and video_mode == "native" else []))
+                            + ([codec] if codec != "none" else []) + (["native"] if kind == "video" and native else []))
             out[name] = {k: {"right": right[k], "n": total[k], "accuracy": round(right[k] / total[k], 4)}
                          for k in sorted(total)}
     if n_relevance:
@@ -98,9 +95,7 @@ def main(argv=None) -> dict:
                     help="pass the images and frames through this first: world-mp4 (videos written as the world's "
                          "files and read back by the engine), jpeg (quality 75, 4:2:0), mpeg4 (videos as users' lossy "
                          "files: yuv420p, qscale 4; still images as jpeg)")
-    ap.add_argument("--video-mode", choices=("default", "frames", "native"), default="default",
-                    help="videos as the engine reads them by default (native on Qwen2-VL, frames on LLaVA), as frames "
-                         "(one image each), or as one native video (Qwen2-VL's temporal patches of two frames)")
+    native_video.add_video_mode_option(ap)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results here (JSON), and the table beside it (.md)")
     args = ap.parse_args(argv)

@@ -58,6 +58,21 @@ def has_native(proc) -> bool:
     return getattr(proc, "video_processor", None) is not None and getattr(proc, "video_token", None) is not None
 
 
+def add_video_mode_option(ap) -> None:
+    """The command-line ``--video-mode`` of the world's measuring tools (``reads_native`` resolves it)."""
+    ap.add_argument("--video-mode", choices=("default", "frames", "native"), default="default",
+                    help="videos as the engine reads them by default (native on Qwen2-VL, frames on LLaVA), as frames "
+                         "(one image each), or as one native video (Qwen2-VL's temporal patches of two frames)")
+
+
+def reads_native(proc, video_mode: str) -> bool:
+    """Whether videos enter natively under ``video_mode`` ("default": as the engine reads the model's videos,
+    native where the processor has a video input; "frames"; "native": one clear error where it has none)."""
+    if video_mode == "native":
+        check_family(proc, "--video-mode native")
+    return video_mode == "native" or (video_mode == "default" and has_native(proc))
+
+
 def check_family(proc, option: str) -> None:
     """One clear error (naming the command-line ``option``) where the model has no native video input
     (LLaVA-1.5 reads a video as frames only)."""
