@@ -67,6 +67,8 @@ def plan_for(pruner: str, budget: float | None, llm_layer: int = LLM_LAYER) -> s
         return ""
     if pruner == ORACLE:
         return f"priority:keep={budget}"
+    if pruner == QUOTA_PAPER:
+        return f"quota:keep={budget},yes=A,no=B"
     where = REGISTRY[pruner].default_where
     return f"{pruner}:" + (f"layer={llm_layer}," if where == "llm" else "") + f"keep={budget}"
 
@@ -74,6 +76,9 @@ def plan_for(pruner: str, budget: float | None, llm_layer: int = LLM_LAYER) -> s
 # quota on the world: the tiny VLMs can neither decouple a query nor answer QuoTA's "A. yes, B. no" prompt,
 # so the objects the question names stand in for the decoupling and the world's own question asks about them
 QUOTA_WORLD = {"object_prompt": "is there a {objects} ?", "prompt": "{question}", "yes": "yes", "no": "no"}
+# quota as the paper prompts it (QuoTA's own "A. yes, B. no" rating prompt, the probability of "A"; no decoupling):
+# what ``quota:keep=X`` runs; its plan names the answer words, so the world's settings are not put in
+QUOTA_PAPER = "quota-paper"
 
 
 def named_objects(question: str) -> list[str]:
@@ -87,7 +92,8 @@ def named_objects(question: str) -> list[str]:
 
 
 def request_plan(plan: str, question: str):
-    """The plan one question runs: ``plan``, with the world's rater settings for a quota stage."""
+    """The plan one question runs: ``plan``, with the world's rater settings for a quota stage that does not
+    name its answer words (``QUOTA_PAPER``'s does)."""
     if "quota" not in plan:
         return plan
     stages = []
@@ -95,7 +101,7 @@ def request_plan(plan: str, question: str):
         stage = {"pruner": s.pruner, "where": s.where, "keep": s.keep, **s.options}
         if s.layer is not None:
             stage["layer"] = s.layer
-        if s.pruner == "quota":
+        if s.pruner == "quota" and "yes" not in s.options:
             stage = {**QUOTA_WORLD, **stage, **({"objects": named_objects(question)} if named_objects(question) else {})}
         stages.append(stage)
     return stages
@@ -137,7 +143,7 @@ def run(models: dict[str, str], pruners: list[str], budgets: list[float], n_imag
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "cells.jsonl")
     cells = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    cells = [c for c in cells if (c["pruner"] in REGISTRY or c["pruner"] == ORACLE or c["budget"] is None)
+    cells = [c for c in cells if (c["pruner"] in (*REGISTRY, ORACLE, QUOTA_PAPER) or c["budget"] is None)
              and c["plan"] == plan_for(c["pruner"], c["budget"], llm_layer)]
     done = {(c["model"], c["pruner"], c["budget"]) for c in cells}
     questions = held_out(n_images, n_videos)
@@ -274,8 +280,9 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(shipped.MODELS),
                     help=f"shipped model names ({', '.join([*shipped.MODELS, *shipped.MODELS.values()])}) or checkpoint directories")
     ap.add_argument("--pruners", nargs="*", default=[ORACLE] + [p for p, c in REGISTRY.items() if not c.reads_priority],
-                    help=f"registered pruners and '{ORACLE}' (the ground-truth upper bound; default: all); none "
-                         "given: only the full-token baseline")
+                    help=f"registered pruners, '{ORACLE}' (the ground-truth upper bound; default: all) and "
+                         f"'{QUOTA_PAPER}' (quota with QuoTA's own rating prompt; 'quota' rates with the world's "
+                         "question); none given: only the full-token baseline")
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     ap.add_argument("--n-images", type=int, default=120)
     ap.add_argument("--n-videos", type=int, default=32)
@@ -284,9 +291,9 @@ def main(argv=None):
     ap.add_argument("--llm-layer", type=int, default=LLM_LAYER,
                     help=f"decoder layer the LLM-stage pruners prune before (default {LLM_LAYER} of the tiny models' 4)")
     args = ap.parse_args(argv)
-    unknown = [p for p in args.pruners if p not in REGISTRY and p != ORACLE]
+    unknown = [p for p in args.pruners if p not in (*REGISTRY, ORACLE, QUOTA_PAPER)]
     if unknown:
-        raise SystemExit(f"unknown pruner(s) {unknown}; known: {ORACLE}, {', '.join(REGISTRY)}")
+        raise SystemExit(f"unknown pruner(s) {unknown}; known: {ORACLE}, {QUOTA_PAPER}, {', '.join(REGISTRY)}")
     bad = [b for b in args.budgets if not 0 < b <= 1]
     if bad:
         raise SystemExit(f"budgets must be fractions in (0, 1], got {bad}")
