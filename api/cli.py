@@ -15,6 +15,14 @@ import json
 import sys
 
 DEFAULT_PLANS = ["", "uniform:keep=0.25"]
+RUN_DESCRIPTION = """Answer a question about images or a video under one or more pruning plans, one row each.
+
+With no --model the embedded default, tiny-llava (2.2 M parameters), answers in one word about its synthetic
+shape world only: 1-8 shapes (circle, square, triangle, star, cross) in red, green, blue, yellow, orange,
+purple or white, on grey or grey-noise backgrounds; questions of colour, shape, count, "is there a ...",
+position (left / right, top / bottom, quadrant) and, for videos, what appeared, in what order and how many.
+Words of the question it was never trained on are named in a note ("not understood: shapes"): it ignores
+them. Give --model a real checkpoint (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-2B-Instruct, ...) for photos."""
 VIDEO_STATS = ["frames", "frame_indices", "frame_times", "tokens_per_frame", "scoring_s", "scoring_flops"]
 STAT_COLUMNS = ["visual_tokens", "kept_tokens", "prefill_flops", "kv_cache_bytes", "prefill_s", "decode_s", "new_tokens"]
 
@@ -72,10 +80,14 @@ def run(args) -> int:
     if video is not None and video.truncated:
         print(f"warning: {args.video} ends before its header says: {video.frames_usable} decodable frame(s), "
               "sampled from those", file=sys.stderr)
+    unknown = res.unknown_words  # the same question in every row
     if args.json:
-        print(json.dumps({"model": args.model or "default", "prompt": args.prompt, "results": rows}, indent=1))
+        print(json.dumps({"model": args.model or "default", "prompt": args.prompt, "unknown_words": unknown,
+                          "results": rows}, indent=1))
     else:
         print(table(rows))
+        if unknown:
+            print(f"note: not understood: {', '.join(unknown)} (words the model was never trained on; it ignores them)")
     return 0
 
 
@@ -115,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("pruners", help="list the pruners, where they act and their options")
     sub.add_parser("bench", help="measured speed of plans against the FLOP ideal (tokensieve bench --help)",
                    add_help=False)
-    p = sub.add_parser("run", help="answer a question about images/video under one or more plans")
-    p.add_argument("--model", default=None, help="hub id or local directory (default: the embedded model)")
+    p = sub.add_parser("run", help="answer a question about images/video under one or more plans",
+                       description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="hub id, local directory or shipped model (tiny-llava, tiny-qwen2-vl; "
+                   "default: the embedded tiny-llava)")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     p.add_argument("--video", default=None, help="video file: mp4, webm, mkv, avi, mov (needs tokensieve[video])")
     p.add_argument("--nframes", type=int, default=None, help="frames to sample from --video (default 8)")

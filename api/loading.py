@@ -14,9 +14,16 @@ PROCESSOR = ("preprocessor_config.json", "processor_config.json", "image_process
 
 
 def check_model(model) -> str:
-    """A local checkpoint directory or a hub id, checked. Raises InputError / UnsupportedModelError."""
+    """A local checkpoint directory, a shipped model's name (``tiny-llava``, ``tiny-qwen2-vl``) or a hub id,
+    checked. Raises InputError / UnsupportedModelError."""
+    from .eval.shapeworld import shipped
+
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
+    model = shipped.resolve(model)
+    if model == shipped.path("clip"):
+        raise InputError("tiny-clip is an open_clip model (for keyscore's clip=), not a VLM; load tiny-llava or "
+                         "tiny-qwen2-vl")
     if not isinstance(model, str):
         raise InputError(f"model must be a hub id or a local directory (a string), got {type(model).__name__} "
                          f"{model!r:.60}; None loads the embedded default model")
@@ -30,7 +37,8 @@ def check_model(model) -> str:
         raise InputError(f"model {model!r} is a file, not a checkpoint directory")
     looks_local = os.path.isabs(path) or model.startswith((".", "~")) or model.count("/") != 1
     if looks_local:
-        raise InputError(f"model {model!r}: no such directory (a hub id is 'organisation/name')")
+        raise InputError(f"model {model!r}: no such directory (a hub id is 'organisation/name'; shipped models: "
+                         f"{', '.join(shipped.MODELS.values())})")
     return model  # a hub id: its config is read once, by check_model_type
 
 

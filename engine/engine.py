@@ -11,6 +11,7 @@ visual-token coordinates.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -27,6 +28,7 @@ from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_l
 from .plan import Plan
 from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request, check_request
 from .video import VideoPrefetcher
+from .vocabulary import read_trained_words
 from .results import Result, answer_length, answer_text, build_results
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
@@ -43,6 +45,7 @@ class Engine:
         self.adapter: Adapter = adapter_for(model, processor)
         self.plan = Plan.parse(plan)
         self.max_new_tokens = max_new_tokens
+        self.trained_words = read_trained_words(getattr(model, "name_or_path", None))  # None: not declared
         self.check_plan(self.plan)
         tok = processor.tokenizer
         tok.padding_side = "left"
@@ -144,11 +147,12 @@ class Engine:
         logits, attn, pos, cache, state, _ = self._prefill(batch)
         return forced_logprob(self.model, self.adapter.embed, tokens, logits, attn, pos[..., -1:], cache, state)
 
-    def generate_batch(self, requests: list, batch_size: int = 8, progress: bool = False,
-                       **generation_kwargs) -> list[Result]:
+    def generate_batch(self, requests: list, batch_size: int = 8, progress: bool = False, plan=None,
+                       max_new_tokens: int | None = None, **generation_kwargs) -> list[Result]:
         """Requests (Request or dicts) -> Results in the same order, run as padded batches.
 
-        Requests that share a plan and max_new_tokens share a batch. Every request is
+        ``plan`` and ``max_new_tokens`` are the defaults of the requests that do not set their own (else the
+        engine's). Requests that share a plan and max_new_tokens share a batch. Every request is
         checked before any model work starts (videos are probed, not decoded); each batch's
         videos are decoded in a background pool while the batch before it runs. ``progress``
         shows a bar over the batches.
@@ -159,10 +163,16 @@ class Engine:
         options = DecodeOptions.from_kwargs(generation_kwargs)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                                           or max_new_tokens < 1):
+            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if not isinstance(requests, (list, tuple)) or not requests:
             raise InputError(f"requests must be a non-empty list of Request or dicts, got {requests!r:.80}")
+        default_plan = self.plan if plan is None else Plan.parse(plan)
+        self.check_plan(default_plan)
+        defaults = dict(default_plan=default_plan, default_max_new=max_new_tokens)
         reqs = [named(i, len(requests), Request.of, r) for i, r in enumerate(requests)]
-        checked = [named(i, len(reqs), self._check, r, self.plan, decode=False) for i, r in enumerate(reqs)]
+        checked = [named(i, len(reqs), self._check, r, decode=False, **defaults) for i, r in enumerate(reqs)]
         groups = list(self._group(checked, batch_size))
         # batches without a video are built (processor run, budgets checked) before any model work; a
         # video's token count is known once it is decoded, so those batches are built as their turn comes
@@ -178,7 +188,7 @@ class Engine:
             for k, (idx, _) in enumerate(tqdm(groups, desc="batches", disable=not progress)):
                 submit(k + 1)
                 batch = ready.pop(k, None) or build_batch(self.processor, self.adapter, idx, [
-                    named(i, len(reqs), self._check, reqs[i], self.plan,
+                    named(i, len(reqs), self._check, reqs[i], **defaults,
                           video=videos.result(i) if reqs[i].video is not None else None) for i in idx])
                 for i, res in zip(idx, self._run(batch, options)):
                     results[i] = res
@@ -196,11 +206,15 @@ class Engine:
         for i, stage in enumerate(plan.stages):
             frames.check_stage(self, i, stage)
 
-    def _check(self, req: Request, default_plan: Plan, video=None, decode: bool = True) -> CheckedRequest:
-        """Check a request; ``video``: its video already decoded; ``decode=False``: only probe the video."""
-        checked = check_request(req, self.processor, self.adapter, default_plan, self.max_new_tokens,
+    def _check(self, req: Request, default_plan: Plan, video=None, decode: bool = True,
+               default_max_new: int | None = None) -> CheckedRequest:
+        """Check a request; ``video``: its video already decoded; ``decode=False``: only probe the video.
+        A text-only request runs unpruned (there is nothing to prune): its plan is checked, then dropped."""
+        checked = check_request(req, self.processor, self.adapter, default_plan, default_max_new or self.max_new_tokens,
                                 self.video_mode, video=video, decode=decode)
         self.check_plan(checked.plan)
+        if not checked.images and checked.video is None and checked.plan:
+            checked = dataclasses.replace(checked, plan=Plan(), priority=None)
         return checked
 
     def _group(self, reqs: list[CheckedRequest], batch_size: int):

@@ -54,10 +54,10 @@ class FrameScorers:
         return self.loaded[spec]
 
     def clip(self, name: str | None = None):
-        """(model, preprocess, tokenizer) of an open_clip model (default: the shipped tiny-clip)."""
-        if name is None:
-            from ..eval.shapeworld import shipped
+        """(model, preprocess, tokenizer) of an open_clip model (default, or the name ``tiny-clip``: the shipped one)."""
+        from ..eval.shapeworld import shipped
 
+        if name is None or name == shipped.CLIP:
             name = "local-dir:" + shipped.path("clip")
         if ("clip", name) not in self.loaded:
             try:

@@ -33,7 +33,7 @@ class DecodeOptions:
         unknown = set(kwargs) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError(f"unknown generation option(s) {sorted(unknown)}; "
-                             f"supported: max_new_tokens, {', '.join(cls.__dataclass_fields__)}")
+                             f"supported: plan, max_new_tokens, {', '.join(cls.__dataclass_fields__)}")
         for name in ("do_sample", "output_logits"):
             if name in kwargs and not isinstance(kwargs[name], bool):
                 raise InputError(f"{name} must be True or False, got {kwargs[name]!r}")

@@ -20,6 +20,15 @@ that default to it, else "vision"/"llm" must be spelled out with ``where=``.
 
 ``keep`` is an int count or a float ratio in (0, 1] of the visual tokens entering the stage, or
 "auto" for adaptive pruners (prumerge), after which later stages give ratios.
+
+Default layers, one rule for every pruner: a stage without ``layer`` acts at the pruner's default layer,
+the one its paper uses on LLaVA-1.5-7B's 32-layer LLM (FastV 2, SparseVLM 3, FEATHER 8, AIM 15), in every
+model; it is never rescaled, so a plan means the same thing on every model. Where the model has no such
+layer (FEATHER's 8 in a 4-layer LLM) the plan is refused before any work, with the valid range and the
+layer at the paper's depth ratio (8/32 of 4 layers: layer=1).
+
+A request with no image and no video runs unpruned whatever its plan (there is nothing to prune); the
+plan is still checked against the model.
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ class Stage:
     keep: int | float
     layer: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    layer_is_default: bool = field(default=False, compare=False)  # no layer was given: the pruner's default
 
     def keep_count(self, n_in: int | None) -> int | None:
         """Concrete number of tokens kept out of ``n_in`` entering the stage (None: decided at run time)."""
@@ -105,9 +115,9 @@ class Plan:
                     hint = "; give where=pre_llm" if "pre_llm" in get_pruner(s.pruner).wheres else ""
                     raise PlanError(f"stage {i} ({s.describe()}): this model family has no vision-tower stages{hint}")
                 if s.layer is not None and not 1 <= s.layer < n_vision_layers:
-                    raise PlanError(f"stage {i} ({s.describe()}): vision layer must be in [1, {n_vision_layers - 1}]")
+                    raise PlanError(_layer_error(i, s, "vision", n_vision_layers))
             if s.where == "llm" and not 1 <= s.layer < n_llm_layers:
-                raise PlanError(f"stage {i} ({s.describe()}): LLM layer must be in [1, {n_llm_layers - 1}]")
+                raise PlanError(_layer_error(i, s, "LLM", n_llm_layers))
             pos = (order[s.where], s.layer if s.layer is not None else 0)
             if pos <= last:
                 raise PlanError(f"stage {i} ({s.describe()}) must come after the stage before it "
@@ -138,6 +148,20 @@ class Plan:
             counts.append(k)
             n_in = None if k is None or s.where == "frames" else (k * n_images if per_image else k)
         return counts
+
+
+def _layer_error(i: int, s: Stage, part: str, n_layers: int) -> str:
+    """The refusal of a stage whose layer this model does not have: the valid range, and for a default layer
+    the layer at the paper's depth ratio (the module's rule)."""
+    from ..pruners.base import DEFAULT_LAYER_DEPTH
+
+    valid = f"[1, {n_layers - 1}]"
+    if not s.layer_is_default:
+        return f"stage {i} ({s.describe()}): {part} layer must be in {valid}"
+    scaled = min(max(1, round(s.layer * n_layers / DEFAULT_LAYER_DEPTH)), n_layers - 1)
+    return (f"stage {i} ({s.describe()}): {s.pruner}'s default layer {s.layer} (its paper's, in a "
+            f"{DEFAULT_LAYER_DEPTH}-layer LLM) is not in this model's {n_layers}-layer {part}; give layer= in "
+            f"{valid}, e.g. layer={scaled} (the same depth ratio)")
 
 
 def _bad(msg: str):
@@ -227,6 +251,7 @@ def _make_stage(i: int, item: dict) -> Stage:
         raise PlanError(f"stage {i} ({name}): where must be one of {WHERES}, got {where!r}")
     if where not in pruner.wheres:
         raise PlanError(f"stage {i} ({name}): {name} cannot act at '{where}' (it acts at {', '.join(pruner.wheres)})")
+    layer_is_default = where in ("vision", "llm") and layer is None and pruner.default_layer is not None
     if where in ("vision", "llm"):
         layer = pruner.default_layer if layer is None else layer
         if layer is None and where == "vision" and pruner.progressive:
@@ -241,7 +266,7 @@ def _make_stage(i: int, item: dict) -> Stage:
         raise PlanError(f"stage {i} ({name}): unknown option(s) {sorted(unknown)}; "
                         f"{name} takes {sorted(pruner.option_names) or 'none'} (tokensieve pruners lists them)")
     options = {k: pruner.options[k].validate(v, f"stage {i} ({name}): {k}") for k, v in options.items()}
-    return Stage(pruner=name, where=where, keep=keep, layer=layer, options=options)
+    return Stage(pruner=name, where=where, keep=keep, layer=layer, options=options, layer_is_default=layer_is_default)
 
 
 def _stage_to_str(s: Stage) -> str:

@@ -107,7 +107,7 @@ def check_request(req: Request, processor, adapter, default_plan: Plan, default_
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new!r}")
     plan = default_plan if req.plan is None else Plan.parse(req.plan)
-    if video is None and any(s.where == "frames" for s in plan.stages):
+    if video is None and pil and any(s.where == "frames" for s in plan.stages):  # text only: nothing to prune
         raise PlanError("a 'frames' stage (" + next(s.describe() for s in plan.stages if s.where == "frames")
                         + ") needs a request with a video; this one has none")
     priority = check_priority(req.priority, plan)

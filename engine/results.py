@@ -7,9 +7,10 @@ import torch
 
 from . import frames, metering
 from .plan import Plan
+from .vocabulary import unknown_words
 
 
-@dataclass
+@dataclass(repr=False)
 class Result:
     """One request's answer.
 
@@ -35,6 +36,21 @@ class Result:
     frames: torch.Tensor | None = None  # [N_vis] the video frame of every original visual token (-1: an image's)
     n_images: int = 0
     logits: torch.Tensor | None = None  # [new_tokens, V] fp32, with generate(..., output_logits=True)
+    unknown_words: list[str] = field(default_factory=list)  # the question's words the model was never trained on
+
+    def __repr__(self) -> str:
+        """One line: the answer, the visual tokens kept and the times (the tensors stay in the fields)."""
+        st = self.stats
+        parts = [f"text={self.text!r}"]
+        if "kept_tokens" in st:
+            parts.append(f"kept={st['kept_tokens']}/{st['visual_tokens']} visual tokens")
+        if "prefill_s" in st:
+            parts.append(f"prefill={1e3 * st['prefill_s']:.1f} ms, decode={1e3 * st['decode_s']:.1f} ms "
+                         f"({st['new_tokens']} tokens)")
+        parts.append(f"plan={str(self.plan) or '(none)'!r}")
+        if self.unknown_words:
+            parts.append(f"not understood: {', '.join(self.unknown_words)}")
+        return f"Result({', '.join(parts)})"
 
 
 def build_results(engine, batch, state, tokens, logits, n_text, prefill_s, decode_s) -> list[Result]:
@@ -63,7 +79,8 @@ def build_results(engine, batch, state, tokens, logits, n_text, prefill_s, decod
         results.append(Result(text=answer_text(engine, ids[:new]), token_ids=ids[:new], kept=kept, groups=groups,
                               scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],
                               stats=stats, plan=plan, coords=batch.coords[b], frames=batch.frames[b],
-                              n_images=len(r.images), logits=None if logits is None else logits[b, :new]))
+                              n_images=len(r.images), logits=None if logits is None else logits[b, :new],
+                              unknown_words=unknown_words(r.question, engine.trained_words)))
     return results
 
 

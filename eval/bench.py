@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--plans", help="';;'-separated plans to run instead of the default set (the first: '')")
     ap.add_argument("--kernels", action="store_true", help="also run the kernel benchmark (python -m tokensieve.kernels.bench)")
-    ap.add_argument("--out", default="eval/results/bench")
+    ap.add_argument("--out", default=os.path.join("runs", "bench"),
+                    help="folder for the results (default: ./runs/bench under the current directory)")
     args = ap.parse_args(argv)
     models = list(MODELS) if args.models == "all" else args.models.split(",")
     try:

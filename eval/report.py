@@ -272,7 +272,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(shipped.MODELS),
-                    help=f"shipped model names ({', '.join(shipped.MODELS)}) or checkpoint directories")
+                    help=f"shipped model names ({', '.join([*shipped.MODELS, *shipped.MODELS.values()])}) or checkpoint directories")
     ap.add_argument("--pruners", nargs="*", default=[ORACLE] + [p for p, c in REGISTRY.items() if not c.reads_priority],
                     help=f"registered pruners and '{ORACLE}' (the ground-truth upper bound; default: all); none "
                          "given: only the full-token baseline")
@@ -290,7 +290,7 @@ def main(argv=None):
     bad = [b for b in args.budgets if not 0 < b <= 1]
     if bad:
         raise SystemExit(f"budgets must be fractions in (0, 1], got {bad}")
-    models = {m: shipped.path(m) if m in shipped.MODELS else m for m in args.models}
+    models = {m: shipped.path(m) if m in shipped.MODELS else shipped.resolve(m) for m in args.models}
     for name, p in models.items():
         if not os.path.isfile(os.path.join(p, "config.json")):
             raise SystemExit(f"model '{name}': no checkpoint at {p}")

@@ -154,7 +154,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-causal", action="store_true")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--out", default="kernels/results", help="folder for the results files")
+    ap.add_argument("--out", default=os.path.join("runs", "kernels"),
+                    help="folder for the results files (default: ./runs/kernels under the current directory)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing useful")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

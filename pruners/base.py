@@ -92,6 +92,9 @@ class TowerRecord:
     qk: dict = field(default_factory=dict)
 
 
+DEFAULT_LAYER_DEPTH = 32  # default layers are the papers' on LLaVA-1.5-7B's 32-layer LLM (engine.plan: the rule)
+
+
 class Pruner:
     """Base class. Subclasses set the class attributes and implement ``select``.
 
@@ -115,7 +118,7 @@ class Pruner:
     name: ClassVar[str]
     wheres: ClassVar[tuple[str, ...]] = ("vision", "pre_llm", "llm")
     default_where: ClassVar[str] = "pre_llm"
-    default_layer: ClassVar[int | None] = None
+    default_layer: ClassVar[int | None] = None  # the paper's layer, set for a DEFAULT_LAYER_DEPTH-layer model
     default_keep: ClassVar[int | float | None] = None
     options: ClassVar[dict[str, Option]] = {}  # name -> declared type, accepted values, default, help
     needs: ClassVar[str | None] = None

@@ -33,7 +33,7 @@ from collections import defaultdict
 
 import torch
 
-from . import native_video, train_tiny
+from . import native_video, shipped, train_tiny
 from .tiny_models import GRID
 
 SEED = 10_000
@@ -180,12 +180,13 @@ def main(argv=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="a trained checkpoint directory")
+    ap.add_argument("model", help="a trained checkpoint directory, or a shipped model (tiny-llava, tiny-qwen2-vl)")
     ap.add_argument("--n", type=int, default=256, help="held-out image questions (the probe uses 3x as many position ones)")
     ap.add_argument("--videos", type=int, default=64, help="held-out videos for look_back and distinct_count")
     native_video.add_video_mode_option(ap)
     ap.add_argument("--out", default=None, help="also write the result here (JSON)")
     args = ap.parse_args(argv)
+    args.model = shipped.resolve(args.model)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager").eval()
     proc = AutoProcessor.from_pretrained(args.model)

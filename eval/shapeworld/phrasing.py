@@ -34,6 +34,9 @@ VARIANTS = (
     (r"\bare in the (?:image|picture)\b", "are there"), (r"\bdo you see\b", "are there"),
     (r"\bwhere is the\b", "which quadrant is the"),
 )
+# the typed words VARIANTS rewrite or drop on purpose: understood, though no world question uses them
+VARIANT_WORDS = ("color", "of", "please", "can", "could", "you", "tell", "me", "say", "what's", "image", "picture",
+                 "do", "see", "where")
 PUNCTUATION = ((r"\?", " ? "), (",", " , "), (r"(?<![A-D]|[A-D] )\.", " "), (r"\.", " . "), ("!", " "),
                (r"(?<!USER|ASSISTANT):", " "))  # a dot only after an option letter; ":" only in the template
 KEEP_CASE = ("A", "B", "C", "D", "USER:", "ASSISTANT:")  # the option letters, the chat template's words

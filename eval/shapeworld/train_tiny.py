@@ -29,9 +29,12 @@ import json
 import math
 import os
 import random
+import re
 import time
+
 import torch
 
+from ...engine.vocabulary import TRAINED_WORDS
 from ...testing import make_tokenizer
 from . import lossy, native_video, phrasing, tiny_models, train_options, world
 from .objectives import (LETTERS, N_CLASSES, N_NAMED, N_READOUT, TargetOptions, aux_logits, aux_loss, cell_targets,
@@ -56,6 +59,17 @@ def vocabulary(seed: int = 0, n: int = 3000) -> list[str]:
             qa = world.multiple_choice(qa, rng) if rng.random() < 0.3 else qa
             words.update(qa.question.split() + [qa.answer])
     return sorted(words)
+
+
+def write_trained_words(out: str) -> None:
+    """``trained_words.json`` in a checkpoint: the words of the world's questions, and the typed variants the
+    tokenizer's normaliser reads (phrasing.VARIANT_WORDS); the engine reports any other word of a question
+    as not understood (tokensieve.engine.vocabulary)."""
+    words = {w for w in vocabulary() if re.fullmatch(r"[a-z][a-z'-]*", w)} | set(phrasing.VARIANT_WORDS)
+    with open(os.path.join(out, TRAINED_WORDS), "w") as f:
+        json.dump({"words": sorted(words), "source": "the shape world's questions (tokensieve.eval.shapeworld)"}, f,
+                  indent=0)
+        f.write("\n")
 
 
 IMAGE_TYPES = ("colour", "shape", "exist", "count", "position")  # the curriculum's order
@@ -440,6 +454,7 @@ def main(argv=None):
             model.save_pretrained(args.out)
             proc.save_pretrained(args.out)
             phrasing.install(os.path.join(args.out, "tokenizer.json"))  # questions as people type them
+            write_trained_words(args.out)
 
 
 if __name__ == "__main__":
