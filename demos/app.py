@@ -75,10 +75,16 @@ def _column_outputs(columns, shown: dict, workdir: str, final: bool) -> list:
 
 
 def _status(columns, timing_runs: int) -> str:
-    """The line above the columns: what is running, or nothing once done."""
+    """The line above the columns: what is running (nothing once done), and the question's words the model
+    was never trained on (the same in every column)."""
     if not all(c.result is not None for c in columns):
-        return "answering…"
-    return "" if all(c.times for c in columns) else f"timing: {timing_runs} runs of each column…"
+        doing = "answering…"
+    else:
+        doing = "" if all(c.times for c in columns) else f"timing: {timing_runs} runs of each column…"
+    unknown = next((c.result.unknown_words for c in columns if c.result is not None), [])
+    note = (f"**note: not understood: {', '.join(unknown)}** (words the model was never trained on; it ignores "
+            "them)") if unknown else ""
+    return "  \n".join(line for line in (note, doing) if line)
 
 
 def respond(engine, workdir: str, media, question, choice, budgets, max_new_tokens: int = 16,
@@ -158,7 +164,8 @@ def build(engine, plan_template: str | None = None, max_new_tokens: int = 16, ti
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tokensieve demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="hub id or local directory (default: the embedded model)")
+    ap.add_argument("--model", help="hub id, local directory or shipped model (tiny-llava, tiny-qwen2-vl; "
+                    "default: the embedded tiny-llava)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--plan-template", help="a plan with {keep} offered first, e.g. 'fastv:layer=2,keep={keep}'")

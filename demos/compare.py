@@ -22,7 +22,7 @@ DEFAULT_BUDGETS = "1,0.5,0.25,0.11"
 MAX_VIDEO_SECONDS = 600.0  # longer uploads are refused (the demo samples 8 frames; the cap bounds probing)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 JSON_FIELDS = ("plan", "answer", "visual_tokens", "kept_tokens", "prefill_s", "decode_s", "prefill_flops",
-               "kv_cache_bytes", "timing_runs")
+               "kv_cache_bytes", "timing_runs", "unknown_words")
 TIMES = ("prefill_s", "decode_s")  # reported as the median of the timing runs
 
 
@@ -42,8 +42,9 @@ class Column:
     def summary(self) -> dict:
         """The column as the /compare endpoint's JSON reports it (times: None until timed)."""
         st = self.result.stats if self.result is not None else {}
-        return {"plan": self.plan, "answer": self.answer, **{k: st.get(k) for k in JSON_FIELDS[2:-1]},
-                **{k: self.times.get(k) for k in (*TIMES, "timing_runs")}}
+        return {"plan": self.plan, "answer": self.answer, **{k: st.get(k) for k in JSON_FIELDS[2:-2]},
+                **{k: self.times.get(k) for k in (*TIMES, "timing_runs")},
+                "unknown_words": self.result.unknown_words if self.result is not None else []}
 
 
 def parse_budgets(text: str) -> list[float]:

@@ -187,6 +187,24 @@ def test_a_bad_plan_gives_one_message_and_leaves_the_page(engine, tmp_path):
         next(updates)
 
 
+def test_words_the_model_never_learnt_are_named_once_above_the_columns(engine, tmp_path):
+    import json
+    import re
+
+    from tokensieve.eval.shapeworld import shipped
+
+    question = "How many shapes are there?"
+    with open(os.path.join(shipped.path("tiny-llava"), "trained_words.json")) as f:
+        known = set(json.load(f)["words"])
+    unknown = [w for w in re.findall(r"[a-z]+", question.lower()) if w not in known]
+    assert unknown == ["shapes"]  # the reference: the checkpoint's own word list
+    *_, table, status = list(respond(engine, str(tmp_path), IMAGE, question, "divprune", "1,0.25", timing_runs=1))[-1]
+    assert status.count("not understood") == 1 and "not understood: shapes" in status
+    assert [row["unknown_words"] for row in table] == [unknown, unknown]
+    *_, table, status = list(respond(engine, str(tmp_path), IMAGE, IMAGE_Q, "divprune", "1", timing_runs=1))[-1]
+    assert "not understood" not in status and table[0]["unknown_words"] == []
+
+
 # ---- the app -------------------------------------------------------------------------------------------
 def _predict(url, media, question, choice="divprune", budgets="1,0.5,0.25,0.11"):
     from gradio_client import Client, handle_file
