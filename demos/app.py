@@ -150,9 +150,10 @@ def build(engine, plan_template: str | None = None, max_new_tokens: int = 16, ti
                 with gr.Column(visible=False, min_width=200, elem_id=f"column-{i}") as group:
                     answer = gr.Markdown(elem_id=f"answer-{i}")
                     stats = gr.Markdown(elem_id=f"stats-{i}")
-                    picture = gr.Image(label="kept tokens", interactive=False, elem_id=f"overlay-{i}")
+                    picture = gr.Image(label="kept tokens", show_label=False, interactive=False,
+                                       elem_id=f"overlay-{i}")
                 slots += [group, answer, stats, picture]
-        plot = gr.Plot(label="tokens and time against the budget")
+        plot = gr.Plot(label="tokens and time against the budget", elem_id="plot")
         table = gr.JSON(label="per column")
         media.change(show, inputs=media, outputs=shown, api_visibility="private")
         go.click(run, inputs=[media, question, choice, budgets], outputs=[*slots, plot, table, status],

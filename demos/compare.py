@@ -160,6 +160,7 @@ def warm_up(engine) -> None:
     for plan in (None, plan_for(DEFAULT_PRUNER, 0.5)):
         engine.generate(question, images=[path], plan=plan, max_new_tokens=2)
 
+
 def chart(columns: list[Column]):
     """A matplotlib figure: kept tokens and prefill / decode time against the budget, one point per column."""
     import matplotlib
@@ -173,8 +174,9 @@ def chart(columns: list[Column]):
     ax1.set(title="visual tokens kept", ylabel="tokens")
     timed = [c for c in done if c.times]
     runs = timed[0].times["timing_runs"] if timed else 0
-    ax2.plot([labels[done.index(c)] for c in timed], [1000 * c.times["prefill_s"] for c in timed], "o-", label="prefill")
-    ax2.plot([labels[done.index(c)] for c in timed], [1000 * c.times["decode_s"] for c in timed], "s-", label="decode")
+    at = [labels[done.index(c)] for c in timed]
+    for key, marks in (("prefill_s", "o-"), ("decode_s", "s-")):
+        ax2.plot(at, [1000 * c.times[key] for c in timed], marks, label=key[:-2])
     ax2.set(title=f"time (ms): median of {runs} runs", ylabel="ms")
     ax2.annotate("differences of a few ms are noise on a busy CPU", (0, -0.32), xycoords="axes fraction", fontsize=7,
                  color="#666")

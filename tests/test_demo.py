@@ -57,7 +57,8 @@ def _tiles(picture: Image.Image, side: int = 40) -> list:
 
 def _blocks(picture: Image.Image) -> np.ndarray:
     """[8, 8, 3] mean colour of each cell of an 8 x 8 grid over the picture."""
-    return np.asarray(picture.convert("RGB").resize((64, 64), Image.BILINEAR), float).reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
+    cells = np.asarray(picture.convert("RGB").resize((64, 64), Image.BILINEAR), float)
+    return cells.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
 
 
 # ---- handlers ------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def test_media_is_checked(tmp_path):
 
 
 def test_compare_streams_columns_that_match_the_engine(engine):
-    updates = list(cmp.compare(engine, IMAGE, IMAGE_Q, "divprune", "1,0.5,0.25,0.11"))
+    updates = list(cmp.compare(engine, IMAGE, IMAGE_Q, "divprune", "1,0.5,0.25,0.11", timing_runs=1))
     columns = updates[-1]
     assert len(updates) > len(columns) + 1  # the page is updated while answers stream, not once at the end
     plans = [c.plan for c in columns]
@@ -104,7 +105,7 @@ def test_compare_streams_columns_that_match_the_engine(engine):
 
 
 def test_compare_on_a_video_draws_each_frame(engine):
-    columns = list(cmp.compare(engine, VIDEO, VIDEO_Q, "uniform", "1,0.25"))[-1]
+    columns = list(cmp.compare(engine, VIDEO, VIDEO_Q, "uniform", "1,0.25", timing_runs=1))[-1]
     assert [c.answer for c in columns] == _direct(engine, VIDEO, VIDEO_Q, [c.plan for c in columns])
     full, pruned = columns
     assert len(full.pictures) == 8 and "frame 0" in full.pictures[0][1]
@@ -166,13 +167,13 @@ def test_each_picture_is_a_file_written_once(engine, tmp_path):
     update) was cut off mid-download (h11 "Too much data for declared Content-Length")."""
     seen = {}
     for _ in range(2):  # a second run writes new files, never the first run's
-        for out in respond(engine, str(tmp_path), VIDEO, VIDEO_Q, "uniform", "1,0.25", timing_runs=1):
+        for out in respond(engine, str(tmp_path), IMAGE, IMAGE_Q, "uniform", "1,0.25", timing_runs=1):
             for value in out[3:4 * cmp.MAX_COLUMNS:4]:  # each slot's picture
                 if value is None or isinstance(value, dict):  # none yet, or left as it is (gr.skip / hidden)
                     continue
                 assert isinstance(value, str) and os.path.isfile(value), value
-                state = (os.stat(value).st_ino, os.stat(value).st_mtime_ns,
-                         hashlib.sha256(open(value, "rb").read()).hexdigest())
+                with open(value, "rb") as f:
+                    state = (os.stat(value).st_ino, os.stat(value).st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
                 assert seen.setdefault(value, state) == state
     assert len(seen) == 4  # two columns, two runs: a file each
     for path, state in seen.items():
@@ -302,10 +303,18 @@ def _shown_picture(page, i: int) -> Image.Image:
     return Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body()))
 
 
+def _screenshot(page, path: str) -> None:
+    """The page down to the chart (docs/demo.png: TOKENSIEVE_DEMO_SCREENSHOT=docs/demo.png), in 256 colours."""
+    box = page.locator("#plot").bounding_box()
+    page.screenshot(path=path, full_page=True, clip={"x": 0, "y": 0, "width": page.viewport_size["width"],
+                                                     "height": box["y"] + box["height"] + 16})
+    Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        path, optimize=True)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_a_comparison_in_headless_chromium(app, engine, tmp_path):
     from playwright.sync_api import expect, sync_playwright
-
     from tokensieve.engine.video import decode_video
 
     with sync_playwright() as p:
@@ -326,7 +335,7 @@ def test_a_comparison_in_headless_chromium(app, engine, tmp_path):
         answers = [page.locator(f"#answer-{i}").inner_text() for i in range(4)]
         assert all("…" not in a.split("Answer:")[1] for a in answers)
         shot = os.environ.get("TOKENSIEVE_DEMO_SCREENSHOT", str(tmp_path / "demo.png"))
-        page.screenshot(path=shot, full_page=True)
+        _screenshot(page, shot)
 
         # the video: every frame of every column on its picture, in order, seen whole
         page.locator("table").get_by_text(VIDEO_Q).click()
