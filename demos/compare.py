@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from statistics import median
 
 from PIL import Image
 
@@ -15,11 +16,14 @@ from ..engine.errors import InputError, PlanError, TokenSieveError
 from ..engine.plan import Plan
 
 MAX_COLUMNS = 4
+DEFAULT_PRUNER = "divprune"
+TIMING_RUNS = 3  # each column's times: the median of this many runs after the answering one (its warm-up)
 DEFAULT_BUDGETS = "1,0.5,0.25,0.11"
 MAX_VIDEO_SECONDS = 600.0  # longer uploads are refused (the demo samples 8 frames; the cap bounds probing)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 JSON_FIELDS = ("plan", "answer", "visual_tokens", "kept_tokens", "prefill_s", "decode_s", "prefill_flops",
-               "kv_cache_bytes")
+               "kv_cache_bytes", "timing_runs", "unknown_words")
+TIMES = ("prefill_s", "decode_s")  # reported as the median of the timing runs
 
 
 class DemoError(TokenSieveError):
@@ -33,11 +37,14 @@ class Column:
     answer: str = ""
     result: object = None  # the Result once the answer is complete
     pictures: list = field(default_factory=list)  # (overlay image, caption)
+    times: dict = field(default_factory=dict)  # prefill_s, decode_s: medians of timing_runs runs, once timed
 
     def summary(self) -> dict:
-        """The column as the /compare endpoint's JSON reports it."""
+        """The column as the /compare endpoint's JSON reports it (times: None until timed)."""
         st = self.result.stats if self.result is not None else {}
-        return {"plan": self.plan, "answer": self.answer, **{k: st.get(k) for k in JSON_FIELDS[2:]}}
+        return {"plan": self.plan, "answer": self.answer, **{k: st.get(k) for k in JSON_FIELDS[2:-2]},
+                **{k: self.times.get(k) for k in (*TIMES, "timing_runs")},
+                "unknown_words": self.result.unknown_words if self.result is not None else []}
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -97,13 +104,16 @@ def load_media(path) -> tuple[str, object]:
         raise DemoError(f"not an image or a video tokensieve can read: {e}") from None
 
 
-def compare(engine, media, question: str, choice: str, budgets: str, max_new_tokens: int = 16):
-    """Yield the list of columns after every decoded piece; every input is checked before the first model
-    call (DemoError / PlanError / InputError)."""
+def compare(engine, media, question: str, choice: str, budgets: str, max_new_tokens: int = 16,
+            timing_runs: int = TIMING_RUNS):
+    """Yield the list of columns after every decoded piece, and once more when every column is timed
+    (``time_columns``); every input is checked before the first model call (DemoError / PlanError / InputError)."""
     from .overlay import frame_overlays, image_overlays
 
     if not isinstance(question, str) or not question.strip():
         raise DemoError("type a question")
+    if not isinstance(timing_runs, int) or timing_runs < 1:
+        raise DemoError(f"timing_runs must be an int >= 1, got {timing_runs!r}")
     columns = plans_for(choice, parse_budgets(budgets))
     kind, value = load_media(media)
     inputs = {"images": [value]} if kind == "image" else {"video": value}
@@ -123,6 +133,32 @@ def compare(engine, media, question: str, choice: str, budgets: str, max_new_tok
                 col.pictures = (image_overlays(piece, [value]) if kind == "image" else
                                 frame_overlays(piece, value.frames, piece.stats["kept_tokens"]))
             yield columns
+    time_columns(engine, columns, question, inputs, timing_runs, max_new_tokens)
+    yield columns
+
+
+def time_columns(engine, columns: list[Column], question: str, inputs: dict, runs: int, max_new_tokens: int) -> None:
+    """Set each column's ``times``: its prefill and decode seconds as the median of ``runs`` more runs of its
+    plan, taken in turn (column 1, 2, .., 1, 2, ..) so that a busy moment of a shared CPU falls on every
+    column alike. The streamed run that answered is each plan's warm-up and is not counted: a plan's first
+    run pays one-off costs (a pruner's first call, allocations) that read as "pruning is slower"."""
+    seen = [[] for _ in columns]
+    for _ in range(runs):
+        for col, times in zip(columns, seen):
+            times.append(engine.generate(question, plan=col.plan or None, max_new_tokens=max_new_tokens,
+                                         **inputs).stats)
+    for col, times in zip(columns, seen):
+        col.times = {**{k: median(st[k] for st in times) for k in TIMES}, "timing_runs": runs}
+
+
+def warm_up(engine) -> None:
+    """Two short runs on the first bundled example, all tokens and the default pruner at 50 %: the engine's
+    first-call costs are paid at start, not by the first comparison."""
+    from ..eval.report import plan_for
+
+    path, question = example_files()[0]
+    for plan in (None, plan_for(DEFAULT_PRUNER, 0.5)):
+        engine.generate(question, images=[path], plan=plan, max_new_tokens=2)
 
 
 def chart(columns: list[Column]):
@@ -136,9 +172,14 @@ def chart(columns: list[Column]):
     labels = [c.label.replace(" of the tokens", "") for c in done]
     ax1.bar(labels, [c.result.stats["kept_tokens"] for c in done], color="#3c8dbc")
     ax1.set(title="visual tokens kept", ylabel="tokens")
-    ax2.plot(labels, [1000 * c.result.stats["prefill_s"] for c in done], "o-", label="prefill")
-    ax2.plot(labels, [1000 * c.result.stats["decode_s"] for c in done], "s-", label="decode")
-    ax2.set(title="time (ms)", ylabel="ms")
+    timed = [c for c in done if c.times]
+    runs = timed[0].times["timing_runs"] if timed else 0
+    at = [labels[done.index(c)] for c in timed]
+    for key, marks in (("prefill_s", "o-"), ("decode_s", "s-")):
+        ax2.plot(at, [1000 * c.times[key] for c in timed], marks, label=key[:-2])
+    ax2.set(title=f"time (ms): median of {runs} runs", ylabel="ms")
+    ax2.annotate("differences of a few ms are noise on a busy CPU", (0, -0.32), xycoords="axes fraction", fontsize=7,
+                 color="#666")
     ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=8)
     fig.tight_layout()
@@ -162,3 +203,16 @@ def preview(media) -> Image.Image | None:
     except DemoError:
         return None
     return value if kind == "image" else value.frames[0]
+
+
+def world_note(engine) -> str:
+    """The limits of a model shipped with tokensieve (trained on the shape world only) for the top of the
+    page; "" for any other model."""
+    from ..eval.shapeworld import shipped, world
+
+    if not os.path.abspath(engine.model.name_or_path).startswith(os.path.abspath(shipped.ROOT)):
+        return ""
+    return (f"**This model knows one small world only**: shapes ({', '.join(world.SHAPES)}) in colours "
+            f"({', '.join(world.COLOURS)}) on grey backgrounds ({', '.join(world.BACKGROUNDS)}), asked about in "
+            "its own words (what colour / shape, how many, is there, left or right, which came first…); it answers "
+            "in one word. Words it was never trained on are listed as *not understood*; other pictures are beyond it.")

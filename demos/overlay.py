@@ -90,3 +90,41 @@ def frame_overlays(result, frames: list[Image.Image], budget: int) -> list[tuple
         out.append((draw(frames[min(t * step, len(frames) - 1)], score, kept, grid),
                     f"frame {t}: {k} kept ({share:.0%} of the budget)"))
     return out
+
+
+def sheet(pictures: list[tuple[Image.Image, str]], per_row: int = 2, tile: int | None = None,
+          font_size: int = 17) -> Image.Image:
+    """Every (image, caption) of ``pictures`` on one white sheet, in order, ``per_row`` a row: each image
+    scaled to ``tile`` pixels wide (default: SIDE for one picture, 200 for more) with its caption written under
+    it (wrapped to the tile), so that all of a column's frames are seen at once."""
+    from PIL import ImageFont
+
+    tile = tile or (SIDE if len(pictures) == 1 else 200)
+    font = ImageFont.load_default(size=font_size)
+    per_row = max(1, min(per_row, len(pictures)))
+    scaled = [img.convert("RGB").resize((tile, max(1, round(img.height * tile / img.width))), Image.BILINEAR)
+              for img, _ in pictures]
+    lines = [_wrap(caption, font, tile) for _, caption in pictures]
+    line_h, gap = font_size + 4, 6
+    cell_h = max(s.height for s in scaled) + max(len(ls) for ls in lines) * line_h + gap
+    rows = -(-len(pictures) // per_row)
+    out = Image.new("RGB", (per_row * (tile + gap) - gap, rows * cell_h), "white")
+    pen = ImageDraw.Draw(out)
+    for i, (img, ls) in enumerate(zip(scaled, lines)):
+        x, y = (i % per_row) * (tile + gap), (i // per_row) * cell_h
+        out.paste(img, (x, y))
+        for j, line in enumerate(ls):
+            pen.text((x, y + img.height + 2 + j * line_h), line, fill=(20, 20, 20), font=font)
+    return out
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels in ``font`` (a longer word stays whole)."""
+    lines = [""]
+    for word in text.split():
+        trial = f"{lines[-1]} {word}".strip()
+        if lines[-1] and font.getlength(trial) > width:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    return lines
