@@ -15,7 +15,7 @@ COLUMNS = ("plan", "samples", "failures", "accuracy", "stderr", "retention", "ke
            "prefill_flops", "prefill_s", "decode_s", "kv_cache_bytes")
 TOKENS = ("kept_tokens", "visual_tokens")  # counts: whole numbers
 TIMES_NOTE = ("prefill s, decode s: per sample, its padded batch's time shared evenly "
-              "(batch time / batch size; samples.jsonl keeps batch_prefill_s, batch_decode_s and batch_size).")
+              "(a record's batch_prefill_s / batch_size, batch_decode_s / batch_size).")
 
 
 def short(plan: str) -> str:
