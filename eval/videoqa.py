@@ -192,9 +192,10 @@ def _main(args, progress: Progress) -> int:
         print(f"resuming: {len(done & wanted)} of {len(wanted)} done ({path})", file=sys.stderr)
     progress.wanted = set() if start_over else wanted  # the folder's old run is not this one's until begin()
 
-    def begin():
+    def begin():  # the folder is this run's from here on
         write_config(args.out, config, start_over)
         progress.wanted = wanted
+
     bad = [s for s in samples if s.error]
     if bad:
         print(f"{len(bad)} sample(s) cannot run (recorded with their error), e.g. {bad[0].error}", file=sys.stderr)
