@@ -42,10 +42,11 @@ setup(
         # which filelock 4 removed
         "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
         "ray": ["ray[data]>=2.50,<3"],  # tokensieve eval --executor ray
+        "eval": ["pyarrow>=14", "matplotlib"],  # tokensieve eval: .parquet data, the plots
         "test": ["pytest>=8", "triton>=3.2", "av>=12", "open_clip_torch", "matplotlib", "lmms-eval>=0.7.3,<0.8",
-                 "filelock<4", "ray[data]>=2.50,<3", "gradio>=6,<7", "playwright>=1.50"],
+                 "filelock<4", "ray[data]>=2.50,<3", "gradio>=6,<7", "playwright>=1.50", "pyarrow>=14"],
         "all": ["av>=12", "gradio>=6,<7", "matplotlib", "open_clip_torch", "triton>=3.2", "pytest>=8", "lmms-eval>=0.7.3,<0.8",
-                "filelock<4", "ray[data]>=2.50,<3"],
+                "filelock<4", "ray[data]>=2.50,<3", "pyarrow>=14"],
     },
     entry_points={
         "console_scripts": ["tokensieve=tokensieve.cli:main"],

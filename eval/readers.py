@@ -14,7 +14,8 @@ Formats (``--format``; ``auto`` looks at the file's first record):
 Video files are looked up as given, then under ``video_root`` (default: the data file's folder), then by
 file name anywhere below it (one walk). A record that cannot run (a missing field, a video not found, an
 answer not among the options, a duplicate id) becomes a Sample with ``error`` set, so the run records it
-and goes on; a file that cannot be read at all raises DataError before any work.
+and goes on; a file that cannot be read at all, or that no record of parses under the format (a ``--format``
+that does not fit the file), raises DataError before any work. Parquet files need pyarrow (the ``eval`` extra).
 """
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ from dataclasses import dataclass, field
 from ..engine.errors import TokenSieveError
 
 FORMATS = ("jsonl", "videomme", "mvbench", "nextqa", "mlvu", "egoschema")
+FIELDS = {  # the fields each format reads (the table above), for the error when a file does not fit one
+    "jsonl": "id, video, question, options, answer, type",
+    "videomme": "question_id, videoID, question, options, answer, task_type",
+    "mvbench": "video, question, candidates, answer",
+    "nextqa": "video, qid, question, a0..a4, answer, type",
+    "mlvu": "video_name (or video), question, candidates (or options in the question), answer, question_type",
+    "egoschema": "q_uid, video_idx, question, option (or option 0..option 4), answer",
+}
+PARQUET = "reading parquet needs pyarrow: pip install 'tokensieve[eval]' (or pip install pyarrow)"
 LETTERS = string.ascii_uppercase
 VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
 LETTER_POST = "\nAnswer with the option's letter from the given choices directly."  # lmms-eval's default
@@ -65,7 +75,7 @@ def load_records(path: str) -> list[dict]:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+                raise DataError(f"{path}: {PARQUET}") from None
             return pq.read_table(path).to_pylist()
         with open(path, encoding="utf-8", newline="") as f:
             if suffix == ".csv":
@@ -264,20 +274,39 @@ def read_samples(path: str, fmt: str = "auto", video_root: str | None = None, li
         raise DataError(f"{path}: no records")
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
     finder = VideoFinder(video_root or os.path.dirname(os.path.abspath(path)))
-    samples, first_line = [], {}
+    samples, first_line, parsed = [], {}, 0
     for n, r in enumerate(records[:limit] if limit else records):
-        samples.append(_sample(r, n, fmt, path, finder))
-        s = samples[-1]
+        s, ok = _sample(r, n, fmt, path, finder)
+        samples.append(s)
+        parsed += ok
         if s.id in first_line:
             s.error = f"sample {s.id}: duplicate id (first at record {first_line[s.id]}), not run"
             s.id = f"{s.id}@{n}"
         first_line.setdefault(s.id, n)
+    if samples and not parsed:
+        raise DataError(misfit(path, fmt, records, samples))
     return samples
 
 
-def _sample(r, n: int, fmt: str, path: str, finder: VideoFinder) -> Sample:
+def misfit(path: str, fmt: str, records: list, samples: list[Sample]) -> str:
+    """Why no record of a file parses under ``fmt``: the fields it reads, the fields the file has, and the
+    format those fields suggest."""
+    first = records[0] if isinstance(records[0], dict) else {}
+    try:
+        guess = detect_format(first)
+    except DataError:
+        guess = None
+    hint = f"; its fields look like --format {guess}" if guess and guess != fmt else ""
+    return (f"{path}: none of its {len(samples)} record(s) parses as --format {fmt} (e.g. {samples[0].error}); "
+            f"{fmt} reads {FIELDS[fmt]}, the first record has {', '.join(map(str, first)) or 'no fields'}{hint}")
+
+
+def _sample(r, n: int, fmt: str, path: str, finder: VideoFinder) -> tuple[Sample, bool]:
+    """A record's Sample, and whether it parsed under ``fmt`` (its fields, options and answer are usable:
+    anything short of that is the format's problem or the record's, not its video's)."""
     if not isinstance(r, dict):
-        return Sample(id=str(n), video=None, question="", error=f"record {n}: not an object ({type(r).__name__})")
+        sample = Sample(id=str(n), video=None, question="", error=f"record {n}: not an object ({type(r).__name__})")
+        return sample, False
     rid = str(r.get("id", r.get("question_id", r.get("q_uid", n))))
     try:
         rid, video, q, options, answer, typ, prompt = BUILDERS[fmt](r, n, path)
@@ -286,10 +315,10 @@ def _sample(r, n: int, fmt: str, path: str, finder: VideoFinder) -> Sample:
             answer = answer_letter(answer, options)
         elif fmt != "jsonl":
             raise DataError("no options (a multiple-choice benchmark)")
-        found = finder.find(video)
-        sample = Sample(rid, found, str(q), options, str(answer), None if typ is None else str(typ), prompt)
-        if found is None:
-            sample.error = f"sample {rid}: video not found: {video} (looked under {finder.root})"
-        return sample
     except DataError as e:
-        return Sample(id=rid, video=None, question=str(r.get("question", "")), error=f"sample {rid}: {e}")
+        return Sample(id=rid, video=None, question=str(r.get("question", "")), error=f"sample {rid}: {e}"), False
+    found = finder.find(video)
+    sample = Sample(rid, found, str(q), options, str(answer), None if typ is None else str(typ), prompt)
+    if found is None:
+        sample.error = f"sample {rid}: video not found: {video} (looked under {finder.root})"
+    return sample, True

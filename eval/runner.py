@@ -15,7 +15,10 @@ from .answers import score
 from .readers import Sample
 
 RECORD_FIELDS = ("id", "plan", "prediction", "parsed", "answer", "correct", "type", "visual_tokens", "kept_tokens",
-                 "frames", "prefill_s", "decode_s", "prefill_flops", "kv_cache_bytes", "error")
+                 "frames", "prefill_s", "decode_s", "batch_size", "batch_prefill_s", "batch_decode_s", "prefill_flops",
+                 "kv_cache_bytes", "error")
+# prefill_s / decode_s: the sample's even share of its padded batch's times (batch_prefill_s / batch_size);
+# a batch runs as one forward pass, so a sample's own time cannot be split out of it
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,41 @@ def record(sample: Sample, plan: str, result=None, error: str | None = None) -> 
         parsed, correct = score(sample, result.text)
         st = result.stats
         rec.update(prediction=result.text, parsed=parsed, correct=correct, visual_tokens=st["visual_tokens"],
-                   kept_tokens=st["kept_tokens"], frames=st.get("frames"), prefill_s=st["prefill_s"],
-                   decode_s=st["decode_s"], prefill_flops=st["prefill_flops"], kv_cache_bytes=st["kv_cache_bytes"])
+                   kept_tokens=st["kept_tokens"], frames=st.get("frames"), prefill_flops=st["prefill_flops"],
+                   kv_cache_bytes=st["kv_cache_bytes"],
+                   **shared_times(st["prefill_s"], st["decode_s"], st["batch_size"]))
     return rec
+
+
+def shared_times(batch_prefill_s: float, batch_decode_s: float, batch_size: int) -> dict:
+    """A record's time fields: its padded batch's prefill and decode seconds, the batch's size, and the
+    sample's even share of each (the batch's time / its size)."""
+    return dict(prefill_s=batch_prefill_s / batch_size, decode_s=batch_decode_s / batch_size, batch_size=batch_size,
+                batch_prefill_s=batch_prefill_s, batch_decode_s=batch_decode_s)
+
+
+def with_shared_times(records: list[dict]) -> list[dict]:
+    """Records written before ``batch_size`` was recorded, given the fields: their ``prefill_s`` and
+    ``decode_s`` were the whole batch's. The records of one batch are consecutive lines with the same plan
+    and the same two times (perf_counter differences: two batches never share both), so each run of
+    such lines is one batch. Records that carry ``batch_size`` (or an error) are kept as they are."""
+    out, run = [], []
+
+    def flush():
+        out.extend(dict(r, **shared_times(r["prefill_s"], r["decode_s"], len(run))) for r in run)
+        run.clear()
+
+    for r in records:
+        old = "batch_size" not in r and r.get("prefill_s") is not None
+        if run and not (old and (r["plan"], r["prefill_s"], r["decode_s"]) ==
+                        (run[0]["plan"], run[0]["prefill_s"], run[0]["decode_s"])):
+            flush()
+        if old:
+            run.append(r)
+        else:
+            out.append(dict({"batch_size": None, "batch_prefill_s": None, "batch_decode_s": None}, **r))
+    flush()
+    return out
 
 
 def error_text(sample: Sample, e: BaseException) -> str:
@@ -155,7 +190,8 @@ def evaluate(engine, samples: list[Sample], plans: list[str], done: set, setting
 
 
 def load_records(path: str) -> list[dict]:
-    """The complete lines of ``samples.jsonl``; a torn last line (a kill mid-write) is cut off the file."""
+    """The complete lines of ``samples.jsonl`` (older lines given the batch fields: ``with_shared_times``);
+    a torn last line (a kill mid-write) is cut off the file."""
     if not os.path.exists(path):
         return []
     records, good = [], 0
@@ -172,4 +208,4 @@ def load_records(path: str) -> list[dict]:
     if good != os.path.getsize(path):
         with open(path, "r+b") as f:
             f.truncate(good)
-    return records
+    return with_shared_times(records)

@@ -1,6 +1,10 @@
 """The summary of a video-QA run: per plan accuracy (overall and per type, with standard errors),
 retention against the full plan, kept tokens, FLOPs, times, KV bytes, failures; as CSV, Markdown
-and two plots (accuracy against kept tokens and against prefill time, one line per pruner)."""
+and two plots (accuracy against kept tokens and against prefill time, one line per pruner).
+
+Token counts are means over the samples that ran, rounded to whole tokens. Times are per sample: each
+padded batch's time shared evenly among its samples (``prefill_s = batch_prefill_s / batch_size``), so
+they add up to the run's time, not to what one sample would take alone."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +13,9 @@ import os
 
 COLUMNS = ("plan", "samples", "failures", "accuracy", "stderr", "retention", "kept_tokens", "visual_tokens",
            "prefill_flops", "prefill_s", "decode_s", "kv_cache_bytes")
+TOKENS = ("kept_tokens", "visual_tokens")  # counts: whole numbers
+TIMES_NOTE = ("prefill s, decode s: per sample, its padded batch's time shared evenly "
+              "(a record's batch_prefill_s / batch_size, batch_decode_s / batch_size).")
 
 
 def short(plan: str) -> str:
@@ -49,7 +56,9 @@ def rows(records: list[dict], plans: list[str]) -> list[dict]:
         row = dict(plan=plan or "(full)", samples=len(recs), failures=len(recs) - len(ran), accuracy=acc, stderr=se,
                    retention=acc / full_acc if acc is not None and full_acc else None)
         for key in COLUMNS[6:]:
-            row[key] = _mean(r[key] for r in ran)
+            row[key] = _mean(r.get(key) for r in ran)
+            if key in TOKENS and row[key] is not None:
+                row[key] = round(row[key])
         for t in types:
             row[f"accuracy/{t}"], row[f"stderr/{t}"] = _acc([r for r in ran if r["type"] == t])
         out.append(row)
@@ -69,7 +78,7 @@ def _fmt(v, pct: bool = False) -> str:
 def markdown(table: list[dict]) -> str:
     types = sorted({k.split("/", 1)[1] for row in table for k in row if k.startswith("accuracy/")})
     head = ["plan", "samples", "failures", "accuracy % (± se)", "retention %", *[f"{t} %" for t in types],
-            "kept tokens", "visual tokens", "prefill FLOPs", "prefill s", "decode s", "KV bytes"]
+            "kept tokens", "visual tokens", "prefill FLOPs", "prefill s (shared)", "decode s (shared)", "KV bytes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [f"`{r['plan']}`", str(r["samples"]), str(r["failures"]),
@@ -103,7 +112,8 @@ def plot(table: list[dict], x: str, path: str) -> None:
     for n, (name, pts) in enumerate(sorted(groups.items())):
         pts.sort()
         ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=name, color=plt.cm.tab10(n % 10))
-    ax.set(xlabel={"kept_tokens": "visual tokens kept (mean)", "prefill_s": "prefill time (s, mean)"}[x],
+    ax.set(xlabel={"kept_tokens": "visual tokens kept (mean)",
+                   "prefill_s": "prefill time per sample (s, mean; each batch's time / its size)"}[x],
            ylabel="accuracy (%)", title="video QA: accuracy against " + ("kept tokens" if x == "kept_tokens" else "prefill time"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -125,11 +135,12 @@ def write(records: list[dict], plans: list[str], out: str, notes: list[str] = ()
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# Video QA: {len(plans)} plan(s), {max((r['samples'] for r in table), default=0)} samples\n\n"
                 "Accuracy over the samples that ran (failures apart); retention = accuracy / the full plan's; "
-                "means over the samples that ran.\n\n" + "".join(f"{n}\n\n" for n in notes) + text + "\n")
+                "means over the samples that ran; token counts rounded to whole tokens.\n\n" + TIMES_NOTE + "\n\n"
+                + "".join(f"{n}\n\n" for n in notes) + text + "\n")
     try:
         plot(table, "kept_tokens", os.path.join(out, "accuracy.png"))
         plot(table, "prefill_s", os.path.join(out, "accuracy_prefill.png"))
     except ImportError:  # matplotlib is an extra
         import sys
-        print("no plots: pip install matplotlib (tokensieve[bench])", file=sys.stderr)
+        print("no plots: pip install matplotlib (tokensieve[eval])", file=sys.stderr)
     return text

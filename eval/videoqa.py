@@ -13,17 +13,24 @@ Outputs in --out: ``samples.jsonl`` (one line per sample and plan, written and f
 batch ends), ``summary.csv`` / ``summary.md`` (per plan: accuracy overall and per type with its
 standard error, retention, kept tokens, FLOPs, times, KV bytes, failures), ``accuracy.png``
 (accuracy against kept tokens) and ``accuracy_prefill.png`` (against prefill time), and
-``config.json``. The same command again resumes: (id, plan) pairs already in ``samples.jsonl``
-are skipped, a line torn by a kill is dropped; another configuration in the same folder is
-refused (``--force`` starts over). A sample that cannot run (missing field, unreadable video, ...)
-is written with its ``error`` and counted as a failure; the run goes on.
+``config.json``. Times per sample (``prefill_s``, ``decode_s``) are its padded batch's shared
+evenly (``batch_prefill_s / batch_size``; the batch's own times are recorded too).
+
+The same command again resumes ("resuming: N of M done"): (id, plan) pairs already in
+``samples.jsonl`` are skipped, a line torn by a kill is dropped; another configuration in the same
+folder is refused (``--force`` starts over). Ctrl-C stops with one line (what was saved, the command
+that resumes) and exit status 130. A sample that cannot run (missing field, unreadable video, ...)
+is written with its ``error`` and counted as a failure; the run goes on; a ``--format`` under which no
+record parses stops before any work.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
+from dataclasses import dataclass, field
 
 from ..engine.errors import TokenSieveError
 from ..engine.plan import Plan
@@ -90,7 +97,30 @@ def write_config(out: str, config: dict, start_over: bool) -> None:
         json.dump(config, f, indent=1)
 
 
+@dataclass
+class Progress:
+    """What a run has to do, filled in by ``_main`` as it learns it (for the line Ctrl-C prints):
+    ``path``: its samples.jsonl; ``wanted``: the (id, plan) pairs of this run."""
+
+    path: str
+    wanted: set = field(default_factory=set)
+
+    def saved(self) -> int:
+        """How many of the wanted pairs samples.jsonl holds now."""
+        return len({(r["id"], r["plan"]) for r in load_records(self.path)} & self.wanted)
+
+
+def interrupted(progress: Progress, argv: list[str]) -> str:
+    """The one line a Ctrl-C prints: what was saved, and the command that resumes."""
+    again = "tokensieve eval " + shlex.join(argv)
+    if not progress.wanted:
+        return f"interrupted before any sample ran; run again with: {again}"
+    return (f"interrupted: {progress.saved()} of {len(progress.wanted)} samples x plans saved in {progress.path}; "
+            f"resume with: {again}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(prog="tokensieve eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="the benchmark's annotation file (default: the embedded world's videos)")
@@ -117,16 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-worker", type=float, default=0, help="Ray: GPUs each engine actor holds")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
+    progress = Progress(os.path.join(args.out, "samples.jsonl"))
     try:
-        return _main(args)
+        return _main(args, progress)
     except TokenSieveError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (flushed per batch); say how to go on
+        if args.debug:
+            raise
+        print(interrupted(progress, argv), file=sys.stderr)
+        return 130
 
 
-def _main(args) -> int:
+def _main(args, progress: Progress) -> int:
     import tokensieve
 
     if args.nframes is not None and args.fps is not None:
@@ -150,8 +186,16 @@ def _main(args) -> int:
                   max_new_tokens=args.max_new_tokens, video_mode=args.video_mode, batch_size=args.batch_size,
                   limit=args.limit, samples=len(samples))
     start_over = check_config(args.out, config, args.force)
-    path = os.path.join(args.out, "samples.jsonl")
+    path, wanted = progress.path, {(s.id, p) for s in samples for p in plans}
     done = set() if start_over else {(r["id"], r["plan"]) for r in load_records(path)}
+    if done & wanted:
+        print(f"resuming: {len(done & wanted)} of {len(wanted)} done ({path})", file=sys.stderr)
+    progress.wanted = set() if start_over else wanted  # the folder's old run is not this one's until begin()
+
+    def begin():  # the folder is this run's from here on
+        write_config(args.out, config, start_over)
+        progress.wanted = wanted
+
     bad = [s for s in samples if s.error]
     if bad:
         print(f"{len(bad)} sample(s) cannot run (recorded with their error), e.g. {bad[0].error}", file=sys.stderr)
@@ -161,21 +205,21 @@ def _main(args) -> int:
                        max_new_tokens=args.max_new_tokens)
     notes = []
     if not left:
-        write_config(args.out, config, start_over)
+        begin()
     elif args.executor == "ray":
         from . import ray_runner
 
         with runner.RecordWriter(path, plans, total) as writer:
             stats = ray_runner.evaluate(left, plans, done, settings, writer, load_kwargs, args.workers,
                                         args.gpus_per_worker, args.ray_address,
-                                        on_checked=lambda: write_config(args.out, config, start_over))
+                                        on_checked=begin)
         notes.append(f"Ray executor, {args.workers} worker(s): {stats['retried']} sample(s) retried after a worker died.")
     else:
         engine = tokensieve.load(**load_kwargs)
         try:
             for plan in plans:  # a plan that cannot run on this model stops here, before anything is written
                 engine.check_plan(plan)
-            write_config(args.out, config, start_over)
+            begin()
             with runner.RecordWriter(path, plans, total) as writer:
                 runner.evaluate(engine, left, plans, done, settings, writer)
         finally:

@@ -54,6 +54,9 @@ def test_same_records_and_summary_as_the_plain_run(cluster, world_data, tmp_path
     assert plain.keys() == distributed.keys() and len(plain) == 2 * sum(1 for _ in open(world_data))
     for key, rec in plain.items():
         assert {k: distributed[key][k] for k in SAME} == {k: rec[k] for k in SAME}
+    for rec in distributed.values():  # the same fields, times shared evenly within each batch as in the plain run
+        assert set(rec) == set(runner.RECORD_FIELDS) and 1 <= rec["batch_size"] <= 2
+        assert rec["prefill_s"] == rec["batch_prefill_s"] / rec["batch_size"]
     assert _table(tmp_path / "plain") == _table(tmp_path / "ray")
     assert "0 sample(s) retried" in open(tmp_path / "ray" / "summary.md").read()
 
