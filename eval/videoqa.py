@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="the benchmark's annotation file (default: the embedded world's videos)")
     ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
     ap.add_argument("--video-root", help="folder the video paths are relative to (default: the data file's)")
-    ap.add_argument("--model", help="hub id or local checkpoint (default: the embedded default model)")
+    ap.add_argument("--model", help="hub id, local checkpoint or shipped model (tiny-llava, tiny-qwen2-vl; default: "
+                    "the embedded tiny-llava)")
     ap.add_argument("--plan", action="append", default=[], help="a plan (repeatable); the full plan always runs")
     ap.add_argument("--pruners", help="grid: comma-separated pruners, each at every --budgets ratio")
     ap.add_argument("--budgets", help="grid: comma-separated ratios, e.g. 0.25,0.11")
