@@ -9,6 +9,7 @@ PACKAGES = {
     "tokensieve.kernels": "kernels",
     "tokensieve.demos": "demos",
     "tokensieve.eval": "eval",
+    "tokensieve.eval.videoqa": "eval/videoqa",
     "tokensieve.eval.shapeworld": "eval/shapeworld",
 }
 
@@ -19,7 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"tokensieve.eval.shapeworld": ["models/*/*"],  # the shipped tiny models (issue 5)
+    package_data={"tokensieve": ["models/*/*"],  # the shipped tiny models (tokensieve.shipped)
                   "tokensieve.demos": ["examples/*"]},  # the demo's bundled examples
     install_requires=[
         "torch>=2.4",
@@ -50,6 +51,6 @@ setup(
     },
     entry_points={
         "console_scripts": ["tokensieve=tokensieve.cli:main"],
-        "lmms_eval.models": ["tokensieve=tokensieve.eval.lmms_plugin:manifest"],  # lmms-eval --model tokensieve
+        "lmms_eval.models": ["tokensieve=tokensieve.eval.videoqa.lmms_plugin:manifest"],  # lmms-eval --model tokensieve
     },
 )

@@ -34,14 +34,14 @@ __version__ = "0.1.0"
 
 
 def default_model() -> str:
-    """Path of the embedded default model: ``tiny-llava``, the LLaVA-1.5 trained on the shape world
-    that ships inside the package (``tokensieve.eval.shapeworld.shipped``, docs/training.md). Nothing is downloaded."""
-    from .eval.shapeworld import shipped
+    """Path of the embedded default model: ``tiny-llava``, the LLaVA-1.5 trained on the shape world that ships
+    inside the package as data (``tokensieve.shipped``, docs/training.md). Nothing is downloaded."""
+    from . import shipped
 
-    if not shipped.available("llava"):
-        raise FileNotFoundError(f"the embedded default model is missing from the package ({shipped.path('llava')}): "
-                                "reinstall tokensieve, or pass a model")
-    return shipped.path("llava")
+    if not shipped.available(shipped.DEFAULT):
+        raise FileNotFoundError(f"the embedded default model is missing from the package "
+                                f"({shipped.path(shipped.DEFAULT)}): reinstall tokensieve, or pass a model")
+    return shipped.path(shipped.DEFAULT)
 
 
 def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, max_new_tokens: int = 32,
@@ -73,7 +73,7 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
     return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens, video_mode=video_mode)
 
 
-_SUBMODULES = ("testing", "eval", "demos", "pruners", "kernels")  # imported on first use
+_SUBMODULES = ("testing", "eval", "demos", "pruners", "kernels", "shipped")  # imported on first use
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
 """Command line: ``tokensieve run`` answers a question about an image, one row per plan;
-``tokensieve eval`` is the batch video-QA evaluation (``eval/videoqa.py``).
+``tokensieve eval`` is the batch video-QA evaluation (``eval/videoqa/command.py``).
 
     tokensieve run --image scene.png --prompt "what colour is the circle?" \
         --plan "" --plan "fastv:layer=2,keep=0.25"

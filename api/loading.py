@@ -16,12 +16,12 @@ PROCESSOR = ("preprocessor_config.json", "processor_config.json", "image_process
 def check_model(model) -> str:
     """A local checkpoint directory, a shipped model's name (``tiny-llava``, ``tiny-qwen2-vl``) or a hub id,
     checked. Raises InputError / UnsupportedModelError."""
-    from .eval.shapeworld import shipped
+    from . import shipped
 
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     model = shipped.resolve(model)
-    if model == shipped.path("clip"):
+    if model == shipped.path(shipped.CLIP):
         raise InputError("tiny-clip is an open_clip model (for keyscore's clip=), not a VLM; load tiny-llava or "
                          "tiny-qwen2-vl")
     if not isinstance(model, str):
@@ -38,7 +38,7 @@ def check_model(model) -> str:
     looks_local = os.path.isabs(path) or model.startswith((".", "~")) or model.count("/") != 1
     if looks_local:
         raise InputError(f"model {model!r}: no such directory (a hub id is 'organisation/name'; shipped models: "
-                         f"{', '.join(shipped.MODELS.values())})")
+                         f"{', '.join(shipped.VLMS)})")
     return model  # a hub id: its config is read once, by check_model_type
 
 

@@ -13,9 +13,10 @@ from statistics import median
 from PIL import Image
 
 from ..engine.errors import InputError, PlanError, TokenSieveError
-from ..engine.plan import Plan
+from ..engine.plan import Plan, default_place
 
 MAX_COLUMNS = 4
+LLM_LAYER = 2  # an LLM-stage pruner chosen by name prunes before this layer (FastV's K, on any model)
 DEFAULT_PRUNER = "divprune"
 TIMING_RUNS = 3  # each column's times: the median of this many runs after the answering one (its warm-up)
 DEFAULT_BUDGETS = "1,0.5,0.25,0.11"
@@ -61,7 +62,6 @@ def parse_budgets(text: str) -> list[float]:
 def plans_for(choice: str, budgets: list[float]) -> list[Column]:
     """A pruner's name (placed where it acts by default; LLM pruners before layer 2) or a plan template with
     ``{keep}``, at every budget -> the columns. Raises DemoError / PlanError before any model work."""
-    from ..eval.report import plan_for
     from ..pruners import REGISTRY
 
     choice = (choice or "").strip()
@@ -73,7 +73,7 @@ def plans_for(choice: str, budgets: list[float]) -> list[Column]:
         if b >= 1:
             columns.append(Column("all tokens", ""))
             continue
-        plan = choice.replace("{keep}", f"{b:g}") if "{keep}" in choice else plan_for(choice, b)
+        plan = choice.replace("{keep}", f"{b:g}") if "{keep}" in choice else default_place(choice, b, LLM_LAYER)
         columns.append(Column(f"{b:.0%} of the tokens", str(Plan.parse(plan))))
     return columns
 
@@ -154,10 +154,8 @@ def time_columns(engine, columns: list[Column], question: str, inputs: dict, run
 def warm_up(engine) -> None:
     """Two short runs on the first bundled example, all tokens and the default pruner at 50 %: the engine's
     first-call costs are paid at start, not by the first comparison."""
-    from ..eval.report import plan_for
-
     path, question = example_files()[0]
-    for plan in (None, plan_for(DEFAULT_PRUNER, 0.5)):
+    for plan in (None, default_place(DEFAULT_PRUNER, 0.5, LLM_LAYER)):
         engine.generate(question, images=[path], plan=plan, max_new_tokens=2)
 
 
@@ -208,7 +206,8 @@ def preview(media) -> Image.Image | None:
 def world_note(engine) -> str:
     """The limits of a model shipped with tokensieve (trained on the shape world only) for the top of the
     page; "" for any other model."""
-    from ..eval.shapeworld import shipped, world
+    from .. import shipped
+    from ..eval.shapeworld import world
 
     if not os.path.abspath(engine.model.name_or_path).startswith(os.path.abspath(shipped.ROOT)):
         return ""

@@ -55,10 +55,10 @@ class FrameScorers:
 
     def clip(self, name: str | None = None):
         """(model, preprocess, tokenizer) of an open_clip model (default, or the name ``tiny-clip``: the shipped one)."""
-        from ..eval.shapeworld import shipped
+        from .. import shipped  # the facade's package data (issue 42: the frames scorers move out of the engine)
 
         if name is None or name == shipped.CLIP:
-            name = "local-dir:" + shipped.path("clip")
+            name = "local-dir:" + shipped.path(shipped.CLIP)
         if ("clip", name) not in self.loaded:
             try:
                 import open_clip

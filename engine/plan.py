@@ -273,3 +273,14 @@ def _stage_to_str(s: Stage) -> str:
     parts = [f"where={s.where}"] + ([f"layer={s.layer}"] if s.layer is not None else []) + [f"keep={s.keep}"]
     parts += [f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.options.items()]
     return f"{s.pruner}:{','.join(parts)}"
+
+
+def default_place(pruner: str, keep, llm_layer: int | None = None) -> str:
+    """One pruner at the place it acts by default, as a plan string: ``"divprune:keep=0.25"``; an LLM-stage
+    pruner before ``llm_layer`` (None: its own default layer), ``"fastv:layer=2,keep=0.25"``."""
+    from ..pruners import REGISTRY
+
+    if pruner not in REGISTRY:
+        raise PlanError(f"unknown pruner '{pruner}'; known: {', '.join(sorted(REGISTRY))}")
+    at_llm = REGISTRY[pruner].default_where == "llm" and llm_layer is not None
+    return f"{pruner}:" + (f"layer={llm_layer}," if at_llm else "") + f"keep={keep}"

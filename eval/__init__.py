@@ -1,8 +1,11 @@
-"""tokensieve.eval: evaluating plans.
+"""tokensieve.eval: evaluating plans, one subpackage a job.
 
-User tools at this level: ``videoqa`` (``tokensieve eval``: batch video QA, with ``readers``, ``answers``,
-``summary``, ``runner`` and ``ray_runner``), ``lmms_plugin`` (lmms-eval), ``bench`` (``tokensieve bench``:
-measured speed, with ``bench_models`` and ``bench_configs/``), ``report`` (accuracy against budget on the
-shape world). ``shapeworld/`` holds the synthetic benchmark world, the tiny models trained on it
-(``shapeworld.shipped``: the embedded default) and their training research.
+- ``videoqa``: the batch video-QA evaluation (``tokensieve eval``): command, runner, Ray runner, readers,
+  answers, summary, and the lmms-eval plugin.
+- ``bench``: the speed benchmark (``tokensieve bench``): the command, its random-weight models of the real
+  configurations, the configurations, the GPU script.
+- ``shapeworld``: the synthetic benchmark world, its dataset writer, the training of the tiny models that ship
+  with the package (``tokensieve.shipped``), the pruning report and its oracle, diagnose and heldout.
+
+Results the docs cite are in ``eval/results/``.
 """

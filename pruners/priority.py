@@ -2,7 +2,7 @@
 
 The request carries one number per visual token (``Request.priority``, in the request's original
 visual-token order); the top ``keep`` survive, ties broken by position. It is a yardstick, not a method:
-an upper bound from outside knowledge (``eval/oracle.py`` ranks by the shape world's ground truth:
+an upper bound from outside knowledge (``eval/shapeworld/oracle.py`` ranks by the shape world's ground truth:
 the tokens of the objects the question is about, then the other objects, then background), or an
 ablation with scores from elsewhere. Refused for a request that carries no priorities.
 """

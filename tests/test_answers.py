@@ -1,8 +1,8 @@
 """Answer parsing against a table of replies, and against lmms-eval's own extractor where both read a letter."""
 import pytest
 
-from tokensieve.eval.answers import normalise, parse_choice, score
-from tokensieve.eval.readers import Sample
+from tokensieve.eval.videoqa.answers import normalise, parse_choice, score
+from tokensieve.eval.videoqa.readers import Sample
 
 OPTIONS = ["A. red", "B. blue", "C. green", "D. two cats"]
 

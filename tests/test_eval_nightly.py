@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tokensieve.eval import readers, runner, summary, videoqa
-from tokensieve.eval.readers import DataError, Sample, read_samples
+from tokensieve.eval.videoqa import command as videoqa, readers, runner, summary
+from tokensieve.eval.videoqa.readers import DataError, Sample, read_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = "uniform:where=pre_llm,keep=0.25"

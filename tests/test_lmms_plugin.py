@@ -44,8 +44,8 @@ target_delimiter: ""
 metric_list:
   - metric: acc"""
 UTILS = """\
-from tokensieve.eval.answers import score
-from tokensieve.eval.readers import Sample
+from tokensieve.eval.videoqa.answers import score
+from tokensieve.eval.videoqa.readers import Sample
 
 
 def doc_to_visual(doc):
@@ -146,7 +146,7 @@ def test_plugin_methods_on_image_documents_and_multi_round(tmp_path):
     from lmms_eval.api.instance import Instance
 
     import tokensieve
-    from tokensieve.eval.lmms_plugin import TokenSieve
+    from tokensieve.eval.videoqa.lmms_plugin import TokenSieve
     from tokensieve.eval.shapeworld import world
 
     rng = random.Random(5)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tokensieve.eval import oracle, report
+from tokensieve.eval.shapeworld import oracle, report
 from tokensieve.eval.shapeworld import shipped, world
 from tokensieve.eval.shapeworld.tiny_models import GRID, IMAGE
 

@@ -13,8 +13,8 @@ from conftest import kill_after_lines
 ray = pytest.importorskip("ray")
 pytest.importorskip("av")
 
-from tokensieve.eval import ray_runner, runner, videoqa  # noqa: E402
-from tokensieve.eval.readers import read_samples  # noqa: E402
+from tokensieve.eval.videoqa import command as videoqa, ray_runner, runner  # noqa: E402
+from tokensieve.eval.videoqa.readers import read_samples  # noqa: E402
 
 PLAN = "uniform:keep=0.25"
 SAME = ("id", "plan", "prediction", "parsed", "answer", "correct", "type", "visual_tokens", "kept_tokens", "frames",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tokensieve.eval.readers import DataError, read_samples
+from tokensieve.eval.videoqa.readers import DataError, read_samples
 
 VIDEOMME = {"question_id": "001-1", "videoID": "fFjv93ACGo8", "duration": "short", "domain": "Knowledge",
             "sub_category": "Humanity & History", "task_type": "Counting Problem",

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tokensieve.eval import report
+from tokensieve.eval.shapeworld import report
 from tokensieve.eval.shapeworld import shipped
 from tokensieve.eval.shapeworld.world import Obj, Scene, render
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import kill_after_lines
-from tokensieve.eval import videoqa
+from tokensieve.eval.videoqa import command as videoqa
 
 pytest.importorskip("av")
 

@@ -1,6 +1,6 @@
 """Where a trained tiny VLM goes wrong: the measurements behind docs/training.md's diagnosis.
 
-    python -m tokensieve.eval.shapeworld.diagnose eval/shapeworld/models/tiny-llava
+    python -m tokensieve.eval.shapeworld.diagnose tiny-llava
 
 On held-out image questions (seed 10 000, the report's), in the training script's prompt format:
 

@@ -32,21 +32,20 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-from ..engine.errors import TokenSieveError
-from ..engine.plan import Plan
+from ...engine.errors import TokenSieveError
+from ...engine.plan import Plan, default_place
 from . import runner, summary
 from .readers import FORMATS, DataError, read_samples
 from .runner import RECORD_FIELDS, load_records  # noqa: F401 - the record layout and resume, re-exported
 RESUME_KEYS = ("data", "format", "video_root", "model", "plans", "nframes", "fps", "max_new_tokens", "video_mode")
 WORLD_VIDEOS = 32  # the embedded default set: held-out world videos (seed 20 000), about 4 questions each
 DEFAULT_PLANS = ["uniform:keep=0.25", "dycoke:keep=0.25"]
+LLM_LAYER = 2  # --pruners: an LLM-stage pruner prunes before this layer (FastV's K)
 
 
 # ---- configuration --------------------------------------------------------------------------------
 def expand_plans(plans: list[str], pruners: str | None, budgets: str | None) -> list[str]:
     """The full plan first, then the given plans and the grid ``pruners x budgets``, normalised, no repeats."""
-    from .report import plan_for
-
     out = [""] + [p for p in plans]
     if pruners or budgets:
         if not (pruners and budgets):
@@ -55,14 +54,14 @@ def expand_plans(plans: list[str], pruners: str | None, budgets: str | None) -> 
             grid = [float(b) for b in budgets.split(",")]
         except ValueError:
             raise DataError(f"--budgets must be comma-separated ratios in (0, 1], got {budgets!r}") from None
-        out += [plan_for(p.strip(), b) for p in pruners.split(",") for b in grid]
+        out += [default_place(p.strip(), b, LLM_LAYER) for p in pruners.split(",") for b in grid]
     normalised = [str(Plan.parse(p or None)) for p in out]  # PlanError for a bad one, before any work
     return list(dict.fromkeys(normalised))
 
 
 def world_dataset(out: str) -> str:
     """The embedded default set, written once under ``out/world`` (held-out seed 20 000)."""
-    from .shapeworld import dataset
+    from ..shapeworld import dataset
 
     path = os.path.join(out, "world", "dataset.jsonl")
     if not os.path.exists(path):
@@ -229,8 +228,3 @@ def _main(args, progress: Progress) -> int:
     records = [r for r in load_records(path) if r["id"] in ids and r["plan"] in plans]
     print(summary.write(records, plans, args.out, notes))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

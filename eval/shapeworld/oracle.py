@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .shapeworld import world
+from . import world
 
 
 def oracle_priority(scenes: list[world.Scene], refs: tuple[int, ...], grid: int) -> torch.Tensor:

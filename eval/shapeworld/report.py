@@ -1,13 +1,13 @@
 """Pruning report: accuracy versus visual-token budget for every pruner, on the shipped tiny models.
 
-    python -m tokensieve.eval.report                      # both shipped models, every pruner
-    python -m tokensieve.eval.report --models llava --n-images 64 --n-videos 16 --pruners random fastv
+    python -m tokensieve.eval.shapeworld.report                      # both shipped models, every pruner
+    python -m tokensieve.eval.shapeworld.report --models llava --n-images 64 --n-videos 16 --pruners random fastv
 
 Held-out questions (seed 10_000, never used in training) on images and 8-frame videos; each
 pruner runs at its default place in the model (LLM-stage pruners at decoder layer 2 of the tiny
 models' 4, ``--llm-layer``; at layer 3 the answer is already made and even random pruning keeps it:
 docs/training.md, "Pruning report") with keep = 50%, 25%, 11%, 5% of the visual tokens, plus the
-full-token baseline, and the oracle (``eval/oracle.py``: the world's ground truth picks the tokens of the
+full-token baseline, and the oracle (``eval/shapeworld/oracle.py``: the world's ground truth picks the tokens of the
 objects the question is about, then the other objects, then background) as the upper bound; a second table
 gives each pruner's accuracy as a share of the oracle's.
 A pruner a family cannot run (no CLS token) is reported as n/a. Every measured cell is appended to
@@ -22,16 +22,16 @@ import os
 import random
 from dataclasses import dataclass
 
-from ..engine.errors import PlanError
-from ..engine.plan import Plan
-from ..pruners import REGISTRY
+from ...engine.errors import PlanError
+from ...engine.plan import Plan, default_place
+from ...pruners import REGISTRY
 from .oracle import oracle_priority, per_video_token
-from .shapeworld import world
-from .shapeworld.tiny_models import GRID, IMAGE, VIDEO_FRAMES
+from . import world
+from .tiny_models import GRID, IMAGE, VIDEO_FRAMES
 
 BUDGETS = (0.5, 0.25, 0.11, 0.05)
 LLM_LAYER = 2  # LLM-stage pruners prune before this decoder layer, scoring with the layer before
-ORACLE = "oracle"  # the upper bound: ``priority`` ranked by the world's ground truth (eval/oracle.py)
+ORACLE = "oracle"  # the upper bound: ``priority`` ranked by the world's ground truth (eval/shapeworld/oracle.py)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Question:
     answer: str
     type: str
     kind: str  # "image" | "video"
-    priority: object = None  # [N_visual] the oracle's ranks of the question's visual tokens (eval/oracle.py)
+    priority: object = None  # [N_visual] the oracle's ranks of the question's visual tokens (eval/shapeworld/oracle.py)
 
 
 def held_out(n_images: int, n_videos: int, seed: int = 10_000, mc_fraction: float = 0.2) -> list[Question]:
@@ -69,8 +69,7 @@ def plan_for(pruner: str, budget: float | None, llm_layer: int = LLM_LAYER) -> s
         return f"priority:keep={budget}"
     if pruner == QUOTA_PAPER:
         return f"quota:keep={budget},yes=A,no=B"
-    where = REGISTRY[pruner].default_where
-    return f"{pruner}:" + (f"layer={llm_layer}," if where == "llm" else "") + f"keep={budget}"
+    return default_place(pruner, budget, llm_layer)
 
 
 # quota on the world: the tiny VLMs can neither decouple a query nor answer QuoTA's "A. yes, B. no" prompt,
@@ -274,7 +273,7 @@ def write(cells: list[dict], out: str) -> str:
 
 
 def main(argv=None):
-    from .shapeworld import shipped
+    from . import shipped
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(shipped.MODELS),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import tokensieve
 
-from ..engine.errors import InputError, TokenSieveError
+from ...engine.errors import InputError, TokenSieveError
 
 MODEL_ID = "tokensieve"
 

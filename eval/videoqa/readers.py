@@ -25,7 +25,7 @@ import os
 import string
 from dataclasses import dataclass, field
 
-from ..engine.errors import TokenSieveError
+from ...engine.errors import TokenSieveError
 
 FORMATS = ("jsonl", "videomme", "mvbench", "nextqa", "mlvu", "egoschema")
 FIELDS = {  # the fields each format reads (the table above), for the error when a file does not fit one

@@ -38,9 +38,9 @@ def import_ray():
 def decode_row(row: dict, settings: RunSettings) -> dict:
     """One sample's row -> the row plus its decoded frames ([T, H, W, 3] uint8) and their metadata
     (JSON), or ``failed``: why the video cannot be used."""
-    from ..engine.errors import TokenSieveError
-    from ..engine.request import DEFAULT_VIDEO_FRAMES
-    from ..engine.video import decode_video
+    from ...engine.errors import TokenSieveError
+    from ...engine.request import DEFAULT_VIDEO_FRAMES
+    from ...engine.video import decode_video
 
     sample = Sample(**json.loads(row["sample"]))
     row = dict(row, frames=np.zeros((0, 1, 1, 3), np.uint8), meta="", failed=sample.error or "")
@@ -57,7 +57,7 @@ def decode_row(row: dict, settings: RunSettings) -> dict:
 def _video(frames: np.ndarray, meta: str):
     from PIL import Image
 
-    from ..engine.video import DecodedVideo
+    from ...engine.video import DecodedVideo
 
     return DecodedVideo(frames=[Image.fromarray(f) for f in frames], **json.loads(meta))
 

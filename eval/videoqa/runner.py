@@ -83,7 +83,7 @@ def with_shared_times(records: list[dict]) -> list[dict]:
 
 def error_text(sample: Sample, e: BaseException) -> str:
     """"sample ID: message" (a TokenSieveError's message, else the exception's type and message)."""
-    from ..engine.errors import TokenSieveError
+    from ...engine.errors import TokenSieveError
 
     msg = str(e) if isinstance(e, TokenSieveError) else f"{type(e).__name__}: {e}"
     return msg if msg.startswith(f"sample {sample.id}") else f"sample {sample.id}: {msg}"
@@ -165,9 +165,9 @@ def evaluate(engine, samples: list[Sample], plans: list[str], done: set, setting
              writer: RecordWriter) -> None:
     """The plain executor: chunks of 2 x batch_size samples, the next chunk's videos decoded in a thread
     pool while this one runs; every plan of a chunk runs on its videos, decoded once."""
-    from ..engine.errors import TokenSieveError
-    from ..engine.request import DEFAULT_VIDEO_FRAMES
-    from ..engine.video import VideoPrefetcher
+    from ...engine.errors import TokenSieveError
+    from ...engine.request import DEFAULT_VIDEO_FRAMES
+    from ...engine.video import VideoPrefetcher
 
     size = 2 * settings.batch_size
     chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
