@@ -9,8 +9,11 @@ Models: the real configurations of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B an
 for a CPU (0: the full depth). Plans: none; FastV (K=2) at 192 / 128 / 64 of 576 visual tokens (as ratios
 for other token counts), fused and scored the peers' way (``scoring=eager``: layer K-1's attention matrix
 materialised, as FastV's repository does with output_attentions); CLS, VisionZip, DivPrune, ToMe at the
-same budgets; a two-stage plan; on LLaVA-1.5 FlowCut (its steps prune inside the vision tower as it runs);
-on the video model DyCoke, FastVID and KeyScore at 25 / 10 %.
+same budgets; a two-stage plan; FlowCut (its steps prune inside the vision tower as it runs); on a video
+request DyCoke, FastVID and KeyScore at 25 / 10 %. Each model runs those its engine accepts
+(``engine.check_plan``: FlowCut's vision-tower stages on LLaVA-1.5 only; CLS and VisionZip on a tower without
+a CLS token by the engine's documented surrogate; LLM layers and tower layers within the depth kept); the
+others are listed in the report with the engine's reason (``plans_for``).
 
 Measures, per plan and batch size: vision-tower time and LLM prefill time (forward hooks on this model
 instance; CUDA events on a GPU), time to first token, decode tokens per second, KV-cache bytes and peak
@@ -33,22 +36,36 @@ import torch
 
 BUDGETS = (192, 128, 64)  # of LLaVA-1.5's 576 visual tokens; ratios of the token count on other models
 SPATIAL = ("cls", "visionzip", "divprune", "tome")
+VIDEO_METHODS = ("dycoke", "fastvid", "keyscore")
 
 
-def plans_for(model: str) -> list[str]:
-    """The benchmark's plans on a model (the first is no pruning)."""
+def candidate_plans(video: bool) -> list[str]:
+    """Every plan the benchmark times (the first is no pruning); the video methods only for a ``video`` request."""
     ratios = [f"{b / 576:.6f}" for b in BUDGETS]
     plans = [""]
     plans += [f"fastv:layer=2,keep={r}" for r in ratios] + [f"fastv:layer=2,keep={r},scoring=eager" for r in ratios]
-    if model != "qwen2.5-vl-7b":  # Qwen2.5-VL's tower has no CLS token: cls / visionzip need one
-        plans += [f"{p}:keep={r}" for p in SPATIAL[:2] for r in ratios]
-    plans += [f"{p}:keep={r}" for p in SPATIAL[2:] for r in ratios]
+    plans += [f"{p}:keep={r}" for p in SPATIAL for r in ratios]
     plans.append(f"divprune:keep={2 * 192 / 576:.6f};fastv:layer=2,keep=0.25")  # 384, then 96 of 576
-    if model == "llava-1.5-7b":  # FlowCut prunes inside the tower as it runs (vision-tower stages: LLaVA-1.5)
-        plans += [f"flowcut:keep={r}" for r in ratios]
-    if model == "llava-onevision-7b":
-        plans += [f"{p}:keep={r}" for p in ("dycoke", "fastvid", "keyscore") for r in ("0.25", "0.1")]
+    plans += [f"flowcut:keep={r}" for r in ratios]
+    if video:
+        plans += [f"{p}:keep={r}" for p in VIDEO_METHODS for r in ("0.25", "0.1")]
     return plans
+
+
+def plans_for(engine, request: dict) -> tuple[list[str], dict[str, str]]:
+    """(the plans of ``candidate_plans`` for ``request`` that ``engine`` accepts, {plan left out: the engine's
+    reason}): the model's own fit checks (``engine.check_plan``) decide, not its name."""
+    from ..engine.errors import PlanError
+
+    kept, left_out = [], {}
+    for plan in candidate_plans(video=request.get("video") is not None):
+        try:
+            engine.check_plan(plan)
+        except PlanError as e:
+            left_out[plan] = str(e)
+        else:
+            kept.append(plan)
+    return kept, left_out
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -239,6 +256,10 @@ def markdown(results: dict) -> str:
                     f"{1e3 * r['ttft_s']:.1f} | {r['ttft_speedup']:.2f} | {r['ttft_ideal']:.2f} | "
                     f"{r['decode_tok_s']:.1f} | {r['kv_cache_bytes'] / 2 ** 20:.1f} | {r['peak_bytes'] / 2 ** 20:.0f} |")
             lines += ["", *[f"- {t}" for t in targets(rows)], ""]
+        left_out = results.get("left_out", {}).get(model)
+        if left_out:
+            lines += [f"Left out on {model} (the engine's check_plan):", "",
+                      *[f"- `{plan}`: {why}" for plan, why in left_out.items()], ""]
     return "\n".join(lines)
 
 
@@ -317,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    results = {"env": environment(args.device, args.dtype, args.layers, args.vision_layers), "models": {}}
+    results = {"env": environment(args.device, args.dtype, args.layers, args.vision_layers), "models": {},
+               "left_out": {}}
     for model in models:
         engine, request = bench_engine(model, args.layers or None, args.vision_layers or None, args.device, args.dtype)
-        plans = args.plans.split(";;") if args.plans else plans_for(model)
+        plans, results["left_out"][model] = (args.plans.split(";;"), {}) if args.plans else plans_for(engine, request)
         for plan in plans:  # every plan checked against the model before any timing
             engine.check_plan(plan)
         results["models"][model] = {}

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tokensieve.eval import bench
+from tokensieve.eval import bench, bench_models
 
 
 def test_bench_runs_on_the_tiny_configuration(tmp_path):
@@ -18,7 +18,8 @@ def test_bench_runs_on_the_tiny_configuration(tmp_path):
     results = json.load(open(out / f"{stem}.json"))
     assert (out / f"{stem}.md").exists() and (out / f"{stem}.png").stat().st_size > 10_000
     rows = results["models"]["tiny"]["1"]
-    assert [r["plan"] for r in rows] == ["(none)"] + bench.plans_for("tiny")[1:]
+    engine, request = bench_models.bench_engine("tiny")
+    assert [r["plan"] for r in rows] == ["(none)"] + bench.plans_for(engine, request)[0][1:]
     base = rows[0]
     for r in rows:
         assert r["prefill_speedup"] == base["prefill_s"] / r["prefill_s"]
@@ -58,3 +59,38 @@ def test_bad_arguments_are_one_line_before_any_model_is_built(capsys):
                         (["--batch-sizes", "0"], "--batch-sizes must be positive ints")):
         assert bench.main(argv) == 2
         assert words in capsys.readouterr().err
+
+
+def test_plans_are_those_the_engine_accepts(engine_for):
+    """The engine's fit checks choose each model's plans (no model names): FlowCut's vision stages only on
+    LLaVA-1.5; the video methods only for a video request; every other plan everywhere."""
+    import numpy as np
+
+    from conftest import noise_image
+
+    image, video = {"images": [noise_image(0)]}, {"video": np.zeros((4, 32, 32, 3), np.uint8)}
+    image_plans, video_plans = bench.candidate_plans(video=False), bench.candidate_plans(video=True)
+    flowcut = ["flowcut:keep=0.333333", "flowcut:keep=0.222222", "flowcut:keep=0.111111"]
+    videos = [f"{m}:keep={k}" for m in ("dycoke", "fastvid", "keyscore") for k in ("0.25", "0.1")]
+    assert video_plans == image_plans + videos and all(p in image_plans for p in flowcut)
+    assert bench.plans_for(engine_for("llava"), image) == (image_plans, {})
+    for family, request, every in (("llava_next", image, image_plans), ("qwen2_5_vl", image, image_plans),
+                                   ("llava_onevision", video, video_plans)):
+        kept, left_out = bench.plans_for(engine_for(family), request)
+        assert kept == [p for p in every if p not in flowcut], family
+        assert list(left_out) == flowcut and all("flowcut" in why for why in left_out.values()), family
+
+
+def test_a_plan_the_engine_refuses_is_left_out_with_its_reason():
+    from tokensieve.engine.errors import PlanError
+
+    class Engine:
+        def check_plan(self, plan):
+            if "tome" in plan:
+                raise PlanError(f"no merging here ({plan})")
+
+    kept, left_out = bench.plans_for(Engine(), {"images": []})
+    assert kept == [p for p in bench.candidate_plans(video=False) if "tome" not in p]
+    assert left_out == {p: f"no merging here ({p})" for p in bench.candidate_plans(video=False) if "tome" in p}
+    results = {"env": {"device": "cpu", "date": "today"}, "models": {"m": {}}, "left_out": {"m": left_out}}
+    assert "- `tome:keep=0.333333`: no merging here (tome:keep=0.333333)" in bench.markdown(results)

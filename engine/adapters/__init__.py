@@ -1,4 +1,21 @@
-"""Adapter registry, keyed by ``config.model_type``: one file per family, one entry here."""
+"""Adapter registry, keyed by ``config.model_type``: one module per family, one entry here.
+
+A family's module holds its adapter class (what the engine needs) and, below it, what the tests, the shape
+world and the speed bench need to build models of the family, read through ``family_module``:
+
+- ``PLACEHOLDERS``: {config field: the word-level test tokenizer's placeholder token} (image / video tokens);
+- ``CHAT_TEMPLATE``: the test tokenizer's chat template in the family's turn format;
+- ``processor(config, tok, **image)``: a processor of ``config``'s geometry for the test tokenizer ``tok``;
+- ``tiny_model(tok)``: (tiny random model, processor), what ``tokensieve.testing.make_tiny`` writes;
+- ``BENCH``: the speed bench's model of the family, ``{"model": name, "image": (width, height)}`` or
+  ``{"model": name, "video": (frames, height, width)}``, its configuration the file ``<name>.json`` of
+  ``eval/bench_configs/``; or None.
+
+These import transformers inside the functions only; nothing here imports the testing helpers or eval/.
+"""
+import importlib
+from types import ModuleType
+
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .llava import LlavaAdapter
@@ -14,6 +31,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen2_5_VLAdapter,
 }
+FAMILY_MEMBERS = ("PLACEHOLDERS", "CHAT_TEMPLATE", "processor", "tiny_model", "BENCH")  # what a family module holds
 
 
 def adapter_for(model, processor) -> Adapter:
@@ -23,3 +41,10 @@ def adapter_for(model, processor) -> Adapter:
     except KeyError:
         raise UnsupportedModelError(
             f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(ADAPTERS))}") from None
+
+
+def family_module(family: str) -> ModuleType:
+    """The module that defines ``family``'s registered adapter (its ``FAMILY_MEMBERS`` with it)."""
+    if family not in ADAPTERS:
+        raise ValueError(f"unknown family '{family}'; choose from {', '.join(ADAPTERS)}")
+    return importlib.import_module(ADAPTERS[family].__module__)

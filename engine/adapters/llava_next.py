@@ -8,6 +8,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from .base import Adapter
+from .llava import CHAT_TEMPLATE, PLACEHOLDERS, tiny_clip_vision, tiny_llama_text  # noqa: F401 (the family's)
 
 
 class LlavaNextAdapter(Adapter):
@@ -75,3 +76,33 @@ def _fix_coords(p: torch.Tensor) -> torch.Tensor:
         if newline[i]:
             row, col = row + 1, 0
     return out
+
+
+# ---- the family's test, world and bench models (read by tokensieve.testing and eval/; see adapters/__init__.py) ----
+# PLACEHOLDERS and CHAT_TEMPLATE: LLaVA-1.5's (imported above)
+BENCH = {"model": "llava-next-7b", "image": (672, 336)}  # eval/bench_configs/llava-next-7b.json; base tile + 2 tiles
+
+
+def processor(config, tok, **image):
+    """A processor of ``config``'s geometry (the tower's tile size and patch, the model's tilings, a CLS token)
+    for the test tokenizer ``tok``; ``image``: extra image-processor settings."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    vc = config.vision_config
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": vc.image_size},
+                                    crop_size={"height": vc.image_size, "width": vc.image_size},
+                                    image_grid_pinpoints=config.image_grid_pinpoints, **image)
+    return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=vc.patch_size, chat_template=CHAT_TEMPLATE,
+                              vision_feature_select_strategy=config.vision_feature_select_strategy,
+                              num_additional_image_tokens=1)
+
+
+def tiny_model(tok):
+    """(tiny random model, processor) for ``tokensieve.testing.make_tiny``: 32 px tiles of 4 x 4 patches + CLS."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    cfg = LlavaNextConfig(vision_config=tiny_clip_vision(patch_size=8), text_config=tiny_llama_text(len(tok)),
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return LlavaNextForConditionalGeneration(cfg), processor(cfg, tok)

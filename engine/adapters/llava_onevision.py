@@ -5,6 +5,7 @@ import torch
 
 from .base import grid_coords
 from .llava_next import LlavaNextAdapter
+from .qwen2_vl import CHAT_TEMPLATE as _QWEN_TEMPLATE
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -55,3 +56,43 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         side, _ = self._pooled_side()
         n_videos, n_frames = inputs["pixel_values_videos"].shape[:2]
         return [[side * side] * n_frames for _ in range(n_videos)]
+
+
+# ---- the family's test, world and bench models (read by tokensieve.testing and eval/; see adapters/__init__.py) ----
+PLACEHOLDERS = {"image_token_id": "<image>", "video_token_id": "<video>"}  # config field -> test tokenizer token
+CHAT_TEMPLATE = (_QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")  # Qwen2's turns
+                 .replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>"))
+BENCH = {"model": "llava-onevision-7b", "video": (32, 384, 384)}  # eval/bench_configs/llava-onevision-7b.json; frames
+
+
+def processor(config, tok, **image):
+    """A processor of ``config``'s geometry (the tower's square tile, the model's tilings, one token per patch,
+    no CLS) for the test tokenizer ``tok``; ``image``: extra image-processor settings."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
+        LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    vc = config.vision_config
+    size = {"height": vc.image_size, "width": vc.image_size}
+    ip = LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=config.image_grid_pinpoints, **image)
+    return LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(
+        size=size), vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        num_image_tokens=(vc.image_size // vc.patch_size) ** 2)
+
+
+def tiny_model(tok):
+    """(tiny random model, processor) for ``tokensieve.testing.make_tiny``: SigLIP on 32 px tiles of 4 x 4 patches,
+    Qwen2 LM (width 64, 4 layers)."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=7)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return LlavaOnevisionForConditionalGeneration(cfg), processor(cfg, tok)

@@ -9,13 +9,14 @@ Both see a 96 x 96 image as 64 visual tokens in an 8 x 8 raster (row-major), so 
   positions; Qwen2 LM, width 192 x 4 layers).
 
 ``visual_tokens(model)`` names the module whose output is the LLM's visual tokens, for the
-training script's per-token auxiliary loss.
+training script's per-token auxiliary loss. Each family's processor (geometry read from the model's
+configuration) and chat template come from its adapter module (``tokensieve.engine.adapters``).
 """
 from __future__ import annotations
 
 import torch
 
-from ...testing import CHAT_TEMPLATES
+from ...engine.adapters import llava, qwen2_vl
 
 IMAGE = 96
 GRID = 8  # visual tokens per side
@@ -27,22 +28,15 @@ LM = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_atten
 
 
 def build_llava(tok):
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    patch = IMAGE // GRID
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=patch)
+                              image_size=IMAGE, patch_size=IMAGE // GRID)
     text = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, **LM)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
-    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
-                               image_mean=MEAN, image_std=STD)
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-                          chat_template=CHAT_TEMPLATES["llava"], num_additional_image_tokens=1)
-    return LlavaForConditionalGeneration(cfg), proc
+    return LlavaForConditionalGeneration(cfg), llava.processor(cfg, tok, image_mean=MEAN, image_std=STD)
 
 
 def mrope_parameters(width_rope_scale: float = 1.0) -> dict:
@@ -65,25 +59,17 @@ def mrope_parameters(width_rope_scale: float = 1.0) -> dict:
 
 
 def build_qwen2_vl(tok, width_rope_scale: float = 1.0):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     patch, merge = IMAGE // GRID // 2, 2
-    geometry = dict(patch_size=patch, merge_size=merge, temporal_patch_size=2, image_mean=MEAN, image_std=STD,
-                    size={"shortest_edge": IMAGE * IMAGE, "longest_edge": IMAGE * IMAGE})
-    ids = {k: tok.convert_tokens_to_ids(v) for k, v in [("image_token_id", "<|image_pad|>"), (
-        "video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
-        ("vision_end_token_id", "<|vision_end|>")]}
     text = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                 rope_parameters=mrope_parameters(width_rope_scale),
                 **LM)
     vision = dict(depth=4, embed_dim=128, hidden_size=LM["hidden_size"], num_heads=4, mlp_ratio=2, patch_size=patch,
                   spatial_merge_size=merge, temporal_patch_size=2, in_channels=3)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**geometry), tokenizer=tok,
-                            video_processor=Qwen2VLVideoProcessor(**geometry), chat_template=CHAT_TEMPLATES["qwen"])
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **qwen2_vl.placeholder_ids(tok))
+    proc = qwen2_vl.processor(cfg, tok, pixels=(IMAGE * IMAGE, IMAGE * IMAGE), image_mean=MEAN, image_std=STD)
     return Qwen2VLForConditionalGeneration(cfg), proc
 
 
