@@ -10,6 +10,7 @@ PACKAGES = {
     "tokensieve.demos": "demos",
     "tokensieve.eval": "eval",
     "tokensieve.eval.videoqa": "eval/videoqa",
+    "tokensieve.eval.bench": "eval/bench",
     "tokensieve.eval.shapeworld": "eval/shapeworld",
 }
 
@@ -21,7 +22,8 @@ setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     package_data={"tokensieve": ["models/*/*"],  # the shipped tiny models (tokensieve.shipped)
-                  "tokensieve.demos": ["examples/*"]},  # the demo's bundled examples
+                  "tokensieve.demos": ["examples/*"],  # the demo's bundled examples
+                  "tokensieve.eval.bench": ["configs/*", "gpu.sh"]},  # the 7B configurations, the GPU script
     install_requires=[
         "torch>=2.4",
         "torchvision",  # transformers' video processors (Qwen-VL, OneVision processors) need it

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tokensieve.eval import bench, bench_models
+from tokensieve.eval.bench import command as bench, models as bench_models
 
 
 def test_bench_runs_on_the_tiny_configuration(tmp_path):

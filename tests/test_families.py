@@ -12,11 +12,11 @@ import tokensieve
 from tokensieve import testing
 from tokensieve.engine import adapters
 from tokensieve.engine.adapters import ADAPTERS, FAMILY_MEMBERS, family_module
-from tokensieve.eval import bench_models
+from tokensieve.eval.bench import models as bench_models
 
 from conftest import noise_image
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "bench_configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "bench", "configs")
 
 
 @pytest.mark.parametrize("family", list(ADAPTERS))

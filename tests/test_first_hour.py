@@ -196,9 +196,9 @@ def test_result_repr_is_a_short_summary(default_engine):
 
 # ---- item 6: tokensieve bench writes where the user is ---------------------------------------------------
 def test_bench_writes_under_the_current_directory_by_default(tmp_path, monkeypatch):
-    from tokensieve.eval import bench
+    from tokensieve.eval.bench import command as bench
 
-    package_results = os.path.join(os.path.dirname(bench.__file__), "results", "bench")
+    package_results = os.path.join(os.path.dirname(os.path.dirname(bench.__file__)), "results", "bench")
     before = set(os.listdir(package_results)) if os.path.isdir(package_results) else set()
     monkeypatch.chdir(tmp_path)
     assert bench.main(["--models", "tiny", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",

@@ -9,7 +9,7 @@ world and the speed bench need to build models of the family, read through ``fam
 - ``tiny_model(tok)``: (tiny random model, processor), what ``tokensieve.testing.make_tiny`` writes;
 - ``BENCH``: the speed bench's model of the family, ``{"model": name, "image": (width, height)}`` or
   ``{"model": name, "video": (frames, height, width)}``, its configuration the file ``<name>.json`` of
-  ``eval/bench_configs/``; or None.
+  ``eval/bench/configs/``; or None.
 
 These import transformers inside the functions only; nothing here imports the testing helpers or eval/.
 """

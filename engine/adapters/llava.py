@@ -75,7 +75,7 @@ CHAT_TEMPLATE = (  # the test tokenizer's chat template in LLaVA's turn format (
     "{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
     "{% else %}ASSISTANT: {{ m['content'][0]['text'] }} </s> {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-BENCH = {"model": "llava-1.5-7b", "image": (336, 336)}  # eval/bench_configs/llava-1.5-7b.json; image width x height
+BENCH = {"model": "llava-1.5-7b", "image": (336, 336)}  # eval/bench/configs/llava-1.5-7b.json; image width x height
 
 
 def processor(config, tok, **image):

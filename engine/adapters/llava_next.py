@@ -80,7 +80,7 @@ def _fix_coords(p: torch.Tensor) -> torch.Tensor:
 
 # ---- the family's test, world and bench models (read by tokensieve.testing and eval/; see adapters/__init__.py) ----
 # PLACEHOLDERS and CHAT_TEMPLATE: LLaVA-1.5's (imported above)
-BENCH = {"model": "llava-next-7b", "image": (672, 336)}  # eval/bench_configs/llava-next-7b.json; base tile + 2 tiles
+BENCH = {"model": "llava-next-7b", "image": (672, 336)}  # eval/bench/configs/llava-next-7b.json; base tile + 2 tiles
 
 
 def processor(config, tok, **image):

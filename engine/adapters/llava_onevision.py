@@ -62,7 +62,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 PLACEHOLDERS = {"image_token_id": "<image>", "video_token_id": "<video>"}  # config field -> test tokenizer token
 CHAT_TEMPLATE = (_QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")  # Qwen2's turns
                  .replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>"))
-BENCH = {"model": "llava-onevision-7b", "video": (32, 384, 384)}  # eval/bench_configs/llava-onevision-7b.json; frames
+BENCH = {"model": "llava-onevision-7b", "video": (32, 384, 384)}  # eval/bench/configs/llava-onevision-7b.json; frames
 
 
 def processor(config, tok, **image):

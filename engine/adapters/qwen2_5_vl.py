@@ -14,7 +14,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 # ---- the family's test, world and bench models (read by tokensieve.testing and eval/; see adapters/__init__.py) ----
 # PLACEHOLDERS and CHAT_TEMPLATE: Qwen2-VL's (imported above)
-BENCH = {"model": "qwen2.5-vl-7b", "image": (672, 672)}  # eval/bench_configs/qwen2.5-vl-7b.json; 576 tokens merged
+BENCH = {"model": "qwen2.5-vl-7b", "image": (672, 672)}  # eval/bench/configs/qwen2.5-vl-7b.json; 576 tokens merged
 
 
 def processor(config, tok, pixels: tuple[int, int] = PIXELS, **image):

@@ -1,4 +1,4 @@
-"""Models for the benchmark: the real configurations of four 7B VLMs (``eval/bench_configs/*.json``) with random
+"""Models for the benchmark: the real configurations of four 7B VLMs (``eval/bench/configs/*.json``) with random
 weights, built in memory (speed does not depend on the weights), depth optionally cut for a CPU, with a
 processor of the checkpoint's geometry and the word-level test tokenizer (nothing is downloaded).
 
@@ -9,7 +9,7 @@ processor of the checkpoint's geometry and the word-level test tokenizer (nothin
 merger), or a 32-frame video (LLaVA-OneVision: 196 tokens a frame).
 
 What the bench knows of a family is read from its adapter module (``tokensieve.engine.adapters``): ``BENCH``
-(the model's name, its configuration ``bench_configs/<name>.json``, its input), ``PLACEHOLDERS`` and
+(the model's name, its configuration ``configs/<name>.json``, its input), ``PLACEHOLDERS`` and
 ``processor``. ``MODELS``: the registered families' bench models, in the registry's order.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ import os
 
 import torch
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "bench_configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 PROMPT = "describe the image"
 
 
 def bench_families() -> dict[str, str]:
     """{bench model name: family} for every registered family whose adapter module names one (``BENCH``)."""
-    from ..engine.adapters import ADAPTERS, family_module
+    from ...engine.adapters import ADAPTERS, family_module
 
     benches = {family: family_module(family).BENCH for family in ADAPTERS}
     return {bench["model"]: family for family, bench in benches.items() if bench}
@@ -41,7 +41,7 @@ def __getattr__(name: str):
 def _config(name: str, tok, layers: int | None, vision_layers: int | None):
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    from ..engine.adapters import family_module
+    from ...engine.adapters import family_module
 
     raw = json.load(open(os.path.join(CONFIGS, f"{name}.json")))
     aliases = CONFIG_MAPPING[raw["model_type"]].attribute_map  # e.g. image_token_id -> the file's image_token_index
@@ -64,7 +64,7 @@ def _request(name: str) -> dict:
     import numpy as np
     from PIL import Image
 
-    from ..engine.adapters import family_module
+    from ...engine.adapters import family_module
 
     bench = family_module(bench_families()[name]).BENCH
     rng = np.random.default_rng(0)
@@ -82,7 +82,7 @@ def _tiny(device: str, dtype: str | None):
     from PIL import Image
 
     import tokensieve
-    from ..testing import make_tiny
+    from ...testing import make_tiny
 
     path = make_tiny("llava", tempfile.mkdtemp(prefix="tokensieve-bench-"))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
@@ -96,8 +96,8 @@ def bench_engine(name: str, layers: int | None = None, vision_layers: int | None
     from transformers import AutoModelForImageTextToText
     from transformers.initialization import no_init_weights
 
-    from ..engine.adapters import family_module
-    from ..testing import tokenizer_for
+    from ...engine.adapters import family_module
+    from ...testing import tokenizer_for
 
     if name == "tiny":  # the test configuration: a tiny random LLaVA (tokensieve.testing), for CI
         return _tiny(device, dtype)

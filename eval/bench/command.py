@@ -5,7 +5,7 @@
     tokensieve bench --kernels                          # also the kernel micro-benchmark (kernels/bench.py; GPU)
 
 Models: the real configurations of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B and LLaVA-OneVision-7B (a
-32-frame video) with random weights (``bench_models.py``); ``--layers`` / ``--vision-layers`` cut the depth
+32-frame video) with random weights (``models.py``); ``--layers`` / ``--vision-layers`` cut the depth
 for a CPU (0: the full depth). Plans: none; FastV (K=2) at 192 / 128 / 64 of 576 visual tokens (as ratios
 for other token counts), fused and scored the peers' way (``scoring=eager``: layer K-1's attention matrix
 materialised, as FastV's repository does with output_attentions); CLS, VisionZip, DivPrune, ToMe at the
@@ -55,7 +55,7 @@ def candidate_plans(video: bool) -> list[str]:
 def plans_for(engine, request: dict) -> tuple[list[str], dict[str, str]]:
     """(the plans of ``candidate_plans`` for ``request`` that ``engine`` accepts, {plan left out: the engine's
     reason}): the model's own fit checks (``engine.check_plan``) decide, not its name."""
-    from ..engine.errors import PlanError
+    from ...engine.errors import PlanError
 
     kept, left_out = [], {}
     for plan in candidate_plans(video=request.get("video") is not None):
@@ -301,7 +301,7 @@ def environment(device: str, dtype: str, layers: int, vision_layers: int) -> dic
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from .bench_models import MODELS, bench_engine
+    from .models import MODELS, bench_engine
 
     ap = argparse.ArgumentParser(prog="tokensieve bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                f"--batch-sizes must be positive ints separated by commas, got {args.batch_sizes!r}"
                if min(batches) < 1 else None)
     if problem is None and args.plans:
-        from ..engine.errors import TokenSieveError
-        from ..engine.plan import Plan
+        from ...engine.errors import TokenSieveError
+        from ...engine.plan import Plan
         try:
             for plan in args.plans.split(";;"):
                 Plan.parse(plan or None)
@@ -363,6 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, stem + ".png")
     print(text)
     if args.kernels:
-        from ..kernels.bench import main as kernels_main
+        from ...kernels.bench import main as kernels_main
         kernels_main(["--out", args.out])
     return 0

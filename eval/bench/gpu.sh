@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU tables in one call: `tokensieve bench` on the real 7B configurations at full depth in bf16, and the
 # kernel micro-benchmark; results (Markdown, JSON, plots naming the device, versions and date) in OUT.
-#   bash eval/bench_gpu.sh [OUT]        on a lent GPU (about 10 minutes on one H100 / H200: estimated, not run yet)
-#   bash eval/bench_gpu.sh --smoke      the same script on this CPU with tiny shapes: checks it, measures nothing
+#   bash eval/bench/gpu.sh [OUT]        on a lent GPU (about 10 minutes on one H100 / H200: estimated, not run yet)
+#   bash eval/bench/gpu.sh --smoke      the same script on this CPU with tiny shapes: checks it, measures nothing
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if [ "${1:-}" = "--smoke" ]; then
     out=$(mktemp -d)
     python -m tokensieve bench --models tiny --repeats 1 --new-tokens 2 --dtype float32 --device cpu --out "$out"
