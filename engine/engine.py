@@ -47,8 +47,7 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         self.trained_words = read_trained_words(getattr(model, "name_or_path", None))  # None: not declared
         self.check_plan(self.plan)
-        tok = processor.tokenizer
-        tok.padding_side = "left"
+        tok = processor.tokenizer  # read, never changed: batches are padded left per call (batch.process)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos_ids = end_of_sequence_ids(model.generation_config.eos_token_id, tok.eos_token_id)
         # scoring layers need the tokensieve attention function (SDPA plus the rows a pruner reads)
