@@ -35,11 +35,14 @@ from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
 class Engine:
     def __init__(self, model, processor, plan: Plan | str | None = None, max_new_tokens: int = 32,
-                 video_mode: str = "native"):
+                 video_mode: str = "native", frame_models=None):
+        """``frame_models``: what loads the models frames stages score with besides this one (QuoTA's
+        ``scorer=PATH``, KeyScore's ``clip=``), e.g. ``tokensieve.FrameModels()`` (``tokensieve.load`` hands one
+        in); None: such a stage is refused, naming what to pass (``engine/frames.py``). The engine closes it."""
         if video_mode not in VIDEO_MODES:
             raise InputError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
         self.video_mode = video_mode
-        self.frame_scorers = frames.FrameScorers(self)  # loaded on demand: another VLM, CLIP models
+        self.frame_scorers = frames.FrameScorers(self, frame_models)  # the frames stages' scorers and their models
         self.model = model.eval()
         self.processor = processor
         self.adapter: Adapter = adapter_for(model, processor)

@@ -36,6 +36,7 @@ Choices (QuoTA's official code, MAC-AutoML/QuoTA ``core/llava_arch.py::token_com
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,27 @@ import torch.nn.functional as F
 from ..engine.errors import PlanError
 from .base import Pruner, Selection, StageInput
 from .options import Option
+
+
+# ---- the signals a frames scorer computes -----------------------------------------------------
+
+@dataclass
+class FrameSignals:
+    """What a frames pruner's scorer computed for one request's video.
+
+    A scorer (``quota.RelevanceScorer``, ``keyscore.ClipScorer``) is built by the engine from a stage's
+    options (``build(options, models)``, ``models``: the engine's frame models, ``vlm(spec)`` / ``clip(name)``),
+    checked once (``check(label)``: PlanError naming what to change) and called per request:
+    ``score(question, frames) -> FrameSignals``, frames: the video's sampled frames (PIL images).
+
+    per_frame:   StageInput field -> [T_sampled, ...] (the engine maps them to the model's grid frames)
+    per_request: StageInput field -> a tensor of the request (e.g. the question's embedding)
+    flops:       what computing them cost (reported as ``scoring_flops``)
+    """
+
+    per_frame: dict = field(default_factory=dict)
+    per_request: dict = field(default_factory=dict)
+    flops: int = 0
 
 
 # ---- allocation ------------------------------------------------------------------------------
