@@ -30,6 +30,7 @@ from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request,
 from .video import VideoPrefetcher
 from .vocabulary import read_trained_words
 from .results import Result, answer_length, answer_text, build_results
+from .signals import reads, tower_records
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
 
@@ -246,7 +247,7 @@ class Engine:
             pruner = get_pruner(stage.pruner)
             run = StageRun(index=i, stage=stage, pruner=pruner, keep=keep, tower_layers=tower_layers(self.adapter, stage, pruner))
             for layer in run.tower_layers:
-                state.tower_wants.setdefault(layer, set()).update(pruner.vision_needs)
+                state.tower_wants.setdefault(layer, set()).update(tower_records(pruner))
             if stage.where == "vision":
                 last = vision_layer(self.adapter, stage)
                 run.steps = pruner.vision_steps(last, stage.options) if pruner.progressive else [last]
@@ -296,7 +297,7 @@ class Engine:
                     state.image_owner.append(b)
                     state.image_offset.append(sum(patch_coords[k].shape[0] for k in ims[:j]))
             kwargs[STATE_KWARG] = state
-        want_tower = state is not None and any(r.pruner.merge_space == "tower" for r in state.pre_llm_stages)
+        want_tower = state is not None and any(reads(r.pruner, "tower.features") for r in state.pre_llm_stages)
         per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs) if want_tower and n_img \
             else (self.adapter.encode_images(inputs, **kwargs) if n_img else [], None)
         per_video = self.adapter.encode_videos(inputs) if n_vid else []
@@ -326,8 +327,9 @@ class Engine:
                     sel = frames.select_frames(state, run, b, feats[b], alive[b], coords, frame_of, scored[b].signals)
                 else:
                     signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
-                    before = state.tower_feats[b] if run.pruner.merge_space == "tower" and state.tower_feats else None
-                    if batch.reqs[b].priority is not None:
+                    merges_features = reads(run.pruner, "tower.features")
+                    before = state.tower_feats[b] if merges_features and state.tower_feats else None
+                    if batch.reqs[b].priority is not None and reads(run.pruner, "request.priority"):
                         signals["priority"] = batch.reqs[b].priority[alive[b]]
                     sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
                                        sizes=state.sizes(b, alive[b].numel()),

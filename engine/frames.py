@@ -2,14 +2,14 @@
 
 Everything the engine does for a ``where="frames"`` stage is here: building and checking the stage's
 scorer, the scoring pass, the selection on the video's tokens, and the video's stats. A pruner acting
-there declares the signal it reads (``Pruner.frame_signal``); ``SCORERS`` maps it to the scorer that
-computes it, an object built from the stage's options (``build(options, models)``), checked before any
+there declares the signal it reads (``frames.*``, ``engine/signals.py``); ``SCORERS`` maps it to the
+scorer that computes it, an object built from the stage's options (``build(options, models)``), checked before any
 work (``check``) and called per request (``score(question, frames)``: ``frame_budget.FrameSignals``):
 
-    "relevance"  ``quota.RelevanceScorer``: a VLM rates every sampled frame against the question (QuoTA),
-                 the loaded model (``scorer=self``) or another checkpoint (``scorer=PATH``).
-    "clip"       ``keyscore.ClipScorer``: open_clip embeddings of every frame and of the question
-                 (KeyScore); ``clip=`` names the model (default: the shipped tiny-clip).
+    "frames.relevance"  ``quota.RelevanceScorer``: a VLM rates every sampled frame against the question
+                        (QuoTA), the loaded model (``scorer=self``) or another checkpoint (``scorer=PATH``).
+    "frames.clip"       ``keyscore.ClipScorer``: open_clip embeddings of every frame and of the question
+                        (KeyScore); ``clip=`` names the model (default: the shipped tiny-clip).
 
 Models other than the engine's own are loaded by the ``frame_models`` handed to the Engine
 (``tokensieve.load`` hands ``tokensieve.FrameModels``: checkpoints, shipped names, open_clip names);
@@ -33,8 +33,9 @@ from ..pruners import Selection, get_pruner
 from ..pruners.keyscore import ClipScorer
 from ..pruners.quota import RelevanceScorer
 from .errors import InputError, PlanError
+from .signals import frame_signal
 
-SCORERS = {"relevance": RelevanceScorer, "clip": ClipScorer}  # frame signal -> its scorer (build, check, score)
+SCORERS = {"frames.relevance": RelevanceScorer, "frames.clip": ClipScorer}  # signal -> its scorer (build, check, score)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class FrameScorers:
 
     def for_stage(self, pruner, options: dict):
         """The scorer of a frames stage run by ``pruner`` with ``options`` (its models loaded once), or None."""
-        kind = SCORERS.get(pruner.frame_signal)
+        kind = SCORERS.get(frame_signal(pruner))
         if kind is None:
             return None
         return kind.build({name: pruner.option(options, name) for name in pruner.options}, self)

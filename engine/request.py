@@ -17,6 +17,7 @@ from PIL import Image
 from .errors import InputError, PlanError
 from .frames import check_video_given
 from .images import load_image
+from .signals import reads
 from .plan import Plan
 
 from .video import DecodedVideo, decode_video, probe_video
@@ -119,7 +120,7 @@ def check_priority(priority, plan: Plan) -> torch.Tensor | None:
     priorities the request does not give."""
     from ..pruners import get_pruner
 
-    reader = next((s for s in plan.stages if get_pruner(s.pruner).reads_priority), None)
+    reader = next((s for s in plan.stages if reads(get_pruner(s.pruner), "request.priority")), None)
     if priority is None:
         if reader is not None:
             raise PlanError(f"{reader.describe()} keeps the tokens of highest priority: give the request a priority "

@@ -226,8 +226,9 @@ def within_pruner(name: str, label: str = "frames stage") -> Pruner:
     pruner = get_pruner(name, stage_label=f"{label}: within")
     if isinstance(pruner, FrameBudgetPruner):
         raise PlanError(f"{label}: within={name} is itself a frames pruner")
-    if pruner.needs is not None:
-        raise PlanError(f"{label}: within={name} reads LLM attention ({pruner.needs}), which a frames stage "
+    llm = sorted(pruner.signals.of("llm"))
+    if llm:
+        raise PlanError(f"{label}: within={name} reads LLM attention ({', '.join(llm)}), which a frames stage "
                         "(before the LLM) does not have; use a spatial pruner (uniform, divprune, cls, tome, ...)")
     return pruner
 
@@ -251,7 +252,7 @@ def prune_frame(pruner: Pruner, inp: StageInput, idx: torch.Tensor, budget: int,
                      attn=_slice(inp.attn, idx, n, 1), tower_score=_slice(inp.tower_score, idx, n, 0),
                      keys=_slice(inp.keys, idx, n, 0), text_attn=_slice(inp.text_attn, idx, n, 2),
                      sizes=_slice(inp.sizes, idx, n, 0))
-    if pruner.requires_tower and sub.tower_score is None:
+    if pruner.signals.of("tower", required=True) and sub.tower_score is None:
         raise PlanError(f"within={pruner.name} needs the vision tower's signals, which this frames stage lacks")
     return pruner.select(sub)
 

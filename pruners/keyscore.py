@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import StageInput
+from .base import Signals, StageInput
 from .frame_budget import WITHIN, FrameBudgetPruner, FrameSignals
 from .options import Option
 
@@ -135,7 +135,7 @@ class ClipScorer:
 
 class KeyScorePruner(FrameBudgetPruner):
     name = "keyscore"
-    frame_signal = "clip"
+    signals = Signals("frames.clip")
     options = {
         "within": WITHIN,
         "clip": Option("str", "open_clip model name or local-dir:PATH (default: the shipped tiny-clip)", None),

@@ -35,7 +35,7 @@ import re
 import torch
 
 from ..engine.errors import PlanError
-from .base import StageInput
+from .base import Signals, StageInput
 from .frame_budget import WITHIN, FrameBudgetPruner, FrameSignals
 from .options import Option
 
@@ -204,7 +204,7 @@ class RelevanceScorer:
 
 class QuotaPruner(FrameBudgetPruner):
     name = "quota"
-    frame_signal = "relevance"
+    signals = Signals("frames.relevance")
     options = {
         "within": WITHIN,
         "scorer": Option("str", "the rating VLM: self (the loaded model) or a checkpoint (QuoTA: a small VLM)", "self"),
