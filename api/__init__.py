@@ -29,6 +29,7 @@ _drop_repo_root_from_path()
 
 from .engine import (Engine, InputError, Plan, PlanError, Request, Result, Stage, TokenSieveError,
                      UnsupportedModelError)
+from .loading import FrameModels
 
 __version__ = "0.1.0"
 
@@ -70,7 +71,8 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
     check_files(model)
     hf = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(model)
-    return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens, video_mode=video_mode)
+    return Engine(hf.to(device), processor, plan=plan, max_new_tokens=max_new_tokens, video_mode=video_mode,
+                  frame_models=FrameModels())
 
 
 _SUBMODULES = ("testing", "eval", "demos", "pruners", "kernels", "shipped")  # imported on first use
@@ -87,4 +89,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["load", "Engine", "Result", "Plan", "Stage", "Request", "TokenSieveError", "PlanError", "InputError",
-           "UnsupportedModelError", "default_model"]
+           "UnsupportedModelError", "default_model", "FrameModels"]

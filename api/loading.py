@@ -109,3 +109,47 @@ def check_model_type(model: str, supported) -> None:
     if model_type not in supported:
         raise UnsupportedModelError(
             f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(supported))}")
+
+
+class FrameModels:
+    """The models frames stages score with besides the engine's own, loaded on first use and kept until
+    ``close()``: QuoTA's rater (``scorer=``: a checkpoint directory, hub id or shipped name, loaded with
+    ``tokensieve.load``) and KeyScore's CLIP (``clip=``: an open_clip name or ``local-dir:PATH``; None or
+    ``tiny-clip``: the shipped one). ``tokensieve.load`` hands one to each Engine it builds; give one to an
+    Engine built by hand: ``Engine(model, processor, frame_models=tokensieve.FrameModels())``."""
+
+    def __init__(self):
+        self.loaded: dict = {}
+
+    def vlm(self, spec: str, device: str = "cpu"):
+        """The engine (its own plan: none) of the checkpoint ``spec``, on ``device``."""
+        if spec not in self.loaded:
+            from . import load
+
+            self.loaded[spec] = load(spec, device=device)
+        return self.loaded[spec]
+
+    def clip(self, name: str | None = None):
+        """(model, preprocess, tokenizer) of an open_clip model (None or ``tiny-clip``: the shipped one)."""
+        from . import shipped
+
+        if name is None or name == shipped.CLIP:
+            name = "local-dir:" + shipped.path(shipped.CLIP)
+        if ("clip", name) not in self.loaded:
+            try:
+                import open_clip
+            except ImportError:
+                raise InputError("keyscore needs open_clip (pip install 'tokensieve[clip]')") from None
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(name)
+            except Exception as e:  # open_clip raises several types for unknown names / missing files
+                raise InputError(f"keyscore: cannot load the open_clip model '{name}': {e}") from None
+            self.loaded[("clip", name)] = (model.eval(), preprocess, open_clip.get_tokenizer(name))
+        return self.loaded[("clip", name)]
+
+    def close(self) -> None:
+        """Close the engines loaded as raters; forget every model."""
+        for value in self.loaded.values():
+            if hasattr(value, "close"):
+                value.close()
+        self.loaded.clear()

@@ -30,16 +30,20 @@ from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request,
 from .video import VideoPrefetcher
 from .vocabulary import read_trained_words
 from .results import Result, answer_length, answer_text, build_results
+from .signals import reads, tower_records
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
 
 class Engine:
     def __init__(self, model, processor, plan: Plan | str | None = None, max_new_tokens: int = 32,
-                 video_mode: str = "native"):
+                 video_mode: str = "native", frame_models=None):
+        """``frame_models``: what loads the models frames stages score with besides this one (QuoTA's
+        ``scorer=PATH``, KeyScore's ``clip=``), e.g. ``tokensieve.FrameModels()`` (``tokensieve.load`` hands one
+        in); None: such a stage is refused, naming what to pass (``engine/frames.py``). The engine closes it."""
         if video_mode not in VIDEO_MODES:
             raise InputError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
         self.video_mode = video_mode
-        self.frame_scorers = frames.FrameScorers(self)  # loaded on demand: another VLM, CLIP models
+        self.frame_scorers = frames.FrameScorers(self, frame_models)  # the frames stages' scorers and their models
         self.model = model.eval()
         self.processor = processor
         self.adapter: Adapter = adapter_for(model, processor)
@@ -47,8 +51,7 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         self.trained_words = read_trained_words(getattr(model, "name_or_path", None))  # None: not declared
         self.check_plan(self.plan)
-        tok = processor.tokenizer
-        tok.padding_side = "left"
+        tok = processor.tokenizer  # read, never changed: batches are padded left per call (batch.process)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos_ids = end_of_sequence_ids(model.generation_config.eos_token_id, tok.eos_token_id)
         # scoring layers need the tokensieve attention function (SDPA plus the rows a pruner reads)
@@ -244,7 +247,7 @@ class Engine:
             pruner = get_pruner(stage.pruner)
             run = StageRun(index=i, stage=stage, pruner=pruner, keep=keep, tower_layers=tower_layers(self.adapter, stage, pruner))
             for layer in run.tower_layers:
-                state.tower_wants.setdefault(layer, set()).update(pruner.vision_needs)
+                state.tower_wants.setdefault(layer, set()).update(tower_records(pruner))
             if stage.where == "vision":
                 last = vision_layer(self.adapter, stage)
                 run.steps = pruner.vision_steps(last, stage.options) if pruner.progressive else [last]
@@ -294,7 +297,7 @@ class Engine:
                     state.image_owner.append(b)
                     state.image_offset.append(sum(patch_coords[k].shape[0] for k in ims[:j]))
             kwargs[STATE_KWARG] = state
-        want_tower = state is not None and any(r.pruner.merge_space == "tower" for r in state.pre_llm_stages)
+        want_tower = state is not None and any(reads(r.pruner, "tower.features") for r in state.pre_llm_stages)
         per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs) if want_tower and n_img \
             else (self.adapter.encode_images(inputs, **kwargs) if n_img else [], None)
         per_video = self.adapter.encode_videos(inputs) if n_vid else []
@@ -324,8 +327,9 @@ class Engine:
                     sel = frames.select_frames(state, run, b, feats[b], alive[b], coords, frame_of, scored[b].signals)
                 else:
                     signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
-                    before = state.tower_feats[b] if run.pruner.merge_space == "tower" and state.tower_feats else None
-                    if batch.reqs[b].priority is not None:
+                    merges_features = reads(run.pruner, "tower.features")
+                    before = state.tower_feats[b] if merges_features and state.tower_feats else None
+                    if batch.reqs[b].priority is not None and reads(run.pruner, "request.priority"):
                         signals["priority"] = batch.reqs[b].priority[alive[b]]
                     sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
                                        sizes=state.sizes(b, alive[b].numel()),

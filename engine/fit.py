@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..pruners import get_pruner
 from .errors import PlanError
 from .plan import Plan
+from .signals import needs_tower, tower_records
 
 
 def vision_layer(adapter, stage) -> int:
@@ -15,7 +16,7 @@ def vision_layer(adapter, stage) -> int:
 
 def tower_layers(adapter, stage, pruner) -> list[int]:
     """Vision layers whose signals a stage reads (none for LLM stages or families without a CLS tower)."""
-    if stage.where == "llm" or not pruner.vision_needs or not adapter.cls_tower:
+    if stage.where == "llm" or not tower_records(pruner) or not adapter.cls_tower:
         return []
     last = vision_layer(adapter, stage) - 1 if stage.where == "vision" else adapter.feature_layer
     return pruner.tower_layers(last, stage.options)
@@ -25,7 +26,7 @@ def check_fit(ad, plan: Plan) -> None:
     """Raise PlanError naming the first stage that the model behind adapter ``ad`` cannot run."""
     n_vision = len(ad.vision_layers) if ad.vision_layers is not None else 0
     for i, stage in enumerate(plan.stages):  # before the layer checks: no placement helps such a stage
-        if get_pruner(stage.pruner).requires_tower and not ad.cls_tower:
+        if needs_tower(get_pruner(stage.pruner)) and not ad.cls_tower:
             raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
                             f"token (families: llava, llava_next); '{ad.family}' has none")
     plan.check(ad.text_config.num_hidden_layers, n_vision, ad.vision_prefix is not None)

@@ -1,13 +1,19 @@
 """Frames stages: a video's budget shared out over its frames, and the passes that score the frames.
 
-A pruner acting at ``where="frames"`` declares the signal it reads (``Pruner.frame_signal``):
+Everything the engine does for a ``where="frames"`` stage is here: building and checking the stage's
+scorer, the scoring pass, the selection on the video's tokens, and the video's stats. A pruner acting
+there declares the signal it reads (``frames.*``, ``engine/signals.py``); ``SCORERS`` maps it to the
+scorer that computes it, an object built from the stage's options (``build(options, models)``), checked before any
+work (``check``) and called per request (``score(question, frames)``: ``frame_budget.FrameSignals``):
 
-    "relevance"  a VLM rates every sampled frame against the question (QuoTA): one batched pass of
-                 single-frame yes/no prompts, score = P(yes) from the first answer token's logits;
-                 optionally the VLM first lists the objects the question needs (query decoupling).
-                 The rater is the loaded model (``scorer=self``) or another checkpoint (``scorer=PATH``).
-    "clip"       open_clip embeddings of every frame and of the question (KeyScore); ``clip=`` names
-                 an open_clip model or a ``local-dir:`` checkpoint (default: the shipped tiny-clip).
+    "frames.relevance"  ``quota.RelevanceScorer``: a VLM rates every sampled frame against the question
+                        (QuoTA), the loaded model (``scorer=self``) or another checkpoint (``scorer=PATH``).
+    "frames.clip"       ``keyscore.ClipScorer``: open_clip embeddings of every frame and of the question
+                        (KeyScore); ``clip=`` names the model (default: the shipped tiny-clip).
+
+Models other than the engine's own are loaded by the ``frame_models`` handed to the Engine
+(``tokensieve.load`` hands ``tokensieve.FrameModels``: checkpoints, shipped names, open_clip names);
+an Engine built without one scores with itself only and refuses, before any work, a stage needing more.
 
 A "frame" is a unit of the model's token grid: a sampled frame, or on Qwen2-VL / 2.5-VL a
 temporal patch of two sampled frames, which gets the larger score of its two frames.
@@ -24,7 +30,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pruners import Selection, get_pruner
+from ..pruners.keyscore import ClipScorer
+from ..pruners.quota import RelevanceScorer
 from .errors import InputError, PlanError
+from .signals import frame_signal
+
+SCORERS = {"frames.relevance": RelevanceScorer, "frames.clip": ClipScorer}  # signal -> its scorer (build, check, score)
 
 
 @dataclass
@@ -37,69 +48,76 @@ class FrameScores:
 
 
 class FrameScorers:
-    """The models one engine's frames stages score with, loaded on first use and kept for its life."""
+    """The scorers of one engine's frames stages and the models they use.
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.loaded: dict = {}
+    ``owner``: the engine (QuoTA's ``scorer=self``); ``models``: what loads the other models, or None (the
+    engine then scores with itself only): ``vlm(spec, device)`` -> an engine, ``clip(name)`` -> (model,
+    preprocess, tokenizer), ``close()``; it keeps what it loaded, and is closed with the engine.
+    """
+
+    def __init__(self, owner, models=None):
+        self.owner, self.models = owner, models
 
     def vlm(self, spec: str | None = "self"):
-        """The engine that rates frames: the owner (``"self"``) or one loaded from a checkpoint path."""
+        """The engine that rates frames: the owner (``"self"``) or one loaded from a checkpoint (``spec``)."""
         if spec in (None, "self"):
-            return self.engine
-        if spec not in self.loaded:
-            from .. import load
-
-            self.loaded[spec] = load(spec, device=str(self.engine.model.device))
-        return self.loaded[spec]
+            return self.owner
+        if self.models is None:
+            raise InputError(f"quota: scorer={spec} rates the frames with another checkpoint, which this engine "
+                             "cannot load (it was built without frame models): build it with tokensieve.load(...) "
+                             "or pass Engine(..., frame_models=tokensieve.FrameModels()); scorer=self rates with "
+                             "the engine's own model")
+        return self.models.vlm(spec, device=str(self.owner.model.device))
 
     def clip(self, name: str | None = None):
-        """(model, preprocess, tokenizer) of an open_clip model (default, or the name ``tiny-clip``: the shipped one)."""
-        from .. import shipped  # the facade's package data (issue 42: the frames scorers move out of the engine)
+        """(model, preprocess, tokenizer) of an open_clip model (None, or ``tiny-clip``: the shipped one)."""
+        if self.models is None:
+            raise InputError(f"keyscore: clip={name or 'tiny-clip'} is an open_clip model, which this engine "
+                             "cannot load (it was built without frame models): build it with tokensieve.load(...) "
+                             "or pass Engine(..., frame_models=tokensieve.FrameModels())")
+        return self.models.clip(name)
 
-        if name is None or name == shipped.CLIP:
-            name = "local-dir:" + shipped.path(shipped.CLIP)
-        if ("clip", name) not in self.loaded:
-            try:
-                import open_clip
-            except ImportError:
-                raise InputError("keyscore needs open_clip (pip install 'tokensieve[clip]')") from None
-            try:
-                model, _, preprocess = open_clip.create_model_and_transforms(name)
-            except Exception as e:  # open_clip raises several types for unknown names / missing files
-                raise InputError(f"keyscore: cannot load the open_clip model '{name}': {e}") from None
-            self.loaded[("clip", name)] = (model.eval(), preprocess, open_clip.get_tokenizer(name))
-        return self.loaded[("clip", name)]
+    def for_stage(self, pruner, options: dict):
+        """The scorer of a frames stage run by ``pruner`` with ``options`` (its models loaded once), or None."""
+        kind = SCORERS.get(frame_signal(pruner))
+        if kind is None:
+            return None
+        return kind.build({name: pruner.option(options, name) for name in pruner.options}, self)
 
     def close(self) -> None:
-        for value in self.loaded.values():
-            if hasattr(value, "close"):
-                value.close()
-        self.loaded.clear()
+        if self.models is not None and hasattr(self.models, "close"):
+            self.models.close()
 
 
 def check_stage(engine, index: int, stage) -> None:
-    """Before any work: a "relevance" stage's rater loads and can say the answer it is asked for."""
-    pruner = get_pruner(stage.pruner)
-    if pruner.frame_signal != "relevance":
+    """Before any work: a frames stage's scorer can be built (its models load) and can score as asked."""
+    if stage.where != "frames":
         return
-    rater = engine.frame_scorers.vlm(pruner.option(stage.options, "scorer"))
-    word = pruner.option(stage.options, "yes")
-    if not _word_ids(rater.processor.tokenizer, word):
-        raise PlanError(f"stage {index} ({stage.describe()}): the rater's tokenizer has no token for the answer "
-                        f"{word!r}; give yes=/no= words it knows (and a prompt asking for them)")
+    scorer = engine.frame_scorers.for_stage(get_pruner(stage.pruner), stage.options)
+    if scorer is not None:
+        scorer.check(f"stage {index} ({stage.describe()})")
+
+
+def check_video_given(plan, video, images: list) -> None:
+    """A request with images and a frames stage must bring a video (text only runs unpruned)."""
+    if video is None and images and any(s.where == "frames" for s in plan.stages):
+        raise PlanError("a 'frames' stage (" + next(s.describe() for s in plan.stages if s.where == "frames")
+                        + ") needs a request with a video; this one has none")
 
 
 def score_frames(engine, run, batch) -> list[FrameScores]:
-    """Per request of the batch, the signal ``run``'s pruner declared (one pass per batch)."""
+    """Per request of the batch, the signals ``run``'s pruner declared, on the model's grid frames."""
     t0 = time.perf_counter()
-    kind = run.pruner.frame_signal
-    if kind == "relevance":
-        out = _relevance(engine, run, batch)
-    elif kind == "clip":
-        out = _clip(engine, run, batch)
-    else:
-        out = [FrameScores() for _ in batch.reqs]
+    scorer = engine.frame_scorers.for_stage(run.pruner, run.stage.options)
+    out = []
+    for b, req in enumerate(batch.reqs):
+        if scorer is None:
+            out.append(FrameScores())
+            continue
+        got = scorer.score(req.question, req.video.frames)
+        n_grid = _n_grid(batch, b)
+        signals = {name: _grid_frames(v, n_grid) for name, v in got.per_frame.items()}
+        out.append(FrameScores(signals={**signals, **got.per_request}, flops=got.flops))
     seconds = (time.perf_counter() - t0) / max(len(out), 1)
     for s in out:
         s.seconds = seconds
@@ -115,57 +133,6 @@ def _grid_frames(per_frame: torch.Tensor, n_grid: int) -> torch.Tensor:
 def _n_grid(batch, b: int) -> int:
     f = batch.frames[b]
     return int(f.max()) + 1 if f.numel() and int(f.max()) >= 0 else 0
-
-
-def _relevance(engine, run, batch) -> list[FrameScores]:
-    from ..pruners import quota
-
-    def opt(name):
-        return run.pruner.option(run.stage.options, name)
-
-    rater = engine.frame_scorers.vlm(opt("scorer"))
-    tok = rater.processor.tokenizer
-    yes_ids, no_ids = _word_ids(tok, opt("yes")), _word_ids(tok, opt("no"))
-    out = []
-    for b, req in enumerate(batch.reqs):
-        question, flops = req.question, 0
-        objects = opt("objects")
-        objects = [objects] if isinstance(objects, str) else objects
-        if objects is None and opt("decouple"):
-            res = rater.generate(quota.decoupling_prompt(question, opt("decouple_prompt")), plan=[],
-                                 max_new_tokens=opt("decouple_tokens"))
-            objects = quota.parse_objects(res.text) or None
-            flops += res.stats["prefill_flops"]
-        prompt = quota.rating_prompt(question, objects, opt("prompt"), opt("object_prompt"))
-        rated = rater.generate_batch([{"prompt": prompt, "images": [f], "plan": [], "max_new_tokens": 1}
-                                      for f in req.video.frames], batch_size=opt("scorer_batch"),
-                                     output_logits=True)
-        logits = torch.stack([r.logits[0] for r in rated])  # [T, V]
-        p = quota.yes_probability(logits, yes_ids, no_ids)
-        flops += sum(r.stats["prefill_flops"] + r.stats["vision_flops"] for r in rated)
-        out.append(FrameScores(signals={"frame_relevance": _grid_frames(p, _n_grid(batch, b))}, flops=flops))
-    return out
-
-
-def _word_ids(tokenizer, word: str) -> list[int]:
-    """Ids of the first token of ``word`` and of `` word`` (a tokenizer may mark a leading space)."""
-    ids = {tokenizer.encode(w, add_special_tokens=False)[0] for w in (word, " " + word)
-           if tokenizer.encode(w, add_special_tokens=False)}
-    return sorted(ids - {tokenizer.unk_token_id})
-
-
-def _clip(engine, run, batch) -> list[FrameScores]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model, preprocess, tokenizer = engine.frame_scorers.clip(run.pruner.option(run.stage.options, "clip"))
-    out = []
-    for b, req in enumerate(batch.reqs):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            frames = model.encode_image(torch.stack([preprocess(f) for f in req.video.frames]))
-            text = model.encode_text(tokenizer([req.question]))[0]
-        out.append(FrameScores(signals={"frame_embeds": _grid_frames(frames.float(), _n_grid(batch, b)),
-                                        "text_embed": text.float()}, flops=int(counter.get_total_flops())))
-    return out
 
 
 def video_stats(batch, state, b: int, kept: list[torch.Tensor]) -> dict:

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from .errors import InputError, PlanError
+from .frames import check_video_given
 from .images import load_image
+from .signals import reads
 from .plan import Plan
 
 from .video import DecodedVideo, decode_video, probe_video
@@ -107,9 +109,7 @@ def check_request(req: Request, processor, adapter, default_plan: Plan, default_
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new!r}")
     plan = default_plan if req.plan is None else Plan.parse(req.plan)
-    if video is None and pil and any(s.where == "frames" for s in plan.stages):  # text only: nothing to prune
-        raise PlanError("a 'frames' stage (" + next(s.describe() for s in plan.stages if s.where == "frames")
-                        + ") needs a request with a video; this one has none")
+    check_video_given(plan, video, pil)
     priority = check_priority(req.priority, plan)
     return CheckedRequest(text=text, question=req.prompt, images=pil + frames, n_frames=n_frames, plan=plan, max_new_tokens=max_new,
                           video=video, native_video=native, priority=priority)
@@ -120,7 +120,7 @@ def check_priority(priority, plan: Plan) -> torch.Tensor | None:
     priorities the request does not give."""
     from ..pruners import get_pruner
 
-    reader = next((s for s in plan.stages if get_pruner(s.pruner).reads_priority), None)
+    reader = next((s for s in plan.stages if reads(get_pruner(s.pruner), "request.priority")), None)
     if priority is None:
         if reader is not None:
             raise PlanError(f"{reader.describe()} keeps the tokens of highest priority: give the request a priority "

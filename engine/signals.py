@@ -1,11 +1,54 @@
-"""The attention signals pruners read, recorded inside the attention function.
+"""The signals pruners read: the one table of their names, and the code that records and hands them out.
 
-Vision tower (CLIP with a CLS token): the CLS row (single-row kernel / reference), head-mean
-keys, value L1 norms, CLS value similarity, or a layer's q/k, only at the layers a stage asked
-for. Language model, in layer K-1 of a stage before layer K: the last prompt token's row
-(fused kernel on GPU), the same row with RoPE removed, or each text token's row. Every one of
-them is O(rows x tokens) in memory; only "all_rows" (AIM's PageRank: every token's row, as the
-official code's eager attention) materialises a request's attention matrix, in the layer read.
+A pruner declares what it reads (``Pruner.signals = Signals("llm.last_query")``, ``pruners/base.py``); the
+engine records a signal only where a stage of the plan asked for it, and hands it to the pruner as the
+``StageInput`` field(s) named below. Names by source:
+
+=======================  ===========================================================  ==========================
+name                     recorded (where, when)                                       StageInput field(s)
+=======================  ===========================================================  ==========================
+llm.last_query           LLM layer K-1 of a stage at layer K (prefill): the last      attn [H, N]
+                         prompt token's softmax row, every head (fused kernel on GPU;
+                         stage option ``scoring=eager``: the eager reference)
+llm.last_query_norope    the same row with RoPE removed from the query and keys       attn [H, N]
+llm.text_rows            layer K-1: the row of every text token after the last        text_attn [H, T, N]
+                         visual token
+llm.all_rows             layer K-1: every valid token's row over every token          seq_attn [H, S, S],
+                         (O(S^2): AIM's PageRank, as its official eager attention)    seq_vis [N]
+llm.text_raters          before decoder layer 0: the pruner's ``text_raters`` on the  raters [T]
+                         LLM's input embeddings (SparseVLM), per LLM stage
+tower.cls                vision layers ``Pruner.tower_layers`` (a CLS tower only):    tower_score [N] (the
+                         the CLS query's softmax row                                  pruner's ``tower_score``)
+tower.keys               the same layers: head-mean keys                              keys [N, d]
+tower.values             the same layers: value L1 norms and CLS-value similarity    tower_score [N]
+tower.qk                 the same layers: the layer's q and k (attention flow)        tower_score [N]
+tower.features           the tower's feature-layer hidden states, the projector's     tokens [N, D_tower] (a
+                         input (LLaVA-1.5: ``encode_images_and_tower``); a pre_llm    pre_llm merge: the merged
+                         stage merges them and the engine projects the result         tokens are projected)
+frames.relevance         a frames stage's pass: ``quota.RelevanceScorer`` (a VLM      frame_relevance [T]
+                         rates each sampled frame; ``engine/frames.py``)
+frames.clip              a frames stage's pass: ``keyscore.ClipScorer`` (open_clip    frame_embeds [T, E],
+                         embeddings of the frames and the question)                   text_embed [E]
+request.priority         the request's own numbers (``Request.priority``), checked    priority [N]
+                         before any work: a request without them is refused
+=======================  ===========================================================  ==========================
+
+``required`` names (``Signals(..., required=...)``) make the stage refused where the model cannot give
+them (tower signals on a family without a CLS tower); the others fall back to the pruner's documented
+surrogate (``cls_or_surrogate``, ``keys_or_tokens``).
+
+Adding a signal: its row in ``SIGNALS`` (below) and its recording here, at its source, plus the pruner's
+``Signals(...)`` and the ``StageInput`` field it fills. Issue 45's methods, for instance, would add
+``llm.first_keys`` (the first LLM layer's keys: recorded by ``record_rows``' caller, the attention function,
+at layer 0 as the ``llm.*`` rows are at layer K-1 -> a ``keys``-like field), ``llm.text_hidden`` (the text
+tokens' hidden states at the stage's layer: read in ``before_llm_layer`` as ``pick_raters`` reads layer 0's
+input -> ``text_hidden [T, D]``) and ``image.clip`` / ``image.clip_text`` (CLIP embeddings of a request's
+images and its question: a scorer like ``frames.clip`` in ``engine/frames.py``'s ``SCORERS``, run for a
+pre_llm stage -> ``image_embeds``, ``text_embed``).
+
+Vision tower (CLIP with a CLS token): the CLS row (single-row kernel / reference), head-mean keys, value L1
+norms, CLS value similarity, or a layer's q/k, only at the layers a stage asked for. Every signal is
+O(rows x tokens) in memory; only "llm.all_rows" materialises a request's attention matrix, in the layer read.
 """
 from __future__ import annotations
 
@@ -13,6 +56,59 @@ import torch
 
 from ..kernels import attention_row
 from ..kernels.reference import full_mask
+
+SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
+    "llm.last_query": "the last prompt token's attention row in layer K-1",
+    "llm.last_query_norope": "the same row with RoPE removed",
+    "llm.text_rows": "each text token's attention row in layer K-1",
+    "llm.all_rows": "every token's attention row in layer K-1",
+    "llm.text_raters": "the text rows that rate the image, picked from the LLM's input embeddings",
+    "tower.cls": "the CLS attention row of the tower layers read",
+    "tower.keys": "head-mean keys of the tower layers read",
+    "tower.values": "value L1 norms and CLS-value similarity of the tower layers read",
+    "tower.qk": "q and k of the tower layers read",
+    "tower.features": "the projector's input (feature-layer hidden states), merged before projection",
+    "frames.relevance": "a VLM's rating of each frame (quota.RelevanceScorer)",
+    "frames.clip": "CLIP embeddings of each frame and the question (keyscore.ClipScorer)",
+    "request.priority": "the request's own priority of each visual token",
+}
+LLM_ROWS = {"llm.last_query": "last_query", "llm.last_query_norope": "last_query_norope",
+            "llm.text_rows": "text_rows", "llm.all_rows": "all_rows"}  # attention rows read in layer K-1
+TOWER_RECORDS = {"tower.cls": "cls", "tower.keys": "keys", "tower.values": "values", "tower.qk": "qk"}
+
+
+def declared(pruner):
+    """The pruner's ``Signals``, every name checked against SIGNALS (a typo fails here, naming the known ones)."""
+    unknown = sorted(pruner.signals.reads - set(SIGNALS))
+    if unknown:
+        raise TypeError(f"pruner '{pruner.name}' declares unknown signal(s) {unknown}; known: {', '.join(SIGNALS)} "
+                        "(engine/signals.py)")
+    return pruner.signals
+
+
+def reads(pruner, name: str) -> bool:
+    """The pruner reads the signal ``name`` (a name of SIGNALS)."""
+    return name in declared(pruner)
+
+
+def llm_rows(pruner) -> str | None:
+    """The attention rows recorded for the pruner in layer K-1 ("last_query", "text_rows", ...), or None."""
+    return next((LLM_ROWS[n] for n in sorted(declared(pruner).of("llm")) if n in LLM_ROWS), None)
+
+
+def tower_records(pruner) -> frozenset:
+    """What the vision tower records for the pruner at its layers: a subset of {"cls", "keys", "values", "qk"}."""
+    return frozenset(TOWER_RECORDS[n] for n in declared(pruner).of("tower") if n in TOWER_RECORDS)
+
+
+def needs_tower(pruner) -> bool:
+    """The method is meaningless without tower signals (refused on families without a CLS tower)."""
+    return bool(declared(pruner).of("tower", required=True))
+
+
+def frame_signal(pruner) -> str | None:
+    """The frames-stage signal the pruner reads ("frames.relevance", "frames.clip"), or None."""
+    return next(iter(sorted(declared(pruner).of("frames"))), None)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -35,9 +131,10 @@ class SignalsMixin:
         run = self.llm_stages.get(layer + 1) if self.prefill else None
         if run is None:
             return None
-        if run.pruner.needs == "last_query" and run.stage.options.get("scoring") == "eager":
+        rows = llm_rows(run.pruner)
+        if rows == "last_query" and run.stage.options.get("scoring") == "eager":
             return "last_query_eager"
-        return run.pruner.needs
+        return rows
 
     def last_query_weights(self, query: torch.Tensor) -> torch.Tensor:
         """[B, Sq] one-hot on the last prompt token (always valid: rows are left padded)."""
@@ -83,19 +180,20 @@ class SignalsMixin:
         """The pruner's inputs for request b from the recorded rows, restricted to its visual tokens."""
         if imp is None:
             return {}
-        if run.pruner.needs == "text_rows":
+        rows = llm_rows(run.pruner)
+        if rows == "text_rows":
             raters = self.raters.get(run.index)
             return {"text_attn": imp[b][:, :, vis_slots], "raters": None if raters is None else raters[b]}
-        if run.pruner.needs == "all_rows":  # rows are the valid slots in order: take the same key columns
+        if rows == "all_rows":  # rows are the valid slots in order: take the same key columns
             valid = self.valid[b].nonzero().flatten()
             return {"seq_attn": imp[b][:, :, valid], "seq_vis": torch.searchsorted(valid, vis_slots)}
         return {"attn": imp[b][:, vis_slots]}
 
     def pick_raters(self, hidden: torch.Tensor) -> None:
         """Before decoder layer 0 (prefill), hidden [B, S, D] = the LLM's input embeddings: the text raters
-        of every request for each LLM stage whose pruner picks them (``Pruner.picks_raters``)."""
+        of every request for each LLM stage whose pruner reads ``llm.text_raters``."""
         for run in self.llm_stages.values():
-            if run.pruner.picks_raters:
+            if reads(run.pruner, "llm.text_raters"):
                 self.raters[run.index] = [run.pruner.text_raters(hidden[b, self.vis_orig[b] >= 0],
                                                                  hidden[b, self.text_rows(b)])
                                           for b in range(self.batch_size)]
@@ -122,7 +220,7 @@ class SignalsMixin:
         layers = run.tower_layers if layers is None else layers
         if not layers or self.tower is None:
             return None, None
-        needs = run.pruner.vision_needs
+        needs = tower_records(run.pruner)
         score = run.pruner.tower_score(self.tower, layers) if needs - {"keys"} else None
         keys = self.tower.keys[layers[-1]][:, self.tower.prefix:] if "keys" in needs else None
         return score, keys

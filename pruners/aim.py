@@ -39,7 +39,7 @@ The official code runs in the model dtype (bf16 features, fp32 attention); here 
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, Selection, StageInput, topk_sorted
+from .base import Pruner, Selection, Signals, StageInput, topk_sorted
 from .grid import items, split_budget
 
 TAU = 0.1  # get_importance(tau_imp=0.1)
@@ -95,7 +95,7 @@ class AIMPruner(Pruner):
     wheres = ("pre_llm", "llm")
     default_where = "pre_llm"
     default_layer = 15
-    needs = "all_rows"
+    signals = Signals("llm.all_rows")
 
     def select(self, inp: StageInput) -> Selection:
         if inp.seq_attn is not None:  # inside the LLM

@@ -1,8 +1,8 @@
 """The one interface every pruner implements: tensors in, scores and kept indices out.
 
 A pruner knows nothing of the model. The engine hands it the visual tokens entering its
-stage for one request, plus whatever attention rows it declared in ``needs``; it returns
-which of those tokens survive.
+stage for one request, plus the signals it declared (``signals = Signals(...)``: attention rows,
+tower records, frame scores, ...); it returns which of those tokens survive.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class StageInput:
     frame_embeds: torch.Tensor | None = None  # [T, E] CLIP image embedding of each frame (KeyScore)
     text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
     priority: torch.Tensor | None = None  # [N] the request's own priority of these tokens (``priority`` pruner)
-    raters: torch.Tensor | None = None  # [T] bool: text rows (of text_attn) that rate the image (``picks_raters``)
+    raters: torch.Tensor | None = None  # [T] bool: text rows (of text_attn) that rate the image (``llm.text_raters``)
     # progressive pruners (``Pruner.progressive``), at each of their steps inside the vision tower
     layers_left: int | None = None  # tower layers from this step to the stage's last step (0: the last step)
     carry: torch.Tensor | None = None  # [N] the pruner's running state of these tokens from its previous step
@@ -92,22 +92,58 @@ class TowerRecord:
     qk: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, init=False)
+class Signals:
+    """The signals a pruner reads, by name: what the engine records for it (at which layer or stage) and
+    hands it in ``StageInput``. Every name, where it is recorded and the fields it fills: the table in
+    ``engine/signals.py``, the one place that records them.
+
+        signals = Signals("tower.cls", "tower.keys", "tower.features")
+        signals = Signals("tower.cls", "tower.values", required=("tower.cls",))
+
+    ``required``: names without which the method is meaningless (the engine refuses the stage where the model
+    cannot give them); a name read but not required has a documented surrogate in the pruner.
+    """
+
+    reads: frozenset
+    required: frozenset
+
+    def __init__(self, *reads: str, required=()):
+        object.__setattr__(self, "required", frozenset(required))
+        object.__setattr__(self, "reads", frozenset(reads) | self.required)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reads
+
+    def of(self, source: str, required: bool = False) -> frozenset:
+        """The names read from ``source`` ("llm", "tower", "frames", "request"), e.g. {"tower.cls"}
+        (``required``: of those required only)."""
+        return frozenset(n for n in (self.required if required else self.reads) if n.split(".", 1)[0] == source)
+
+
 DEFAULT_LAYER_DEPTH = 32  # default layers are the papers' on LLaVA-1.5-7B's 32-layer LLM (engine.plan: the rule)
+
+
+FLAGS = ("needs", "vision_needs", "requires_tower", "picks_raters", "merge_space", "reads_priority", "frame_signal")
+
+
+class _View:
+    """A read-only class attribute computed from the class's ``signals``."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __get__(self, obj, cls):
+        return self.view(cls.signals)
 
 
 class Pruner:
     """Base class. Subclasses set the class attributes and implement ``select``.
 
-    needs: the LLM attention the pruner reads (LLM stages), or None. Taken in layer K-1:
-        "last_query": the last prompt token's attention (all heads) -> ``attn``
-        "last_query_norope": the same with RoPE removed from the query and keys -> ``attn``
-        "text_rows": every text token after the last visual token, row by row -> ``text_attn``
-        "all_rows": every token's row over every token (O(S^2), AIM's PageRank) -> ``seq_attn``, ``seq_vis``
-    vision_needs: what the vision tower records for the pruner (vision / pre-LLM stages), a
-        subset of {"cls", "keys", "values", "qk"}; the engine turns it into ``tower_score``
-        (via ``tower_score``) and ``keys`` on families whose tower has a CLS token.
-    requires_tower: True when the method is meaningless without those tower signals (the
-        engine refuses it on other families); False when it has a documented surrogate.
+    signals: what the pruner reads, by name (``Signals``; every name and the field it fills: the table in
+        ``engine/signals.py``). LLM signals reach its LLM stages; tower signals its vision / pre-LLM stages on
+        families whose tower has a CLS token (``tower_score`` via ``tower_score``, ``keys``); frames signals
+        its frames stages; ``required`` ones make the engine refuse it where the model lacks them.
     progressive: a vision stage of the pruner prunes before each of its ``vision_steps`` (one plan
         stage); at each step ``select`` gets ``layers_left``, its ``carry`` from the step before and
         the signals of the tower layers since then, and keeps exactly ``keep``: before the last step
@@ -121,20 +157,24 @@ class Pruner:
     default_layer: ClassVar[int | None] = None  # the paper's layer, set for a DEFAULT_LAYER_DEPTH-layer model
     default_keep: ClassVar[int | float | None] = None
     options: ClassVar[dict[str, Option]] = {}  # name -> declared type, accepted values, default, help
-    needs: ClassVar[str | None] = None
-    vision_needs: ClassVar[frozenset] = frozenset()
-    requires_tower: ClassVar[bool] = False
+    signals: ClassVar[Signals] = Signals()
     adaptive: ClassVar[bool] = False  # may be given keep="auto"
-    frame_signal: ClassVar[str | None] = None  # "relevance" (VLM rating pass) or "clip" (CLIP embeddings)
     progressive: ClassVar[bool] = False  # prunes step by step inside the vision tower (``vision_steps``)
-    # True: ``text_raters`` picks, once per request from the LLM's input embeddings (before decoder layer 0),
-    # the text rows that rate the image; the engine hands them to each of the pruner's LLM stages as ``raters``
-    picks_raters: ClassVar[bool] = False
-    # "tower": a pre_llm merging method whose official code merges the vision tower's feature-layer hidden
-    # states before the projector; on families whose adapter exposes the projector's input (LLaVA-1.5) the
-    # engine hands those as ``tokens`` and projects the merged ones. "llm": the projected features.
-    merge_space: ClassVar[str] = "llm"
-    reads_priority: ClassVar[bool] = False  # keeps by the priorities a request carries (Request.priority)
+
+    # Read-only views of ``signals`` under the names of the class flags it replaced, for readers outside the
+    # engine (the CLI, reports); the engine reads ``signals`` (engine/signals.py). A subclass setting one fails.
+    vision_needs = _View(lambda s: frozenset(n.split(".", 1)[1] for n in s.of("tower")) - {"features"})
+    requires_tower = _View(lambda s: bool(s.of("tower", required=True)))
+    merge_space = _View(lambda s: "tower" if "tower.features" in s else "llm")
+    reads_priority = _View(lambda s: "request.priority" in s)
+    frame_signal = _View(lambda s: next((n.split(".", 1)[1] for n in sorted(s.of("frames"))), None))
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        old = [n for n in FLAGS if n in vars(cls)]
+        if old:
+            raise TypeError(f"{cls.__name__} sets {', '.join(old)}: declare what it reads as signals = Signals(...) "
+                            "(the names: engine/signals.py)")
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -148,7 +188,7 @@ class Pruner:
         raise NotImplementedError
 
     def text_raters(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """visual [N, D], text [T, D] LLM input embeddings of one request -> [T] bool (``picks_raters``)."""
+        """visual [N, D], text [T, D] LLM input embeddings of one request -> [T] bool (signal ``llm.text_raters``)."""
         raise NotImplementedError
 
     def tower_layers(self, last: int, options: dict) -> list[int]:

@@ -9,7 +9,7 @@ Towers without a CLS token (SigLIP, Qwen-VL): the surrogate of ``cls_or_surrogat
 attention of a mean-pooled query over the stage's tokens.
 """
 from ..engine.errors import PlanError
-from .base import Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, topk_sorted
+from .base import Pruner, Selection, Signals, StageInput, TowerRecord, cls_or_surrogate, topk_sorted
 from .options import Option
 
 
@@ -18,7 +18,7 @@ class ClsPruner(Pruner):
     wheres = ("vision", "pre_llm")
     options = {"layers": Option("ints", "tower layers whose CLS attention is summed (VTC-CLS's ensemble; "
                                         "default: the feature layer)", None, low=0)}
-    vision_needs = frozenset({"cls"})
+    signals = Signals("tower.cls")
 
     def tower_layers(self, last: int, options: dict) -> list[int]:
         layers = sorted(set(self.option(options, "layers") or [last]))

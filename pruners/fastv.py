@@ -5,7 +5,7 @@ token pays to each visual token in layer K-1 is its importance; the top-k surviv
 their original position ids are kept. ``scoring=eager`` scores the same tokens the way the peers do
 (the whole attention matrix of layer K-1 materialised): the benchmark's baseline, same kept set.
 """
-from .base import Pruner, Selection, StageInput, topk_sorted
+from .base import Pruner, Selection, Signals, StageInput, topk_sorted
 from .options import Option
 
 
@@ -14,7 +14,7 @@ class FastVPruner(Pruner):
     wheres = ("llm",)
     default_where = "llm"
     default_layer = 2
-    needs = "last_query"
+    signals = Signals("llm.last_query")
     options = {"scoring": Option("str", "fused: the importance beside the attention output (no attention matrix); "
                                         "eager: FastV's repository's way, layer K-1's full attention matrix "
                                         "materialised (output_attentions), for comparison", "fused",

@@ -61,7 +61,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, Selection, StageInput, cls_or_surrogate
+from .base import Pruner, Selection, Signals, StageInput, cls_or_surrogate
 from .options import Option
 from .dycoke import frame_members
 from .grid import lattice, split_budget
@@ -219,7 +219,7 @@ class FastVIDPruner(Pruner):
         "beta": Option("float", "weight of a merged token's own features (alpha = max(1/(count+1), beta))", 0.6,
                        low=0, high=1),
         "knn": Option("int", "neighbours of the density estimate", 4, low=1)}
-    vision_needs = frozenset({"cls"})
+    signals = Signals("tower.cls")
 
     def select(self, inp: StageInput) -> Selection:
         o = inp.options

@@ -30,7 +30,7 @@ square image (``int(sqrt(N))``), here each item (image, tile, frame) of any shap
 """
 import torch
 
-from .base import Pruner, Selection, StageInput, topk_sorted
+from .base import Pruner, Selection, Signals, StageInput, topk_sorted
 from .options import Option
 
 
@@ -67,7 +67,7 @@ class FeatherPruner(Pruner):
     default_layer = 8
     options = {"stride": Option("int", "uniform samples: every stride-th row and column of each grid "
                                        "(the official first stage: 3; 0: none, its second stage)", 3, low=0)}
-    needs = "last_query_norope"
+    signals = Signals("llm.last_query_norope")
 
     def select(self, inp: StageInput) -> Selection:
         scores = feather_scores(inp.attn)

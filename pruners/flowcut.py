@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .base import Pruner, Selection, StageInput, TowerRecord
+from .base import Pruner, Selection, Signals, StageInput, TowerRecord
 
 
 def layer_score(sig: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,7 @@ class FlowCutPruner(Pruner):
     name = "flowcut"
     wheres = ("vision", "pre_llm")
     default_where = "vision"
-    vision_needs = frozenset({"cls", "values"})
-    requires_tower = True
+    signals = Signals(required=("tower.cls", "tower.values"))
     progressive = True
 
     def tower_layers(self, last: int, options: dict) -> list[int]:

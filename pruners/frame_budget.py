@@ -36,6 +36,7 @@ Choices (QuoTA's official code, MAC-AutoML/QuoTA ``core/llava_arch.py::token_com
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,27 @@ import torch.nn.functional as F
 from ..engine.errors import PlanError
 from .base import Pruner, Selection, StageInput
 from .options import Option
+
+
+# ---- the signals a frames scorer computes -----------------------------------------------------
+
+@dataclass
+class FrameSignals:
+    """What a frames pruner's scorer computed for one request's video.
+
+    A scorer (``quota.RelevanceScorer``, ``keyscore.ClipScorer``) is built by the engine from a stage's
+    options (``build(options, models)``, ``models``: the engine's frame models, ``vlm(spec)`` / ``clip(name)``),
+    checked once (``check(label)``: PlanError naming what to change) and called per request:
+    ``score(question, frames) -> FrameSignals``, frames: the video's sampled frames (PIL images).
+
+    per_frame:   StageInput field -> [T_sampled, ...] (the engine maps them to the model's grid frames)
+    per_request: StageInput field -> a tensor of the request (e.g. the question's embedding)
+    flops:       what computing them cost (reported as ``scoring_flops``)
+    """
+
+    per_frame: dict = field(default_factory=dict)
+    per_request: dict = field(default_factory=dict)
+    flops: int = 0
 
 
 # ---- allocation ------------------------------------------------------------------------------
@@ -204,8 +226,9 @@ def within_pruner(name: str, label: str = "frames stage") -> Pruner:
     pruner = get_pruner(name, stage_label=f"{label}: within")
     if isinstance(pruner, FrameBudgetPruner):
         raise PlanError(f"{label}: within={name} is itself a frames pruner")
-    if pruner.needs is not None:
-        raise PlanError(f"{label}: within={name} reads LLM attention ({pruner.needs}), which a frames stage "
+    llm = sorted(pruner.signals.of("llm"))
+    if llm:
+        raise PlanError(f"{label}: within={name} reads LLM attention ({', '.join(llm)}), which a frames stage "
                         "(before the LLM) does not have; use a spatial pruner (uniform, divprune, cls, tome, ...)")
     return pruner
 
@@ -229,7 +252,7 @@ def prune_frame(pruner: Pruner, inp: StageInput, idx: torch.Tensor, budget: int,
                      attn=_slice(inp.attn, idx, n, 1), tower_score=_slice(inp.tower_score, idx, n, 0),
                      keys=_slice(inp.keys, idx, n, 0), text_attn=_slice(inp.text_attn, idx, n, 2),
                      sizes=_slice(inp.sizes, idx, n, 0))
-    if pruner.requires_tower and sub.tower_score is None:
+    if pruner.signals.of("tower", required=True) and sub.tower_score is None:
         raise PlanError(f"within={pruner.name} needs the vision tower's signals, which this frames stage lacks")
     return pruner.select(sub)
 

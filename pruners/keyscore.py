@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import StageInput
-from .frame_budget import WITHIN, FrameBudgetPruner
+from .base import Signals, StageInput
+from .frame_budget import WITHIN, FrameBudgetPruner, FrameSignals
 from .options import Option
 
 DEFAULT_WEIGHTS = (1 / 3, 1 / 3, 1 / 3)
@@ -104,9 +104,38 @@ def score_weights(score: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
     return torch.softmax(s / float(temperature), dim=0)
 
 
+class ClipScorer:
+    """KeyScore's CLIP pass: open_clip embeddings of every sampled frame and of the question.
+
+    ``model``, ``preprocess``, ``tokenizer``: an open_clip model as ``open_clip.create_model_and_transforms``
+    and ``get_tokenizer`` give them (the engine's frame models load the one ``clip=`` names).
+    """
+
+    def __init__(self, model, preprocess, tokenizer):
+        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+
+    @classmethod
+    def build(cls, options: dict, models) -> "ClipScorer":
+        """``models.clip(name)``: (model, preprocess, tokenizer) of ``clip=`` (None: the shipped tiny-clip)."""
+        return cls(*models.clip(options["clip"]))
+
+    def check(self, label: str) -> None:
+        pass
+
+    def score(self, question: str, frames: list) -> FrameSignals:
+        """frames: T sampled frames (PIL) -> frame_embeds [T, E], text_embed [E] (float32), and their FLOPs."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            embeds = self.model.encode_image(torch.stack([self.preprocess(f) for f in frames]))
+            text = self.model.encode_text(self.tokenizer([question]))[0]
+        return FrameSignals(per_frame={"frame_embeds": embeds.float()}, per_request={"text_embed": text.float()},
+                            flops=int(counter.get_total_flops()))
+
+
 class KeyScorePruner(FrameBudgetPruner):
     name = "keyscore"
-    frame_signal = "clip"
+    signals = Signals("frames.clip")
     options = {
         "within": WITHIN,
         "clip": Option("str", "open_clip model name or local-dir:PATH (default: the shipped tiny-clip)", None),

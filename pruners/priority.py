@@ -8,13 +8,13 @@ ablation with scores from elsewhere. Refused for a request that carries no prior
 """
 import torch
 
-from .base import Pruner, Selection, StageInput
+from .base import Pruner, Selection, Signals, StageInput
 
 
 class PriorityPruner(Pruner):
     name = "priority"
     wheres = ("pre_llm",)
-    reads_priority = True
+    signals = Signals("request.priority")
 
     def select(self, inp: StageInput) -> Selection:
         p = inp.priority.float()

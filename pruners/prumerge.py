@@ -20,9 +20,9 @@ patches of LLaVA-1.5:
   * fixed ratio (``if_adaptive=False``, "for training"): the top ``int(N r)`` by ``a`` plus
     ``arange(int(step / 2), 575, step)``, ``step = int(1 / r)``, duplicates not removed.
 
-What we do: the same signals (``vision_needs = {"qk"}`` at tower layer ``last + 1``; the CLS attention
+What we do: the same signals (``tower.qk`` at tower layer ``last + 1``; the CLS attention
 and the full-width keys travel together as ``tower_score`` channels), the same selection, merge and
-extra token, on the feature-layer hidden states (``merge_space = "tower"``; the engine projects them).
+extra token, on the feature-layer hidden states (signal ``tower.features``; the engine projects them).
   * ``keep=auto``: the official adaptive path. The extra ("summary") token takes the slot of the last
     token not kept (N - 1 unless it is an outlier, i.e. where the official code appends it), so
     ``c + samples + 1`` tokens survive, as in the official output.
@@ -46,12 +46,11 @@ time) where we take each image's, and its scale from the features' width (equal 
 which score 0). Without a CLS tower the score is ``cls_or_surrogate``'s and the tokens themselves are
 compared.
 """
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens
+from .base import Pruner, Selection, Signals, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens
 from .options import Option
 
 NEIGHBOURS = 32  # tokens each kept token absorbs (official: topk k=32)
@@ -129,9 +128,8 @@ class PruMergePruner(Pruner):
         "summary": Option("bool", "keep the official extra token (CLS-weighted sum of every pruned token) at "
                                   "the last pruned token's slot", True),
     }
-    vision_needs = frozenset({"qk"})
+    signals = Signals("tower.qk", "tower.features")  # LLaVA: merge the feature-layer hidden states, before the projector
     adaptive = True
-    merge_space: ClassVar[str] = "tower"  # LLaVA: merge the feature-layer hidden states, before the projector
 
     def tower_layers(self, last: int, options: dict) -> list[int]:
         return [last + 1]  # the official hooks layer 23 of 24, the one after the feature layer

@@ -13,8 +13,9 @@ resized bilinearly to the largest h x w that fits (``core/llava_arch.py::token_c
 Official setting: total = 196 * 64 tokens over 96 (+64 per hour) frames of LLaVA-Video-7B, rated by
 Qwen2-VL-2B-Instruct.
 
-The engine computes ``frame_relevance`` (the rating pass) with the helpers below; this class only
-turns it into budgets (``frame_budget``: allocation, caps and the remainder there). Options:
+``RelevanceScorer`` is the rating pass (the engine builds one from the stage's options and hands
+each request's question and sampled frames to it: ``frame_relevance``); ``QuotaPruner`` only
+turns that into budgets (``frame_budget``: allocation, caps and the remainder there). Options:
 ``within`` (resize | a spatial pruner), ``decouple`` (bool), ``objects`` (the objects to rate
 against, given instead of decoupling: a list in a dict plan), ``prompt`` / ``object_prompt`` /
 ``decouple_prompt`` (templates with ``{question}`` / ``{objects}``), ``scorer`` ("self" or a
@@ -33,8 +34,9 @@ import re
 
 import torch
 
-from .base import StageInput
-from .frame_budget import WITHIN, FrameBudgetPruner
+from ..engine.errors import PlanError
+from .base import Signals, StageInput
+from .frame_budget import WITHIN, FrameBudgetPruner, FrameSignals
 from .options import Option
 
 WEIGHT_SCALE = (100.0, 2.0)  # w = (scale * p) ** power  (quota_pipeline.py: weight_scale = [100, 2])
@@ -151,9 +153,58 @@ def quota_weights(p: torch.Tensor) -> torch.Tensor:
     return w / s if float(s) > 0 else w
 
 
+def answer_ids(tokenizer, word: str) -> list[int]:
+    """Ids of the first token of ``word`` and of `` word`` (a tokenizer may mark a leading space)."""
+    ids = {tokenizer.encode(w, add_special_tokens=False)[0] for w in (word, " " + word)
+           if tokenizer.encode(w, add_special_tokens=False)}
+    return sorted(ids - {tokenizer.unk_token_id})
+
+
+class RelevanceScorer:
+    """QuoTA's rating pass: a VLM rates every sampled frame against the question, P(yes) of its first answer
+    token (one batched pass of single-frame prompts), after listing the question's objects (``decouple``).
+
+    ``rater``: an engine (``generate``, ``generate_batch``, ``processor``): the loaded model (``scorer=self``)
+    or another checkpoint; ``options``: the stage's options with their defaults filled in.
+    """
+
+    def __init__(self, rater, options: dict):
+        self.rater, self.options = rater, options
+        tok = rater.processor.tokenizer
+        self.yes_ids, self.no_ids = answer_ids(tok, options["yes"]), answer_ids(tok, options["no"])
+
+    @classmethod
+    def build(cls, options: dict, models) -> "RelevanceScorer":
+        """``models.vlm(spec)``: the engine itself for "self", else the checkpoint ``spec`` loaded."""
+        return cls(models.vlm(options["scorer"]), options)
+
+    def check(self, label: str) -> None:
+        if not self.yes_ids:
+            raise PlanError(f"{label}: the rater's tokenizer has no token for the answer {self.options['yes']!r}; "
+                            "give yes=/no= words it knows (and a prompt asking for them)")
+
+    def score(self, question: str, frames: list) -> FrameSignals:
+        """frames: T sampled frames (PIL) -> frame_relevance [T] = P(yes), and the rater's FLOPs."""
+        opt, flops = self.options, 0
+        objects = opt["objects"]
+        objects = [objects] if isinstance(objects, str) else objects
+        if objects is None and opt["decouple"]:
+            res = self.rater.generate(decoupling_prompt(question, opt["decouple_prompt"]), plan=[],
+                                      max_new_tokens=opt["decouple_tokens"])
+            objects = parse_objects(res.text) or None
+            flops += res.stats["prefill_flops"]
+        prompt = rating_prompt(question, objects, opt["prompt"], opt["object_prompt"])
+        rated = self.rater.generate_batch([{"prompt": prompt, "images": [f], "plan": [], "max_new_tokens": 1}
+                                           for f in frames], batch_size=opt["scorer_batch"], output_logits=True)
+        logits = torch.stack([r.logits[0] for r in rated])  # [T, V]
+        flops += sum(r.stats["prefill_flops"] + r.stats["vision_flops"] for r in rated)
+        return FrameSignals(per_frame={"frame_relevance": yes_probability(logits, self.yes_ids, self.no_ids)},
+                            flops=flops)
+
+
 class QuotaPruner(FrameBudgetPruner):
     name = "quota"
-    frame_signal = "relevance"
+    signals = Signals("frames.relevance")
     options = {
         "within": WITHIN,
         "scorer": Option("str", "the rating VLM: self (the loaded model) or a checkpoint (QuoTA: a small VLM)", "self"),

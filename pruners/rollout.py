@@ -8,7 +8,7 @@ receive from queries weighted by r, computed from the layer's queries and keys i
 Needs a tower with a CLS token.
 """
 from ..kernels.reference import importance_ref
-from .base import Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, topk_sorted
+from .base import Pruner, Selection, Signals, StageInput, TowerRecord, cls_or_surrogate, topk_sorted
 
 
 def cls_rollout(qk_by_layer: list, prefix: int = 1):
@@ -25,8 +25,7 @@ def cls_rollout(qk_by_layer: list, prefix: int = 1):
 class RolloutPruner(Pruner):
     name = "rollout"
     wheres = ("vision", "pre_llm")
-    vision_needs = frozenset({"qk"})
-    requires_tower = True
+    signals = Signals(required=("tower.qk",))
 
     def tower_layers(self, last: int, options: dict) -> list[int]:
         return list(range(last + 1))

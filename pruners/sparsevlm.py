@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pruner, Selection, StageInput, topk_sorted
+from .base import Pruner, Selection, Signals, StageInput, topk_sorted
 from .merge import merge_groups
 from .options import Option
 
@@ -105,8 +105,7 @@ class SparseVLMPruner(Pruner):
                                        "first (int(pool * dropped) + 1; official 0.3)", 0.3, low=0, high=1),
                "recycle": Option("float", "cluster tokens per recycled token (int(recycle * pooled) + 1; "
                                           "official 0.1); 0: no recycling, plain top-k", 0.1, low=0, high=1)}
-    needs = "text_rows"
-    picks_raters = True
+    signals = Signals("llm.text_rows", "llm.text_raters")
 
     def text_raters(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return text_raters(visual, text)

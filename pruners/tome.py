@@ -25,7 +25,7 @@ MLP. ToMe's proportional attention (log-size bias inside later attention) is not
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, Selection, StageInput, keys_or_tokens
+from .base import Pruner, Selection, Signals, StageInput, keys_or_tokens
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, keep: int, class_token: bool = False):
@@ -64,7 +64,7 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
 class ToMePruner(Pruner):
     name = "tome"
     wheres = ("vision", "pre_llm")
-    vision_needs = frozenset({"keys"})
+    signals = Signals("tower.keys")
 
     def select(self, inp: StageInput) -> Selection:
         sizes = inp.sizes if inp.sizes is not None else torch.ones(inp.tokens.shape[0])

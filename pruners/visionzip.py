@@ -15,7 +15,7 @@ What the official code does (dvlab-research/VisionZip, ``visionzip/clip_encoder.
   * merging happens on the feature-layer hidden states, before the projector; the output is
     ``[CLS, dominant patches in index order, contextual tokens in target order]``.
 
-What we do: the same. ``merge_space = "tower"``: on LLaVA the engine hands the feature-layer hidden
+What we do: the same. Signal ``tower.features``: on LLaVA the engine hands the feature-layer hidden
 states (the projector's input) and projects the merged tokens, as the official code does; on other
 families the LLM-side tokens merge. The CLS hidden state reaches the LLM only where the model's
 ``vision_feature_select_strategy`` is "full": there it is a visual token (``cls_slots``), always kept
@@ -43,7 +43,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens, topk_sorted
+from .base import Pruner, Selection, Signals, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens, topk_sorted
 from .options import Option
 
 
@@ -98,8 +98,7 @@ class VisionZipPruner(Pruner):
     wheres = ("vision", "pre_llm")
     options: ClassVar[dict] = {
         "contextual": Option("int", "contextual (merged) tokens among the kept (default: 10 per 64)", None, low=0)}
-    vision_needs = frozenset({"cls", "keys"})
-    merge_space: ClassVar[str] = "tower"  # LLaVA: merge the feature-layer hidden states, before the projector
+    signals = Signals("tower.cls", "tower.keys", "tower.features")  # LLaVA: merge before the projector
 
     def tower_score(self, rec: TowerRecord, layers: list[int]):
         return rec.cls[layers[-1]][:, :, rec.prefix:].float().sum(1)  # CLS attention summed over heads

@@ -186,14 +186,14 @@ def test_quota_with_another_checkpoint_as_rater_and_query_decoupling(engine_for,
 def test_scoring_time_is_reported_apart_from_the_prefill(engine_for, monkeypatch):
     import time
 
-    from tokensieve.engine import frames
+    from tokensieve.pruners.keyscore import ClipScorer  # the CLIP pass (was engine.frames._clip)
 
-    real = frames._clip
+    real = ClipScorer.score
 
     def slow(*args):  # a scoring pass that takes 0.5 s
         time.sleep(0.5)
         return real(*args)
 
-    monkeypatch.setattr(frames, "_clip", slow)
+    monkeypatch.setattr(ClipScorer, "score", slow)
     res = engine_for("llava").generate(QUESTION, video=_frames(6), plan="keyscore:keep=0.5", max_new_tokens=1)
     assert res.stats["scoring_s"] >= 0.5 and 0 < res.stats["prefill_s"] < 0.4

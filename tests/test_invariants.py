@@ -168,3 +168,29 @@ def test_f_no_deprecated_cache_argument(family, engine_for):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*(past_key_values|cache).*deprecated", category=FutureWarning)
         engine.generate_batch(reqs)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_g_engine_leaves_the_callers_tokenizer_alone(family, tiny_path):
+    """A processor whose tokenizer pads on the right (the transformers default of many checkpoints): the engine
+    pads its batches on the left without changing it, and a padded batch still equals one request at a time."""
+    import tokensieve
+    from transformers import AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path(family), attn_implementation="sdpa")
+    processor = AutoProcessor.from_pretrained(tiny_path(family))
+    processor.tokenizer.padding_side = "right"
+    engine = tokensieve.Engine(model, processor)
+    try:
+        assert processor.tokenizer.padding_side == "right"
+        reqs = [dict(r, max_new_tokens=4) for r in _requests(family)]
+        batched = engine.generate_batch(reqs, output_logits=True)
+        assert processor.tokenizer.padding_side == "right"
+        mask = engine.prepare_batch(reqs)["attention_mask"]
+        assert bool((mask[:, -1] == 1).all()) and not bool((mask[:, 0] == 1).all())  # padded on the left
+        for req, res in zip(reqs, batched):
+            one = engine.generate_batch([req], output_logits=True)[0]
+            assert res.token_ids == one.token_ids
+            torch.testing.assert_close(res.logits, one.logits, atol=ATOL, rtol=1e-4)
+    finally:
+        engine.close()

@@ -115,5 +115,6 @@ def bench_engine(name: str, layers: int | None = None, vision_layers: int | None
             p.normal_(0.0, 0.02, generator=gen)
     model.generation_config.eos_token_id = 3
     model.generation_config.pad_token_id = 0
-    engine = tokensieve.Engine(model, family_module(families[name]).processor(cfg, tok))
+    engine = tokensieve.Engine(model, family_module(families[name]).processor(cfg, tok),
+                               frame_models=tokensieve.FrameModels())  # keyscore's CLIP, quota's rater
     return engine, _request(name)
