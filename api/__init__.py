@@ -17,7 +17,12 @@ def _drop_repo_root_from_path() -> None:
     (5.25 depends on it) imports: every model load fails. tokensieve is importable without the root (it
     is installed; the editable finder maps ``tokensieve.*`` to the folders), so drop the root from the path.
     Only a source checkout matches (``api/`` and ``kernels/`` beside each other); an installed package
-    never does."""
+    never does.
+
+    Why a ``sys.path`` edit and nothing cleaner: ``python -m`` puts the current directory first on the path
+    (only ``python -P`` / ``PYTHONSAFEPATH`` stop it, and that is the user's choice); the path finder that
+    then finds ``kernels/`` runs before any finder a package installs; and the layout keeps the top-level
+    ``kernels/`` folder (the design card). A console script (``tokensieve ...``) and ``pytest`` never need it."""
     root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     if "kernels" in _sys.modules or not (_os.path.isfile(_os.path.join(root, "api", "__init__.py"))
                                          and _os.path.isfile(_os.path.join(root, "kernels", "__init__.py"))):
