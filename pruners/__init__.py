@@ -20,6 +20,7 @@ from .rollout import RolloutPruner
 from .sparsevlm import SparseVLMPruner
 from .tome import ToMePruner
 from .uniform import UniformPruner
+from .vidcom2 import VidCom2Pruner
 from .visionzip import VisionZipPruner
 
 REGISTRY: dict[str, type[Pruner]] = {
@@ -41,6 +42,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "keyscore": KeyScorePruner,
     "dycoke": DyCokePruner,
     "fastvid": FastVIDPruner,
+    "vidcom2": VidCom2Pruner,
     "priority": PriorityPruner,
 }
 
