@@ -23,8 +23,8 @@ grids (still images, ``frames == -1``, and tokens off a frame's full grid, e.g. 
 the last frame, which the official code appends after compressing) are always kept; the rest, keep_v, goes
 to the frames as the official k_t at a base that keeps exactly keep_v. Each k_t is non-decreasing in the
 base, so every base with sum k_t = keep_v gives the same k_t: with keep_v = the official total at
-``R_RATIO`` = r (``official_keep``; 25 % of 32 x 196 tokens: usually 1568 + a token or two of rounding)
-the budgets, hence the kept set, are the official ones. The base is found by bisection over float32
+``R_RATIO`` = r (``official_keep``; r = 0.25 on 32 x 196 tokens: 31 x 47 + 96 = 1553 when one frame takes
+the softmax, not 1568) the budgets, hence the kept set, are the official ones. The base is found by bisection over float32
 values (the official arithmetic is float32). Where no base hits keep_v (the total jumps past it), the
 frames that step up at the jump get the remaining tokens by frame uniqueness (then index); with keep_v
 < T (the official keeps >= 1 token a frame), the keep_v most unique frames keep one token each.
