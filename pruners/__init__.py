@@ -21,6 +21,7 @@ from .sparsevlm import SparseVLMPruner
 from .tome import ToMePruner
 from .uniform import UniformPruner
 from .visionzip import VisionZipPruner
+from .vispruner import VisPrunerPruner
 
 REGISTRY: dict[str, type[Pruner]] = {
     "random": RandomPruner,
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "fastv": FastVPruner,
     "cls": ClsPruner,
     "visionzip": VisionZipPruner,
+    "vispruner": VisPrunerPruner,
     "prumerge": PruMergePruner,
     "tome": ToMePruner,
     "divprune": DivPrunePruner,
