@@ -19,16 +19,18 @@ What the official code does (Theia-4869/VisPruner, ``llava/model/llava_arch.py``
 What we do: the same, on the stage's tokens with the signals ``tower.cls`` (head-mean CLS attention of
 the feature layer: the default ``tower_score``) and ``tower.features`` (on LLaVA the feature layer's
 hidden states, the projector's input, as the official code compares; nothing is merged).
-Differences: (1) rounds remove at most the |A| = ceil(R / 2) tokens A has; the official code fails with a
-shape error where R is odd (``R // 2 - r`` rows are expanded for ``ceil(R / 2) - r`` kept A tokens) or
-r' > |A| (it happens only when ``N - int(T * r)`` is odd, e.g. T = 66 of 576, or when fewer than 16
-tokens are left to thin, e.g. T = 8 of 576); wherever the official code runs without error, ours keeps
-the same set (with one odd-R exception it runs but drops the last A token, R // 2 == r': we keep it, so
-``keep`` tokens are always kept); (2) argsorts are stable (ties by index; the official ``argsort`` leaves
+Differences: (1) a round removes at most the |A| = ceil(R / 2) tokens A has. The official code raises a
+shape error where R is odd (``R // 2 - r`` rows are expanded against ``ceil(R / 2) - r`` kept A tokens:
+N - int(T * r) odd, e.g. T = 66 of 576) or where a round is due more removals than A has (under 16 tokens
+left to thin, e.g. T = 8 of 576); where it runs with no error ours keeps the same set, except one odd-R
+case where it runs but drops its last A token (R // 2 == r', e.g. T = 56, r = 0.85 of 64: 55 kept): we
+keep it, so ``keep`` tokens are always kept (LLaVA-1.5's 192 / 128 / 64 at r = 0.5 never meet either);
+(2) argsorts are stable (ties by index; the official ``argsort`` leaves
 ties unspecified: only exact ties differ, e.g. zero-scored LLaVA-NeXT newline tokens); (3) scores and
 similarities in float32 (the official code: the model dtype); normalisation by ``F.normalize`` (eps 1e-12,
 the official divides by the norm: only all-zero rows differ); (4) one budget over the stage's tokens (the
-official code keeps T per anyres tile of LLaVA-NeXT; on LLaVA-1.5's one image the same); (5) LLaVA with
+official code keeps T per anyres tile of LLaVA-NeXT; on LLaVA-1.5's one image the same), and on families
+that give no projector input (all but LLaVA-1.5) similarity on the stage's (projected) tokens; (5) LLaVA with
 ``vision_feature_select_strategy="full"``: the CLS hidden state is a visual token scored 0 (the official
 ``cls_patch`` branch scores it by its own CLS self-attention). Towers without a CLS token (SigLIP, Qwen):
 importance from ``cls_or_surrogate``, similarity on the stage's tokens. ``where=vision`` is ours.

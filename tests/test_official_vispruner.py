@@ -21,7 +21,7 @@ def official_vispruner(image_attentions, image_features, visual_token_num, impor
     softmax attention over the patches (``attentions[-2][:, :, 0, 1:]``); image_features [B, N, C]: the feature
     layer's patch hidden states (``hidden_states[-2][:, 1:]``). Returns index_masks [B, N] bool.
     """
-    B, N, C = image_features.shape
+    B, N, _C = image_features.shape  # official: B, N, C
     device = image_features.device
     important_token_num = int(visual_token_num * important_ratio)
     diverse_token_num = visual_token_num - important_token_num
