@@ -22,6 +22,7 @@ from .tome import ToMePruner
 from .uniform import UniformPruner
 from .vidcom2 import VidCom2Pruner
 from .visionzip import VisionZipPruner
+from .vispruner import VisPrunerPruner
 
 REGISTRY: dict[str, type[Pruner]] = {
     "random": RandomPruner,
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "fastv": FastVPruner,
     "cls": ClsPruner,
     "visionzip": VisionZipPruner,
+    "vispruner": VisPrunerPruner,
     "prumerge": PruMergePruner,
     "tome": ToMePruner,
     "divprune": DivPrunePruner,
