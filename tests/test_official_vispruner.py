@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import noise_image
+from reference import clip_tower_attention
 from tokensieve.engine.adapters.base import grid_coords
 from tokensieve.pruners import StageInput, TowerRecord, get_pruner
 from tokensieve.pruners import vispruner as vp
@@ -143,26 +144,11 @@ def test_a_broken_method_fails_the_comparison(monkeypatch, broken):
 # ---- through the engine on the tiny LLaVA ---------------------------------------------------------
 
 def _eager_feature_layer(model, pixel_values, layer):
-    """Of image 0 in CLIP layer ``layer``, computed here: the CLS attention row [H, S] (softmax of q.k) and the
-    layer's output hidden states [S, D] (``hidden_states[layer + 1]``, the projector's input)."""
-    tower = model.model.vision_tower
-    got = {}
-
-    def hook(mod, args, kwargs):
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        b, s, _ = x.shape
-        q = mod.q_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)[0]
-        k = mod.k_proj(x).view(b, s, -1, mod.head_dim).transpose(1, 2)[0]  # [H, S, d]
-        got["cls"] = torch.softmax(q[:, :1] @ k.transpose(-1, -2) * mod.scale, -1)[:, 0]
-
-    attn = getattr(tower, "vision_model", tower).encoder.layers[layer].self_attn
-    h = attn.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = tower(pixel_values, output_hidden_states=True)
-    finally:
-        h.remove()
-    return got["cls"], out.hidden_states[layer + 1][0]
+    """Of image 0 in CLIP layer ``layer``, computed here (``reference.clip_tower_attention``): the CLS attention
+    row [H, S] (softmax of q.k) and the layer's output hidden states [S, D] (``hidden_states[layer + 1]``, the
+    projector's input)."""
+    attn, hidden = clip_tower_attention(model.model.vision_tower, pixel_values)
+    return attn[layer][0, :, 0], hidden[layer + 1][0]
 
 
 @pytest.mark.parametrize("keep,ratio", [(16, 0.5), (32, 0.5), (24, 0.25)])
