@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     if min(args.images, args.videos, args.relevance) < 0 or args.images + args.videos + args.relevance == 0:
         ap.error("--images, --videos and --relevance must be >= 0, and not all 0")
     names = args.models or list(shipped.MODELS)
-    paths = {name: shipped.path(name) if name in shipped.MODELS else shipped.resolve(name) for name in names}
+    paths = {name: shipped.resolve(name) for name in names}
     missing = [p for p in paths.values() if not os.path.isdir(p)]
     if missing:
         ap.error(f"no checkpoint directory {missing[0]}")

@@ -296,7 +296,7 @@ def main(argv=None):
     bad = [b for b in args.budgets if not 0 < b <= 1]
     if bad:
         raise SystemExit(f"budgets must be fractions in (0, 1], got {bad}")
-    models = {m: shipped.path(m) if m in shipped.MODELS else shipped.resolve(m) for m in args.models}
+    models = {m: shipped.resolve(m) for m in args.models}
     for name, p in models.items():
         if not os.path.isfile(os.path.join(p, "config.json")):
             raise SystemExit(f"model '{name}': no checkpoint at {p}")

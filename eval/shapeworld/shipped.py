@@ -12,7 +12,6 @@ from ... import shipped as package
 MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}  # VLMs, in the pruning report
 CLIP = package.CLIP
 NAMES = package.NAMES
-resolve = package.resolve
 
 
 def path(name: str) -> str:
@@ -21,6 +20,12 @@ def path(name: str) -> str:
     if folder not in NAMES:
         raise KeyError(f"no shipped model '{name}'; shipped: {', '.join([*MODELS, 'clip', *NAMES])}")
     return package.path(folder)
+
+
+def resolve(name: str) -> str:
+    """A model argument: a key of MODELS -> its directory; else as ``tokensieve.shipped.resolve`` (a shipped
+    name -> its directory, anything else as given)."""
+    return path(name) if name in MODELS else package.resolve(name)
 
 
 def available(name: str) -> bool:
