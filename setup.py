@@ -11,6 +11,7 @@ PACKAGES = {
     "tokensieve.eval": "eval",
     "tokensieve.eval.videoqa": "eval/videoqa",
     "tokensieve.eval.bench": "eval/bench",
+    "tokensieve.eval.tune": "eval/tune",
     "tokensieve.eval.shapeworld": "eval/shapeworld",
 }
 

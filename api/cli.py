@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the speed benchmark has its own options
         from tokensieve.eval.bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["tune"]:  # choosing a plan for a target has its own options
+        from tokensieve.eval.tune import main as tune_main
+        return tune_main(argv[1:])
     if argv[:1] == ["demo"]:  # the Gradio demo has its own options
         from tokensieve.demos.app import main as demo_main
         return demo_main(argv[1:])
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("eval", help="batch video-QA evaluation of plans (tokensieve eval --help)", add_help=False)
     sub.add_parser("demo", help="the Gradio demo: budgets side by side (tokensieve demo --help)", add_help=False)
+    sub.add_parser("tune", help="choose the plan that meets an accuracy, latency or FLOPs target (tokensieve tune "
+                   "--help)", add_help=False)
     sub.add_parser("pruners", help="list the pruners, where they act and their options")
     sub.add_parser("bench", help="measured speed of plans against the FLOP ideal (tokensieve bench --help)",
                    add_help=False)

@@ -104,6 +104,10 @@ class Plan:
                 raise PlanError(f"stage {i} ({s.describe()}): after a keep=auto stage, give keep as a ratio")
         return cls(stages)
 
+    def stage_dicts(self) -> list[dict]:
+        """The stages as the dicts ``Plan.parse`` takes (what a plan file holds): ``Plan.parse(p.stage_dicts()) == p``."""
+        return [_parse_stage_str(part) for part in str(self).split(";") if part]
+
     def check(self, n_llm_layers: int, n_vision_layers: int, supports_vision_stages: bool) -> None:
         """Raise PlanError for a stage whose layer does not exist in this model (before any work)."""
         order = {"vision": 0, "frames": 1, "pre_llm": 2, "llm": 3}

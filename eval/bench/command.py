@@ -35,8 +35,8 @@ import time
 import torch
 
 BUDGETS = (192, 128, 64)  # of LLaVA-1.5's 576 visual tokens; ratios of the token count on other models
-SPATIAL = ("cls", "visionzip", "divprune", "tome")
-VIDEO_METHODS = ("dycoke", "fastvid", "keyscore")
+SPATIAL = ("cls", "visionzip", "divprune", "tome", "vispruner")
+VIDEO_METHODS = ("dycoke", "fastvid", "keyscore", "vidcom2")
 
 
 def candidate_plans(video: bool) -> list[str]:
