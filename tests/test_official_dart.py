@@ -231,3 +231,17 @@ def test_engine_matches_official_on_shipped_models(shipped_engine, name, layer, 
     assert len(want) == keep and res.kept[0].tolist() == want
     flat = keys.permute(1, 0, 2).flatten(1)
     torch.testing.assert_close(res.scores[0], flat[start:start + n].abs().sum(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_padded_batch_equals_one_at_a_time(family, engine_for):
+    """Per request in a left-padded batch: its own keys, normed states, text tokens and prompt positions, so every
+    family's batch keeps (and scores) what each request alone does."""
+    engine = engine_for(family)
+    reqs = [{"prompt": "what is the colour of the big circle", "images": [noise_image(1, 40, 56)]},
+            {"prompt": "how many", "images": [noise_image(2, 56, 40)]}]
+    plan = "dart:layer=2,keep=0.3"
+    batch = engine.generate_batch([dict(r, plan=plan, max_new_tokens=1) for r in reqs], batch_size=2)
+    for req, res in zip(reqs, batch):
+        alone = engine.generate(req["prompt"], images=req["images"], plan=plan, max_new_tokens=1)
+        assert res.kept[0].tolist() == alone.kept[0].tolist()
+        torch.testing.assert_close(res.scores[0], alone.scores[0], atol=1e-5, rtol=1e-4)
