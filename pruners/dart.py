@@ -4,8 +4,9 @@ Duplication Matters More"): a few pivot tokens, then the visual tokens least dup
 What the official code does (ZichenWen1/DART, LLaVA path: ``llava/model/language_model/modeling_llama_self.py``,
 ``DART_K_norm.forward`` and ``get_retained_image_token``; configured by ``llava/eval/model_vqa_loader.py``,
 ``configure_DART``: K = ``--pruned_layer`` 2, ``image_token_start_index`` 35, ``image_token_length`` 576,
-``pivot_image_token`` 4, ``pivot_text_token`` 4, ``max_num_trunction`` M = 128 by default), once, in the
-prefill, before decoder layer K:
+``pivot_image_token`` 4, ``pivot_text_token`` 4, ``max_num_trunction`` M = 128 by default; read in the fork
+xqy1111111/DART at commit 0247657060a4, the upstream's code not being stored here), once, in the prefill,
+before decoder layer K:
   * signals of layer K-1: its output hidden states through the model's final norm (``self.norm``), and its
     keys as the attention computed them (``layer_outputs[-2]``: RoPE applied, KV heads repeated, flattened
     per token to [S, H*d]);
