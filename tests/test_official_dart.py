@@ -24,7 +24,8 @@ def official_get_retained_image_token(config, last_layer_state: torch.Tensor, K_
     """The official selection, line for line.
 
     Transcribed from ZichenWen1/DART, ``llava/model/language_model/modeling_llama_self.py``,
-    ``get_retained_image_token`` (LLaVA-1.5 path: ``config.text_length`` None). ``last_layer_state`` [1, S, D]:
+    ``get_retained_image_token`` (LLaVA-1.5 path: ``config.text_length`` None; read in the fork xqy1111111/DART at
+    commit 0247657060a4). ``last_layer_state`` [1, S, D]:
     layer K-1's output through ``self.norm``; ``K_states`` [1, H, S, d]: layer K-1's keys (``layer_outputs[-2]``,
     RoPE applied). Returns the retained image tokens' sequence positions (unsorted: the set's order)."""
     DART_config = config.DART_config
