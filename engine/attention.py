@@ -63,6 +63,8 @@ def tokensieve_attention(module, query, key, value, attention_mask, scaling=None
         state.record_vision(vision_layer, query, key, value, scale)
         return sdpa()
     layer = getattr(module, "layer_idx", None)
+    if layer is not None:
+        state.record_keys(layer, query, key)  # only where a stage at layer + 1 reads ``llm.keys``
     need = state.llm_need(layer) if layer is not None else None
     if need is None:
         return sdpa()

@@ -254,6 +254,8 @@ class Engine:
                 state.vision_stages.update({layer: run for layer in run.steps})
             elif stage.where == "llm":
                 state.llm_stages[stage.layer] = run
+                if reads(pruner, "llm.normed"):
+                    state.final_norm = self.adapter.llm_norm
             else:  # frames and pre_llm stages, in plan order
                 state.pre_llm_stages.append(run)
         if state.tower_wants:

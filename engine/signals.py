@@ -17,6 +17,13 @@ llm.all_rows             layer K-1: every valid token's row over every token    
                          (O(S^2): AIM's PageRank, as its official eager attention)    seq_vis [N]
 llm.text_raters          before decoder layer 0: the pruner's ``text_raters`` on the  raters [T]
                          LLM's input embeddings (SparseVLM), per LLM stage
+llm.keys                 layer K-1 (prefill): every token's keys as the attention     llm_keys [N, H*d],
+                         gets them (RoPE applied; KV heads repeated to the query      text_keys [T, H*d]
+                         heads, as ``repeat_kv``), heads flattened per token (DART)
+llm.normed               before layer K: the hidden states entering it (layer K-1's   normed [N, D],
+                         output) through the LLM's own final norm (DART)              text_normed [T, D]
+llm.positions            each token's index in its request's prompt as the processor  positions [N],
+                         made it (before any pruning) (DART's pivot order)            text_positions [T]
 tower.cls                vision layers ``Pruner.tower_layers`` (a CLS tower only):    tower_score [N] (the
                          the CLS query's softmax row                                  pruner's ``tower_score``)
 tower.keys               the same layers: head-mean keys                              keys [N, d]
@@ -32,6 +39,8 @@ frames.clip              a frames stage's pass: ``keyscore.ClipScorer`` (open_cl
 request.priority         the request's own numbers (``Request.priority``), checked    priority [N]
                          before any work: a request without them is refused
 =======================  ===========================================================  ==========================
+
+``T`` text tokens of the ``llm.*`` fields: a request's tokens after its last visual token (``text_rows``).
 
 ``required`` names (``Signals(..., required=...)``) make the stage refused where the model cannot give
 them (tower signals on a family without a CLS tower); the others fall back to the pruner's documented
@@ -63,6 +72,9 @@ SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
     "llm.text_rows": "each text token's attention row in layer K-1",
     "llm.all_rows": "every token's attention row in layer K-1",
     "llm.text_raters": "the text rows that rate the image, picked from the LLM's input embeddings",
+    "llm.keys": "every token's keys in layer K-1 (RoPE applied, heads repeated to the query heads)",
+    "llm.normed": "the hidden states entering layer K through the LLM's final norm",
+    "llm.positions": "each token's index in its request's prompt",
     "tower.cls": "the CLS attention row of the tower layers read",
     "tower.keys": "head-mean keys of the tower layers read",
     "tower.values": "value L1 norms and CLS-value similarity of the tower layers read",
@@ -188,6 +200,29 @@ class SignalsMixin:
             valid = self.valid[b].nonzero().flatten()
             return {"seq_attn": imp[b][:, :, valid], "seq_vis": torch.searchsorted(valid, vis_slots)}
         return {"attn": imp[b][:, vis_slots]}
+
+    def record_keys(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Prefill, layer K-1 of a stage whose pruner reads ``llm.keys``: key [B, Hkv, S, d] (RoPE applied) ->
+        ``layer_keys[layer]`` [B, S, Hq*d], KV heads repeated to the query heads (``repeat_kv``'s order)."""
+        run = self.llm_stages.get(layer + 1) if self.prefill else None
+        if run is None or not reads(run.pruner, "llm.keys"):
+            return
+        k = key.repeat_interleave(query.shape[1] // key.shape[1], 1)  # [B, Hq, S, d]
+        self.layer_keys[layer] = k.permute(0, 2, 1, 3).flatten(2)
+
+    def token_signals(self, run, layer: int, hidden: torch.Tensor, b: int, vis_slots: torch.Tensor) -> dict:
+        """``llm.keys`` / ``llm.normed`` / ``llm.positions`` of request b for an LLM stage at ``layer``: its
+        visual slots and its text slots (``text_rows``); hidden [B, S, D] enters ``layer``."""
+        out, text = {}, self.text_rows(b)
+        if reads(run.pruner, "llm.keys"):
+            keys = self.layer_keys[layer - 1][b]
+            out.update(llm_keys=keys[vis_slots], text_keys=keys[text])
+        if reads(run.pruner, "llm.normed"):
+            out.update(normed=self.final_norm(hidden[b, vis_slots]), text_normed=self.final_norm(hidden[b, text]))
+        if reads(run.pruner, "llm.positions"):
+            first = self.seq[b, self.valid[b]].min()  # the prompt's first token (text: never pruned)
+            out.update(positions=self.seq[b, vis_slots] - first, text_positions=self.seq[b, text] - first)
+        return out
 
     def pick_raters(self, hidden: torch.Tensor) -> None:
         """Before decoder layer 0 (prefill), hidden [B, S, D] = the LLM's input embeddings: the text raters

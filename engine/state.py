@@ -73,6 +73,8 @@ class RequestState(SignalsMixin):
     importance: dict[int, object] = field(default_factory=dict)  # layer -> [B, H, Sk] or per-row list
     raters: dict[int, list] = field(default_factory=dict)  # LLM stage index -> per request [T] bool text raters
     rope: tuple | None = None  # (cos, sin) [B, S, d] of the current tokens, for RoPE-free scores
+    layer_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer K-1 -> [B, S, Hq*d] (``llm.keys``)
+    final_norm: object = None  # the LLM's final norm module (``llm.normed``), set by the engine when a stage reads it
     next_slot: int = 0
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
     frame_scoring: list = field(default_factory=list)  # frames stages' scoring passes (engine.frames.FrameScores)
@@ -239,7 +241,8 @@ class RequestState(SignalsMixin):
         for b in range(self.batch_size):
             vis_slots = (self.vis_orig[b] >= 0).nonzero().flatten()
             orig = self.vis_orig[b, vis_slots].cpu()
-            signals = self.llm_signals(run, imp, b, vis_slots)
+            signals = {**self.llm_signals(run, imp, b, vis_slots),
+                       **self.token_signals(run, layer, hidden_in, b, vis_slots)}
             sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig],
                               sizes=self.sizes(b, vis_slots.numel()), **signals)
             if sel.tokens is not None:  # merged tokens: write into a copy, never the caller's tensor
@@ -249,6 +252,7 @@ class RequestState(SignalsMixin):
             keep_mask = self.valid[b] & (self.vis_orig[b] < 0)
             keep_mask[vis_slots[sel.keep_idx]] = True
             keep_slots.append(keep_mask.nonzero().flatten())
+        self.layer_keys.pop(layer - 1, None)
         index, valid = left_pad_index(keep_slots, hidden.device)  # [B, S'] each
         self.seq = self.seq.gather(1, index)
         self.vis_orig = torch.where(valid, self.vis_orig.gather(1, index), -1)

@@ -4,6 +4,7 @@ from .base import (Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate,
                    topk_sorted)
 from .aim import AIMPruner
 from .cls import ClsPruner
+from .dart import DARTPruner
 from .divprune import DivPrunePruner
 from .dycoke import DyCokePruner
 from .fastv import FastVPruner
@@ -46,6 +47,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "fastvid": FastVIDPruner,
     "vidcom2": VidCom2Pruner,
     "priority": PriorityPruner,
+    "dart": DARTPruner,
 }
 
 

@@ -48,6 +48,14 @@ class StageInput:
     text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
     priority: torch.Tensor | None = None  # [N] the request's own priority of these tokens (``priority`` pruner)
     raters: torch.Tensor | None = None  # [T] bool: text rows (of text_attn) that rate the image (``llm.text_raters``)
+    # LLM stages at layer K, per request (T: its text tokens after its last visual token): ``llm.keys``,
+    # ``llm.normed``, ``llm.positions``
+    llm_keys: torch.Tensor | None = None  # [N, H*d] layer K-1's keys of these tokens (RoPE applied, heads flattened)
+    text_keys: torch.Tensor | None = None  # [T, H*d] the same of the text tokens
+    normed: torch.Tensor | None = None  # [N, D] these tokens entering layer K, through the LLM's final norm
+    text_normed: torch.Tensor | None = None  # [T, D] the same of the text tokens
+    positions: torch.Tensor | None = None  # [N] index of each of these tokens in its request's prompt
+    text_positions: torch.Tensor | None = None  # [T] the same of the text tokens
     # progressive pruners (``Pruner.progressive``), at each of their steps inside the vision tower
     layers_left: int | None = None  # tower layers from this step to the stage's last step (0: the last step)
     carry: torch.Tensor | None = None  # [N] the pruner's running state of these tokens from its previous step

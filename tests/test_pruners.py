@@ -22,7 +22,17 @@ def full_input(keep, seed=0, **options):
                       sizes=torch.ones(N), priority=torch.randn(N, generator=g))
 
 
+def with_llm_token_signals(inp, seed=0):
+    """The ``llm.keys`` / ``llm.normed`` / ``llm.positions`` fields (dart): T text tokens after the N visual."""
+    g = torch.Generator().manual_seed(seed)
+    inp.llm_keys, inp.text_keys = torch.randn(N, 12, generator=g), torch.randn(T, 12, generator=g)
+    inp.normed, inp.text_normed = torch.randn(N, 8, generator=g), torch.randn(T, 8, generator=g)
+    inp.positions, inp.text_positions = torch.arange(3, 3 + N), torch.arange(3 + N, 3 + N + T)
+    return inp
+
+
 def run(name, inp):
+    with_llm_token_signals(inp)
     if name != "flowcut":  # flowcut (replayed before the LLM) reads (layers x 3) channels; the rest one score
         inp.tower_score = inp.tower_score[:, 0]
     return get_pruner(name).select(inp)

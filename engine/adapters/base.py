@@ -34,6 +34,11 @@ class Adapter:
         return self.model.model.language_model.layers
 
     @property
+    def llm_norm(self) -> nn.Module:
+        """The LLM's final norm (before the LM head)."""
+        return self.model.model.language_model.norm
+
+    @property
     def vision_layers(self) -> nn.ModuleList | None:
         return None
 
