@@ -3,6 +3,7 @@ from ..engine.errors import PlanError
 from .base import (Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens,
                    topk_sorted)
 from .aim import AIMPruner
+from .cdpruner import CDPrunerPruner
 from .cls import ClsPruner
 from .divprune import DivPrunePruner
 from .dycoke import DyCokePruner
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "cls": ClsPruner,
     "visionzip": VisionZipPruner,
     "vispruner": VisPrunerPruner,
+    "cdpruner": CDPrunerPruner,
     "prumerge": PruMergePruner,
     "tome": ToMePruner,
     "divprune": DivPrunePruner,
