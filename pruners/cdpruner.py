@@ -15,7 +15,8 @@ What the official code does (Theia-4869/CDPruner, ``llava/model/llava_arch.py``,
   * kernel ``L = diag(r) S diag(r)``; fast greedy MAP inference: T times, take ``j = argmax d^2`` (first
     maximum), ``e = (L[j] - c[:, j] . c) / sqrt(d^2_j)``, append ``e`` to ``c``, ``d^2 -= e^2``,
     ``d^2_j = -inf``;
-  * kept: the T picks, sorted (a mask over the tokens); nothing is merged. ``keep = T``.
+  * kept: the T picks, sorted (a mask over the tokens); nothing is merged. ``keep = T``. A commented-out
+    variant weights relevance by ``exp(theta / (2 (1 - theta)) r)``: option ``theta`` (default: off, as run).
 
 What we do: the same selection (``cdpruner_select``) on the stage's tokens, whose similarity is the official
 one (the projector's outputs: the pre_llm stage's tokens on every family). Relevance: transformers' LLaVA
@@ -37,10 +38,13 @@ of a non-positive gain and picks NaN-scored duplicates, keeping fewer than T; ou
 rest with the unpicked tokens of highest relevance, so ``keep`` tokens are always kept (where the official
 gains stay positive, as at LLaVA-1.5's 192 / 128 / 64 of 576 with 4096-wide features, the same set).
 """
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
 from .base import Pruner, Selection, Signals, StageInput
+from .options import Option
 
 
 def relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -91,11 +95,18 @@ def rest_by_relevance(picks: list[int], rel: torch.Tensor, count: int) -> torch.
     return order[:count]
 
 
+def weighted(rel: torch.Tensor, theta: float | None) -> torch.Tensor:
+    """The official code's optional (commented-out) weighting: exp(theta / (2 (1 - theta)) rel); None: rel."""
+    if theta is None:
+        return rel
+    return torch.exp(theta / (2 * (1 - theta)) * rel)
+
+
 def cdpruner_select(features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                    keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    keep: int, theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """features [N, D] (similarity), image_embeds [N, E] / text_embeds [M, E] (relevance)
-    -> (kept [keep] ascending, relevance [N])."""
-    rel = relevance(image_embeds, text_embeds)
+    -> (kept [keep] ascending, relevance [N] as the kernel uses it)."""
+    rel = weighted(relevance(image_embeds, text_embeds), theta)
     picks = greedy_map(conditional_kernel(features, rel), keep, rel)
     return picks.sort().values, rel
 
@@ -103,6 +114,10 @@ def cdpruner_select(features: torch.Tensor, image_embeds: torch.Tensor, text_emb
 class CDPrunerPruner(Pruner):
     name = "cdpruner"
     wheres = ("pre_llm",)
+    options: ClassVar[dict] = {
+        "theta": Option("float", "relevance weight of the official code's commented-out variant (relevance -> "
+                                 "exp(theta / (2 (1 - theta)) relevance)); default: none, as the official runs",
+                        None, low=0, high=0.99)}
     signals = Signals("llm.instruction", required=("llm.instruction",))
 
     def select(self, inp: StageInput) -> Selection:
@@ -110,5 +125,6 @@ class CDPrunerPruner(Pruner):
         if instruction is None:
             raise ValueError("cdpruner needs the instruction's embeddings (signal llm.instruction), which this "
                              "stage was not given")
-        kept, rel = cdpruner_select(inp.tokens, inp.tokens, instruction.to(inp.tokens.device), inp.keep)
+        kept, rel = cdpruner_select(inp.tokens, inp.tokens, instruction.to(inp.tokens.device), inp.keep,
+                                    self.option(inp.options, "theta"))
         return Selection(keep_idx=kept, scores=rel)

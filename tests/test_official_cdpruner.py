@@ -17,15 +17,15 @@ SCENE = os.path.join(os.path.dirname(__file__), "..", "examples", "scene.png")
 QUESTION = "what colour is the circle ?"
 
 
-def official_cdpruner(image_features, image_embeds, text_embeds, visual_token_num):
+def official_cdpruner(image_features, image_embeds, text_embeds, visual_token_num, theta=None):
     """The official CDPruner token selection, line for line.
 
     Transcribed from Theia-4869/CDPruner, ``llava/model/llava_arch.py``, ``LlavaMetaForCausalLM.encode_images``
     (from the line after ``mm_projector``: image_features [B, N, D] are the projector's outputs), with the
     signals ``llava/model/multimodal_encoder/clip_encoder.py``, ``CLIPVisionTower.forward`` gives:
     image_embeds [B, N, C] (``visual_projection(post_layernorm(feature layer))``), text_embeds [M, C] (the
-    CLIP text tower's ``text_embeds``, one row per 77-token segment). Returns (index_masks [B, N] bool,
-    relevance [B, N]).
+    CLIP text tower's ``text_embeds``, one row per 77-token segment). ``theta``: the official code's commented-out
+    lines, run uncommented. Returns (index_masks [B, N] bool, relevance [B, N]).
     """
     B, N, D = image_features.shape
     device = image_features.device
@@ -43,6 +43,10 @@ def official_cdpruner(image_features, image_embeds, text_embeds, visual_token_nu
     relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())  # (B, N)
 
     # [CDPruner] Construct kernel matrix
+    # You can use an additional hyperparameter theta to control the influence of the relevance score.
+    if theta is not None:
+        alpha = theta / (2 * (1 - theta))
+        relevance = torch.exp(alpha * relevance)  # (B, N)
     kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)  # (B, N, N)
 
     # [CDPruner] Fast MAP inference of conditional DPP
@@ -65,9 +69,9 @@ def official_cdpruner(image_features, image_embeds, text_embeds, visual_token_nu
     return index_masks, relevance
 
 
-def official_kept(feats, image_embeds, text_embeds, keep):
+def official_kept(feats, image_embeds, text_embeds, keep, theta=None):
     """feats [N, D], image_embeds [N, C], text_embeds [M, C] -> (official kept indices ascending, relevance [N])."""
-    mask, rel = official_cdpruner(feats[None], image_embeds[None], text_embeds, keep)
+    mask, rel = official_cdpruner(feats[None], image_embeds[None], text_embeds, keep, theta)
     return mask[0].nonzero().flatten().tolist(), rel[0]
 
 
@@ -108,6 +112,17 @@ def test_the_pruner_matches_official_on_the_surrogate_signal(side, keep, seed):
                                                    instruction=instruction))
     want, want_rel = official_kept(feats, feats, instruction, keep)
     assert sel.keep_idx.tolist() == want
+    torch.testing.assert_close(sel.scores, want_rel, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("theta", [0.2, 0.5, 0.8])
+def test_the_commented_out_theta_weighting_matches_official(theta):
+    feats, _, _ = fixed_signals(576, 3, 1024, 8, 1)
+    instruction = torch.randn(7, 1024, generator=torch.Generator().manual_seed(3))
+    sel = get_pruner("cdpruner").select(StageInput(tokens=feats, keep=128, coords=grid_coords(24, 24),
+                                                   instruction=instruction, options={"theta": theta}))
+    want, want_rel = official_kept(feats, feats, instruction, 128, theta)
+    assert sel.keep_idx.tolist() == want and want != official_kept(feats, feats, instruction, 128)[0]
     torch.testing.assert_close(sel.scores, want_rel, atol=1e-5, rtol=1e-5)
 
 
