@@ -321,6 +321,9 @@ class Engine:
             if run.stage.where == "frames":
                 scored = frames.score_frames(self, run, batch)
                 state.frame_scoring.extend(scored)
+            elif reads(run.pruner, "llm.instruction"):  # the question's embeddings, metered apart
+                scored = frames.score_instruction(self, batch)
+                state.frame_scoring.extend(scored)
             tower = self._tower_per_request(run, batch, inputs, state)
             for b in range(len(batch.reqs)):
                 coords, frame_of = batch.coords[b][alive[b]], batch.frames[b][alive[b]]
@@ -331,6 +334,8 @@ class Engine:
                     signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
                     merges_features = reads(run.pruner, "tower.features")
                     before = state.tower_feats[b] if merges_features and state.tower_feats else None
+                    if reads(run.pruner, "llm.instruction"):
+                        signals.update(scored[b].signals)
                     if batch.reqs[b].priority is not None and reads(run.pruner, "request.priority"):
                         signals["priority"] = batch.reqs[b].priority[alive[b]]
                     sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,

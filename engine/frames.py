@@ -33,7 +33,7 @@ from ..pruners import Selection, get_pruner
 from ..pruners.keyscore import ClipScorer
 from ..pruners.quota import RelevanceScorer
 from .errors import InputError, PlanError
-from .signals import frame_signal
+from .signals import frame_signal, instruction_embeds
 
 SCORERS = {"frames.relevance": RelevanceScorer, "frames.clip": ClipScorer}  # signal -> its scorer (build, check, score)
 
@@ -122,6 +122,26 @@ def score_frames(engine, run, batch) -> list[FrameScores]:
     for s in out:
         s.seconds = seconds
     return out
+
+
+def score_instruction(engine, batch) -> list[FrameScores]:
+    """Per request, signal ``llm.instruction`` (``signals.instruction_embeds``: its question's LLM input
+    embeddings [M, D]), a text pass metered apart like a frames stage's scoring (a lookup: 0 FLOPs)."""
+    t0 = time.perf_counter()
+    out = [FrameScores(signals={"instruction": instruction_embeds(engine.adapter, engine.processor.tokenizer,
+                                                                  req.question)}) for req in batch.reqs]
+    seconds = (time.perf_counter() - t0) / max(len(out), 1)
+    for s in out:
+        s.seconds = seconds
+    return out
+
+
+def scoring_stats(state, b: int, n_reqs: int) -> dict:
+    """Request b's scoring passes (frames stages, instruction passes): scoring_s, scoring_flops; {} if none."""
+    scoring = state.frame_scoring[b::n_reqs] if state is not None else []
+    if not scoring:
+        return {}
+    return dict(scoring_s=sum(s.seconds for s in scoring), scoring_flops=sum(s.flops for s in scoring))
 
 
 def _grid_frames(per_frame: torch.Tensor, n_grid: int) -> torch.Tensor:

@@ -22,7 +22,8 @@ class Result:
             vision_flops, prefill_s, decode_s, new_tokens; with a video also frames, frame_indices,
             frame_times, tokens_per_frame (kept per frame of the token grid), video_truncated,
             frames_usable (a truncated file: the frames it really has), and
-            scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill)
+            scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill; on a request
+            without video, those of its instruction passes: ``llm.instruction``)
     """
 
     text: str
@@ -74,7 +75,7 @@ def build_results(engine, batch, state, tokens, logits, n_text, prefill_s, decod
             prefill_flops=metering.prefill_flops(prefill_tokens, tcfg),
             vision_flops=vision_flops(engine, state, b, batch.tower_seqs[b]),
             prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
-        stats.update(frames.video_stats(batch, state, b, kept))
+        stats.update(frames.video_stats(batch, state, b, kept) or frames.scoring_stats(state, b, len(batch.reqs)))
         groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
         results.append(Result(text=answer_text(engine, ids[:new]), token_ids=ids[:new], kept=kept, groups=groups,
                               scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],

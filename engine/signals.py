@@ -38,6 +38,9 @@ frames.clip              a frames stage's pass: ``keyscore.ClipScorer`` (open_cl
                          embeddings of the frames and the question)                   text_embed [E]
 request.priority         the request's own numbers (``Request.priority``), checked    priority [N]
                          before any work: a request without them is refused
+llm.instruction          a pre_llm stage's pass: the request's question (no chat      instruction [M, D]
+                         template) through the tokenizer and the LLM's input
+                         embeddings (``instruction_embeds``), metered apart
 =======================  ===========================================================  ==========================
 
 ``T`` text tokens of the ``llm.*`` fields: a request's tokens after its last visual token (``text_rows``).
@@ -83,6 +86,7 @@ SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
     "frames.relevance": "a VLM's rating of each frame (quota.RelevanceScorer)",
     "frames.clip": "CLIP embeddings of each frame and the question (keyscore.ClipScorer)",
     "request.priority": "the request's own priority of each visual token",
+    "llm.instruction": "the question's LLM input embeddings, one row per token (CDPruner's relevance)",
 }
 LLM_ROWS = {"llm.last_query": "last_query", "llm.last_query_norope": "last_query_norope",
             "llm.text_rows": "text_rows", "llm.all_rows": "all_rows"}  # attention rows read in layer K-1
@@ -121,6 +125,13 @@ def needs_tower(pruner) -> bool:
 def frame_signal(pruner) -> str | None:
     """The frames-stage signal the pruner reads ("frames.relevance", "frames.clip"), or None."""
     return next(iter(sorted(declared(pruner).of("frames"))), None)
+
+
+def instruction_embeds(adapter, tokenizer, question: str) -> torch.Tensor:
+    """The question's tokens (no special tokens, no chat template) through the LLM's input embeddings -> [M, D]."""
+    ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids  # [1, M]
+    device = adapter.model.get_input_embeddings().weight.device
+    return adapter.embed(ids.to(device))[0]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ from ..engine.errors import PlanError
 from .base import (Pruner, Selection, StageInput, TowerRecord, cls_or_surrogate, keys_or_tokens,
                    topk_sorted)
 from .aim import AIMPruner
+from .cdpruner import CDPrunerPruner
 from .cls import ClsPruner
 from .dart import DARTPruner
 from .divprune import DivPrunePruner
@@ -33,6 +34,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "cls": ClsPruner,
     "visionzip": VisionZipPruner,
     "vispruner": VisPrunerPruner,
+    "cdpruner": CDPrunerPruner,
     "prumerge": PruMergePruner,
     "tome": ToMePruner,
     "divprune": DivPrunePruner,

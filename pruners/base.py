@@ -47,6 +47,7 @@ class StageInput:
     frame_embeds: torch.Tensor | None = None  # [T, E] CLIP image embedding of each frame (KeyScore)
     text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
     priority: torch.Tensor | None = None  # [N] the request's own priority of these tokens (``priority`` pruner)
+    instruction: torch.Tensor | None = None  # [M, D] the question's LLM input embeddings (``llm.instruction``)
     raters: torch.Tensor | None = None  # [T] bool: text rows (of text_attn) that rate the image (``llm.text_raters``)
     # LLM stages at layer K, per request (T: its text tokens after its last visual token): ``llm.keys``,
     # ``llm.normed``, ``llm.positions``

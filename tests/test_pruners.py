@@ -19,7 +19,8 @@ def full_input(keep, seed=0, **options):
                       attn=torch.softmax(torch.randn(H, N, generator=g), -1), options=options,
                       tower_score=torch.rand(N, 6, generator=g).abs(),  # flowcut: 2 layers x 3 channels
                       keys=torch.randn(N, 4, generator=g), text_attn=torch.softmax(torch.randn(H, T, N, generator=g), -1),
-                      sizes=torch.ones(N), priority=torch.randn(N, generator=g))
+                      sizes=torch.ones(N), priority=torch.randn(N, generator=g),
+                      instruction=torch.randn(T, 8, generator=g))
 
 
 def with_llm_token_signals(inp, seed=0):
