@@ -11,6 +11,7 @@ from .fastvid import FastVIDPruner
 from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
 from .keyscore import KeyScorePruner
+from .mmtok import MMTokPruner
 from .pool import PoolPruner
 from .priority import PriorityPruner
 from .prumerge import PruMergePruner
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "cls": ClsPruner,
     "visionzip": VisionZipPruner,
     "vispruner": VisPrunerPruner,
+    "mmtok": MMTokPruner,
     "prumerge": PruMergePruner,
     "tome": ToMePruner,
     "divprune": DivPrunePruner,

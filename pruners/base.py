@@ -48,6 +48,8 @@ class StageInput:
     text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
     priority: torch.Tensor | None = None  # [N] the request's own priority of these tokens (``priority`` pruner)
     raters: torch.Tensor | None = None  # [T] bool: text rows (of text_attn) that rate the image (``llm.text_raters``)
+    patches: torch.Tensor | None = None  # [N, D_tower] feature-layer hidden states of these tokens (``tower.patches``)
+    text_embeds: torch.Tensor | None = None  # [M, D] LLM input embeddings of the question's keywords (``request.keywords``)
     # progressive pruners (``Pruner.progressive``), at each of their steps inside the vision tower
     layers_left: int | None = None  # tower layers from this step to the stage's last step (0: the last step)
     carry: torch.Tensor | None = None  # [N] the pruner's running state of these tokens from its previous step
