@@ -36,7 +36,9 @@ video requests): Q on the stage's (projected) tokens; the official Qwen2.5-VL wr
 merge unit, with the text ``"Question: " + question`` unfiltered (``text=question`` here) and t_tv = 0.01
 (``tv_temperature=0.01``) and keeps ``int(ratio x N)``; (3) one greedy pass over the stage's tokens (the
 official code selects per image of a batch; LLaVA-1.5 has one image a request); (4) a question that is
-empty once placeholders are removed uses the official default "What do you see in this image?".
+empty once placeholders are removed uses the official default "What do you see in this image?"; (5) with no
+keyword embeddings (a frames stage's ``within=mmtok``, which hands a frame's pruner no question signal) only
+the image's own tokens are covered (C = alpha Q).
 Scores: each token's coverage gain before the first pick (its coverage alone).
 """
 import re
@@ -80,12 +82,13 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 def coverage(text: torch.Tensor, tokens: torch.Tensor, patches: torch.Tensor, alpha: float, tv_temperature: float,
              vv_temperature: float) -> torch.Tensor:
-    """text [M, D], tokens [N, D] (projected), patches [N, C] -> C = [P; alpha Q] [M + N, N] (see module doc)."""
+    """text [M, D], tokens [N, D] (projected), patches [N, C] -> C = [P; alpha Q] [M + N, N] (see module doc);
+    M = 0: C = alpha Q."""
     z, x, xv = unit(text), unit(tokens), unit(patches)
     p = z @ x.T  # [M, N] text covered by each token
     q = xv @ xv.T  # [N, N] tokens covered by each token
     m, n = p.shape
-    p = F.softmax(p * (1.0 / tv_temperature), dim=1) / m
+    p = F.softmax(p * (1.0 / tv_temperature), dim=1) / max(m, 1)
     q = F.softmax(q * (1.0 / vv_temperature), dim=1) / n
     return torch.cat([p, q * alpha], dim=0)
 
@@ -145,7 +148,7 @@ class MMTokPruner(Pruner):
         "vv_temperature": Option("float", "softmax temperature of token-token coverage (official 0.2)", 0.2, low=1e-4),
         "text": Option("str", "text to cover: keywords of the question (official LLaVA path) or 'Question: ' + the "
                               "question (official Qwen2.5-VL path)", "keywords", choices=("keywords", "question"))}
-    signals = Signals("tower.patches", "request.keywords", required=("request.keywords",))
+    signals = Signals("tower.patches", "request.keywords")  # the engine gives keywords on every family
 
     def keywords(self, question: str, options: dict) -> str:
         """The text whose token embeddings are covered (signal ``request.keywords``): see the module doc."""
@@ -155,11 +158,9 @@ class MMTokPruner(Pruner):
         return keyword_text(question)
 
     def select(self, inp: StageInput) -> Selection:
-        if inp.text_embeds is None:
-            raise ValueError("mmtok needs the question's keyword embeddings (signal request.keywords), "
-                             "which this stage does not give")
         patches = inp.patches if inp.patches is not None else inp.tokens  # documented surrogate
+        text = inp.text_embeds if inp.text_embeds is not None else inp.tokens[:0]  # none: image coverage only
         o = inp.options
-        kept, first = mmtok_select(inp.text_embeds, inp.tokens, patches, inp.keep, self.option(o, "alpha"),
+        kept, first = mmtok_select(text, inp.tokens, patches, inp.keep, self.option(o, "alpha"),
                                    self.option(o, "tv_temperature"), self.option(o, "vv_temperature"))
         return Selection(keep_idx=kept, scores=first)

@@ -348,3 +348,12 @@ def test_engine_matches_official_on_tiny_qwen2_vl(engine_of, keep, plan_options,
     first = int((inputs["input_ids"][0] == engine.model.config.image_token_id).nonzero()[0])
     torch.testing.assert_close(seen[0][0, first:first + keep].float(), projected[want].float(), atol=1e-5, rtol=1e-5)
     assert math.isfinite(float(res.scores[0].sum()))
+
+
+def test_without_keywords_only_the_image_is_covered():
+    """No keyword embeddings (a frames stage's ``within=mmtok``): the official greedy on alpha Q alone."""
+    text, tokens, tower = fixed_signals(8, 5)
+    inp = StageInput(tokens=tokens, keep=16, coords=grid_coords(8, 8), patches=tower)
+    _, combined = official_mm_coverage_selection(text, tokens, tower, 16)
+    want = official_greedy_merged_jit_kernel(combined[text.shape[0]:], 16, torch.empty(0, dtype=torch.long))
+    assert get_pruner("mmtok").select(inp).keep_idx.tolist() == want.sort().values.tolist()
