@@ -35,7 +35,8 @@ video requests): Q on the stage's (projected) tokens; the official Qwen2.5-VL wr
 (``mmtok/qwen/modeling_qwen2_5_vl_mmtok.py``) takes the last vision block's states averaged over each 2 x 2
 merge unit, with the text ``"Question: " + question`` unfiltered (``text=question`` here) and t_tv = 0.01
 (``tv_temperature=0.01``) and keeps ``int(ratio x N)``; (3) one greedy pass over the stage's tokens (the
-official code selects per image of a batch; LLaVA-1.5 has one image a request); (4) a question that is
+official code keeps T per image of a batch, on LLaVA-NeXT per anyres tile and the base image, and drops the
+newline tokens; LLaVA-1.5 has one image a request); (4) a question that is
 empty once placeholders are removed uses the official default "What do you see in this image?"; (5) with no
 keyword embeddings (a frames stage's ``within=mmtok``, which hands a frame's pruner no question signal) only
 the image's own tokens are covered (C = alpha Q).
