@@ -30,7 +30,7 @@ from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request,
 from .video import VideoPrefetcher
 from .vocabulary import read_trained_words
 from .results import Result, answer_length, answer_text, build_results
-from .signals import reads, tower_records
+from .signals import reads, request_signals, tower_records, wants_tower_feats
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
 
@@ -299,7 +299,7 @@ class Engine:
                     state.image_owner.append(b)
                     state.image_offset.append(sum(patch_coords[k].shape[0] for k in ims[:j]))
             kwargs[STATE_KWARG] = state
-        want_tower = state is not None and any(reads(r.pruner, "tower.features") for r in state.pre_llm_stages)
+        want_tower = state is not None and any(wants_tower_feats(r.pruner) for r in state.pre_llm_stages)
         per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs) if want_tower and n_img \
             else (self.adapter.encode_images(inputs, **kwargs) if n_img else [], None)
         per_video = self.adapter.encode_videos(inputs) if n_vid else []
@@ -338,6 +338,8 @@ class Engine:
                         signals.update(scored[b].signals)
                     if batch.reqs[b].priority is not None and reads(run.pruner, "request.priority"):
                         signals["priority"] = batch.reqs[b].priority[alive[b]]
+                    signals.update(request_signals(self.adapter, run, batch.reqs[b].question,
+                                                   state.tower_feats[b] if state.tower_feats else None))
                     sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
                                        sizes=state.sizes(b, alive[b].numel()),
                                        frames=frame_of if batch.n_video(b) else None, **signals)

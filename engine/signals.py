@@ -41,6 +41,13 @@ request.priority         the request's own numbers (``Request.priority``), check
 llm.instruction          a pre_llm stage's pass: the request's question (no chat      instruction [M, D]
                          template) through the tokenizer and the LLM's input
                          embeddings (``instruction_embeds``), metered apart
+tower.patches            the feature layer's hidden states (the projector's input)    patches [N, D_tower]
+                         beside the projected tokens (``encode_images_and_tower``;
+                         LLaVA-1.5's images; elsewhere absent: the pruner's surrogate)
+request.keywords         a pre_llm stage: the pruner's ``keywords(question, options)``  text_embeds [M, D]
+                         (placeholders removed), tokenised word by word by the
+                         model's tokenizer (leading BOS dropped), through its input
+                         embeddings (``keyword_embeds``; MMTok)
 =======================  ===========================================================  ==========================
 
 ``T`` text tokens of the ``llm.*`` fields: a request's tokens after its last visual token (``text_rows``).
@@ -87,6 +94,8 @@ SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
     "frames.clip": "CLIP embeddings of each frame and the question (keyscore.ClipScorer)",
     "request.priority": "the request's own priority of each visual token",
     "llm.instruction": "the question's LLM input embeddings, one row per token (CDPruner's relevance)",
+    "tower.patches": "the feature layer's hidden states beside the projected tokens (not merged)",
+    "request.keywords": "the LLM input embeddings of the question's keywords (the pruner's ``keywords``)",
 }
 LLM_ROWS = {"llm.last_query": "last_query", "llm.last_query_norope": "last_query_norope",
             "llm.text_rows": "text_rows", "llm.all_rows": "all_rows"}  # attention rows read in layer K-1
@@ -132,6 +141,35 @@ def instruction_embeds(adapter, tokenizer, question: str) -> torch.Tensor:
     ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids  # [1, M]
     device = adapter.model.get_input_embeddings().weight.device
     return adapter.embed(ids.to(device))[0]
+def wants_tower_feats(pruner) -> bool:
+    """A pre_llm stage of the pruner reads the projector's input (``tower.features`` or ``tower.patches``)."""
+    return reads(pruner, "tower.features") or reads(pruner, "tower.patches")
+
+
+def keyword_embeds(adapter, pruner, question: str, options: dict) -> torch.Tensor:
+    """[M, D] signal ``request.keywords``: the pruner's keyword text of ``question`` (image / video placeholders
+    removed), its words tokenised with ``is_split_into_words`` (a leading BOS dropped), through the LLM's input
+    embeddings (MMTok's ``_encode_text_with_token_pooling``)."""
+    for token in (adapter.image_token, adapter.video_token):
+        question = question.replace(token, " ") if token else question
+    tok = adapter.processor.tokenizer
+    ids = tok(pruner.keywords(" ".join(question.split()), options).split(), is_split_into_words=True,
+              return_tensors="pt")["input_ids"][0]
+    if ids.numel() > 1 and tok.bos_token_id is not None and int(ids[0]) == tok.bos_token_id:
+        ids = ids[1:]
+    device = adapter.model.get_input_embeddings().weight.device
+    return adapter.embed(ids[None].to(device))[0]
+
+
+def request_signals(adapter, run, question: str, tower_feats) -> dict:
+    """A pre_llm stage's non-attention signals of one request: ``patches`` (the projector's input of the tokens
+    entering, where the family gives it) and ``text_embeds`` (``keyword_embeds``), as the pruner reads them."""
+    out = {}
+    if reads(run.pruner, "tower.patches") and tower_feats is not None:
+        out["patches"] = tower_feats
+    if reads(run.pruner, "request.keywords"):
+        out["text_embeds"] = keyword_embeds(adapter, run.pruner, question, run.stage.options)
+    return out
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .fastvid import FastVIDPruner
 from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
 from .keyscore import KeyScorePruner
+from .mmtok import MMTokPruner
 from .pool import PoolPruner
 from .priority import PriorityPruner
 from .prumerge import PruMergePruner
@@ -35,6 +36,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "visionzip": VisionZipPruner,
     "vispruner": VisPrunerPruner,
     "cdpruner": CDPrunerPruner,
+    "mmtok": MMTokPruner,
     "prumerge": PruMergePruner,
     "tome": ToMePruner,
     "divprune": DivPrunePruner,

@@ -57,6 +57,8 @@ class StageInput:
     text_normed: torch.Tensor | None = None  # [T, D] the same of the text tokens
     positions: torch.Tensor | None = None  # [N] index of each of these tokens in its request's prompt
     text_positions: torch.Tensor | None = None  # [T] the same of the text tokens
+    patches: torch.Tensor | None = None  # [N, D_tower] feature-layer hidden states of these tokens (``tower.patches``)
+    text_embeds: torch.Tensor | None = None  # [M, D] LLM input embeddings of the question's keywords (``request.keywords``)
     # progressive pruners (``Pruner.progressive``), at each of their steps inside the vision tower
     layers_left: int | None = None  # tower layers from this step to the stage's last step (0: the last step)
     carry: torch.Tensor | None = None  # [N] the pruner's running state of these tokens from its previous step
