@@ -11,6 +11,7 @@ from .fastvid import FastVIDPruner
 from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
 from .holitom import HoliTomPruner
+from .holitom_llm import HoliTomLLMPruner
 from .keyscore import KeyScorePruner
 from .pool import PoolPruner
 from .priority import PriorityPruner
@@ -47,6 +48,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "fastvid": FastVIDPruner,
     "vidcom2": VidCom2Pruner,
     "holitom": HoliTomPruner,
+    "holitom_llm": HoliTomLLMPruner,
     "priority": PriorityPruner,
 }
 

@@ -45,7 +45,7 @@ official adds rand * 1e-6) and ties go to the lower position (the official ``top
 are the request's video frames by index (without a video, each image / tile is one frame); frames of unequal
 size or grid get no windows. The received attention is the signal ``tower.received`` at the feature layer
 (``tower_score``); where the tower gave none (Qwen2-VL), the mean-query surrogate of ``cls_or_surrogate``.
-Not this stage: HoliTom's inner-LLM merge (``holitom/modeling_qwen2.py``, HOLITOM_k / HOLITOM_r).
+HoliTom's inner-LLM merge (``holitom/modeling_qwen2.py``, HOLITOM_k / HOLITOM_r) is the pruner ``holitom_llm``.
 """
 from __future__ import annotations
 
