@@ -61,6 +61,8 @@ class Engine:
         prefix = self.adapter.vision_prefix
         self._handles = hooks.install(self.adapter.llm_layers, self.adapter.vision_layers if prefix is not None else None,
                                       prefix or 0)
+        if not self.adapter.cls_tower and self.adapter.vision_layers is not None:  # CLS-free records (SigLIP)
+            self._handles += hooks.install_tower_records(self.adapter.tower_attention_modules())
 
     # ---- public API -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -259,7 +261,8 @@ class Engine:
             else:  # frames and pre_llm stages, in plan order
                 state.pre_llm_stages.append(run)
         if state.tower_wants:
-            state.tower = TowerRecord(prefix=self.adapter.vision_prefix or 1)
+            prefix = self.adapter.vision_prefix
+            state.tower = TowerRecord(prefix=prefix if prefix is not None else int(self.adapter.cls_tower))
             state.vision_layer_of = {id(m): j for j, m in enumerate(self.adapter.tower_attention_modules())}
         return state
 
@@ -302,7 +305,7 @@ class Engine:
         want_tower = state is not None and any(wants_tower_feats(r.pruner) for r in state.pre_llm_stages)
         per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs) if want_tower and n_img \
             else (self.adapter.encode_images(inputs, **kwargs) if n_img else [], None)
-        per_video = self.adapter.encode_videos(inputs) if n_vid else []
+        per_video = self.video_features(inputs, state, kwargs) if n_vid else []
         if want_tower:  # the projector's input per request (images only), for stages that merge before it
             state.tower_feats = [torch.cat([per_tower[i] for i in ims]) if per_tower is not None and ims
                                  and batch.video_of[b] is None else None for b, ims in enumerate(batch.images_of)]
@@ -315,6 +318,17 @@ class Engine:
                 feats.append(assemble(per_image, per_video, batch, b))
                 alive.append(torch.arange(batch.n_visual[b]))
         return feats, alive
+
+    def video_features(self, inputs, state, kwargs) -> list[torch.Tensor]:
+        """``encode_videos``; where the stages record tower signals, the video pass records into
+        ``state.video_tower`` (the images' record stays in ``state.tower``)."""
+        if not kwargs or state.tower is None:
+            return self.adapter.encode_videos(inputs)
+        images, state.tower = state.tower, TowerRecord(prefix=state.tower.prefix)
+        try:
+            return self.adapter.encode_videos(inputs, **kwargs)
+        finally:
+            state.video_tower, state.tower = state.tower, images
 
     def _pre_llm(self, batch, inputs, feats, alive, state):
         for run in state.pre_llm_stages if state is not None else []:
@@ -357,6 +371,7 @@ class Engine:
         """A stage's tower signals (tower_score [N], keys [N, d]) mapped to each request's visual tokens."""
         score, keys = state.tower_signals(run)
         out = [{} for _ in batch.reqs]
+        video = self.video_tower_score(run, inputs, state)
         for name, values in (("tower_score", score), ("keys", keys)):
             if values is None:
                 continue
@@ -366,7 +381,22 @@ class Engine:
                 if ims:
                     v = torch.cat([per_image[i] for i in ims])
                     out[b][name] = v[:, 0] if flat else v
+        for b, vid in enumerate(batch.video_of):  # a native video's tokens: their scores beside the images'
+            if video is not None and vid is not None:
+                is_vid = batch.is_video[b]
+                score_b = torch.zeros(is_vid.numel(), device=video[vid].device)
+                if "tower_score" in out[b]:
+                    score_b[~is_vid] = out[b]["tower_score"].float().to(score_b.device)
+                score_b[is_vid] = video[vid].float()
+                out[b]["tower_score"] = score_b
         return out
+
+    def video_tower_score(self, run, inputs, state) -> list[torch.Tensor] | None:
+        """Per native video [N_v] the stage's ``tower_score`` from the video tower pass, or None where none."""
+        if state.video_tower is None or not run.tower_layers:
+            return None
+        score = run.pruner.tower_score(state.video_tower, run.tower_layers)
+        return None if score is None else [v[:, 0] for v in self.adapter.video_tower_to_tokens(score[..., None], inputs)]
 
     def _llm_inputs(self, batch, inputs, feats, alive, state):
         """Embed, place the surviving visual features, drop pruned slots, left-pad again.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..pruners import get_pruner
 from .errors import PlanError
 from .plan import Plan
-from .signals import needs_tower, tower_records
+from .signals import CLS_FREE, needs_tower, tower_records
 
 
 def vision_layer(adapter, stage) -> int:
@@ -15,8 +15,11 @@ def vision_layer(adapter, stage) -> int:
 
 
 def tower_layers(adapter, stage, pruner) -> list[int]:
-    """Vision layers whose signals a stage reads (none for LLM stages or families without a CLS tower)."""
-    if stage.where == "llm" or not tower_records(pruner) or not adapter.cls_tower:
+    """Vision layers whose signals a stage reads (none for LLM stages, or families without a CLS tower unless the
+    stage reads only records that need no CLS token, e.g. ``tower.received``, and the family hooks its tower)."""
+    records = tower_records(pruner)
+    cls_free = records <= CLS_FREE and adapter.vision_layers is not None
+    if stage.where == "llm" or not records or not (adapter.cls_tower or cls_free):
         return []
     last = vision_layer(adapter, stage) - 1 if stage.where == "vision" else adapter.feature_layer
     return pruner.tower_layers(last, stage.options)

@@ -34,6 +34,27 @@ def _vision_hook(layer: int, prefix: int):
     return hook
 
 
+def _tower_record_hook(layer: int):
+    """A tower attention module whose attention function never sees the call's kwargs (SigLIP in transformers
+    5.x): q, k, v recomputed from its input with its own projections, at the layers a stage records only."""
+    def hook(module, args, kwargs):
+        state = kwargs.get(STATE_KWARG)
+        if state is None or layer not in state.tower_wants:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        shape = (*x.shape[:-1], -1, module.head_dim)
+        q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (module.q_proj, module.k_proj, module.v_proj))
+        state.record_vision(layer, q, k, v, module.scale)
+        return None
+
+    return hook
+
+
+def install_tower_records(attention_modules) -> list[RemovableHandle]:
+    """Forward pre-hooks on a CLS-free tower's attention modules that record the signals asked of them."""
+    return [m.register_forward_pre_hook(_tower_record_hook(i), with_kwargs=True) for i, m in enumerate(attention_modules)]
+
+
 def install(llm_layers: nn.ModuleList, vision_layers: nn.ModuleList | None, vision_prefix: int) -> list[RemovableHandle]:
     handles = [m.register_forward_pre_hook(_llm_hook(i), with_kwargs=True) for i, m in enumerate(llm_layers)]
     for i, m in enumerate(vision_layers or []):

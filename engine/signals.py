@@ -29,6 +29,9 @@ tower.cls                vision layers ``Pruner.tower_layers`` (a CLS tower only
 tower.keys               the same layers: head-mean keys                              keys [N, d]
 tower.values             the same layers: value L1 norms and CLS-value similarity    tower_score [N]
 tower.qk                 the same layers: the layer's q and k (attention flow)        tower_score [N]
+tower.received           the same layers (any hooked tower, CLS or not): the softmax      tower_score [N] (the
+                         attention each token receives, mean over heads and query rows  pruner's ``tower_score``)
+                         (HoliTom; SigLIP ``attentions[-1].mean(1).mean(1)``)
 tower.features           the tower's feature-layer hidden states, the projector's     tokens [N, D_tower] (a
                          input (LLaVA-1.5: ``encode_images_and_tower``); a pre_llm    pre_llm merge: the merged
                          stage merges them and the engine projects the result         tokens are projected)
@@ -89,6 +92,7 @@ SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
     "tower.keys": "head-mean keys of the tower layers read",
     "tower.values": "value L1 norms and CLS-value similarity of the tower layers read",
     "tower.qk": "q and k of the tower layers read",
+    "tower.received": "attention each tower token receives, mean over heads and query rows, of the layers read",
     "tower.features": "the projector's input (feature-layer hidden states), merged before projection",
     "frames.relevance": "a VLM's rating of each frame (quota.RelevanceScorer)",
     "frames.clip": "CLIP embeddings of each frame and the question (keyscore.ClipScorer)",
@@ -99,7 +103,9 @@ SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
 }
 LLM_ROWS = {"llm.last_query": "last_query", "llm.last_query_norope": "last_query_norope",
             "llm.text_rows": "text_rows", "llm.all_rows": "all_rows"}  # attention rows read in layer K-1
-TOWER_RECORDS = {"tower.cls": "cls", "tower.keys": "keys", "tower.values": "values", "tower.qk": "qk"}
+TOWER_RECORDS = {"tower.cls": "cls", "tower.keys": "keys", "tower.values": "values", "tower.qk": "qk",
+                 "tower.received": "received"}
+CLS_FREE = frozenset({"received"})  # tower records that need no CLS token (recorded on any hooked tower)
 
 
 def declared(pruner):
@@ -297,6 +303,10 @@ class SignalsMixin:
             rec.value_l1[layer] = v.mean(1).abs().sum(-1)
         if "qk" in want:
             rec.qk[layer] = (query.detach(), key.detach())
+        if "received" in want:  # [n, S], one tile at a time (an [H, S, S] softmax each)
+            got = torch.stack([(q.float() @ k.float().transpose(-1, -2) * scale).softmax(-1).mean((0, 1))
+                               for q, k in zip(query, key.repeat_interleave(query.shape[1] // key.shape[1], 1))])
+            rec.received[layer] = got
 
     def tower_signals(self, run, layers: list[int] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(tower_score [n, S - prefix], keys [n, S - prefix, d]) of a stage (from ``layers``, default all its

@@ -55,6 +55,7 @@ class RequestState(SignalsMixin):
     # vision side: per image, original patch indices alive and their owner request
     vision_layer_of: dict[int, int] = field(default_factory=dict)  # id(attn module) -> vision layer
     tower: TowerRecord | None = None
+    video_tower: TowerRecord | None = None  # the same records of the native-video tower pass (``tower.received``)
     tower_wants: dict[int, set] = field(default_factory=dict)  # vision layer -> signals to record
     image_owner: list[int] = field(default_factory=list)
     image_alive: list[torch.Tensor] = field(default_factory=list)

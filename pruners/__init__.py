@@ -12,6 +12,8 @@ from .fastv import FastVPruner
 from .fastvid import FastVIDPruner
 from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
+from .holitom import HoliTomPruner
+from .holitom_llm import HoliTomLLMPruner
 from .keyscore import KeyScorePruner
 from .mmtok import MMTokPruner
 from .pool import PoolPruner
@@ -50,6 +52,8 @@ REGISTRY: dict[str, type[Pruner]] = {
     "dycoke": DyCokePruner,
     "fastvid": FastVIDPruner,
     "vidcom2": VidCom2Pruner,
+    "holitom": HoliTomPruner,
+    "holitom_llm": HoliTomLLMPruner,
     "priority": PriorityPruner,
     "dart": DARTPruner,
 }

@@ -93,6 +93,7 @@ class TowerRecord:
         value_attn[l] [n, H, S]      softmax over the tokens of the CLS value . each value (unscaled), per head
         value_l1[l]   [n, S]         L1 norm of each token's head-mean value vector
         qk[l]         (q, k)         [n, H, S, d] each (for methods that need whole-layer flow)
+        received[l]   [n, S]         attention each token receives, mean over heads and query rows (HoliTom)
     """
 
     prefix: int
@@ -101,6 +102,7 @@ class TowerRecord:
     value_attn: dict = field(default_factory=dict)
     value_l1: dict = field(default_factory=dict)
     qk: dict = field(default_factory=dict)
+    received: dict = field(default_factory=dict)  # [l] [n, S]: attention each token receives, head and query mean
 
 
 @dataclass(frozen=True, init=False)

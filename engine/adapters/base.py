@@ -71,8 +71,14 @@ class Adapter:
                 "video_metadata": [VideoMetadata(total_num_frames=v.total_frames, fps=v.video_fps,
                                                  frames_indices=list(v.indices)) for v in videos]}
 
-    def encode_videos(self, inputs) -> list[torch.Tensor]:
-        """Processor output -> one [N_v, D] feature tensor per video, in the order given."""
+    def encode_videos(self, inputs, **kwargs) -> list[torch.Tensor]:
+        """Processor output -> one [N_v, D] feature tensor per video, in the order given (``kwargs``: the
+        engine's recording state, for families whose tower it hooks)."""
+        raise NotImplementedError
+
+    def video_tower_to_tokens(self, values: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """Per-frame tower values [n_frames, P, C] of every video -> one [N_v, C] per video, aligned with its LLM
+        tokens (families whose video tower the engine hooks)."""
         raise NotImplementedError
 
     def video_coords(self, inputs) -> list[torch.Tensor]:

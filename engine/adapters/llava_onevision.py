@@ -35,10 +35,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def video_token(self) -> str:
         return self.processor.video_token
 
-    def encode_videos(self, inputs) -> list[torch.Tensor]:
+    def encode_videos(self, inputs, **kwargs) -> list[torch.Tensor]:
         kw = LlavaNextAdapter._feature_kwargs(self, inputs)  # get_video_features takes no batch_num_images
-        out = self.model.model.get_video_features(inputs["pixel_values_videos"], **kw)
+        out = self.model.model.get_video_features(inputs["pixel_values_videos"], **kw, **kwargs)
         return list(out.pooler_output)
+
+    def video_tower_to_tokens(self, values: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """[n_videos * frames, side^2, C] -> per video [frames * pooled^2 + 1, C]: pooled as the features are
+        (the model's ``apply_pooling``: bilinear to ceil(side / 2)); the newline token gets 0."""
+        n_videos, n_frames = inputs["pixel_values_videos"].shape[:2]
+        pooled = self.model.model.apply_pooling(values.float()).reshape(n_videos, -1, values.shape[-1])
+        return [torch.cat([v, v.new_zeros(1, v.shape[-1])]) for v in pooled]
 
     def _pooled_side(self) -> tuple[int, int]:
         vc = self.config.vision_config

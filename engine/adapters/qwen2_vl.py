@@ -23,7 +23,7 @@ class Qwen2VLAdapter(Adapter):
             kwargs["cap_pixels_per_frame"] = True
         return kwargs
 
-    def encode_videos(self, inputs) -> list[torch.Tensor]:
+    def encode_videos(self, inputs, **kwargs) -> list[torch.Tensor]:
         out = self.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
         return list(out.pooler_output)
 
