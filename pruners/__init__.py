@@ -14,6 +14,7 @@ from .keyscore import KeyScorePruner
 from .pool import PoolPruner
 from .priority import PriorityPruner
 from .prumerge import PruMergePruner
+from .prunevid import PruneVidPruner
 from .quota import QuotaPruner
 from .random import RandomPruner
 from .rollout import RolloutPruner
@@ -45,6 +46,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "dycoke": DyCokePruner,
     "fastvid": FastVIDPruner,
     "vidcom2": VidCom2Pruner,
+    "prunevid": PruneVidPruner,
     "priority": PriorityPruner,
 }
 
