@@ -52,24 +52,35 @@ Other choices:
   frame; frames of unequal size compare their common first positions, the rest being dynamic; without a
   video each image / tile (``coords[:, 0]``) is a frame.
 
-Not part of this stage: PruneVid's second step, question-guided selection inside the LLM
-(``models/pllava/elastic_cache.py::VTPWindowCache.process_attention``, ``models/pllava/llama.py``: after
-decoder layer ``selected_layer`` = 10 of 32 it reads that layer's attention computed without RoPE and
-without the causal mask, keeps its rows after the video (the question and answer prefix), takes the max
-over heads and over those rows, and keeps per segment the top int(alpha * size) of the static tokens and
-of each frame's dynamic tokens, alpha = 0.4, pruning the KV cache of layers 0..10 too). It needs this
-stage's static / dynamic partition and an un-roped, unmasked attention signal the engine does not record.
+The LLM stage (``where=llm``, default layer 11 on a 32-layer LLM): PruneVid's second step, question-guided
+selection, from ``models/pllava/elastic_cache.py::VTPWindowCache`` (``process_attention``, ``prompt_prefill``)
+as ``models/pllava/llama.py``'s decoder loop calls it after layer ``selected_layer`` = 10 with alpha = 0.4:
+that layer's attention computed without RoPE and without the causal mask (``attn_weights_wo_pos`` in
+``LlamaAttention.forward``: softmax of q k^T / sqrt(d) over every key), its rows after the video (the question,
+the template and the answer prefix), the max over heads, then over those rows, one score a visual token; per
+segment the top int(alpha * n) of its static tokens and of each frame's dynamic tokens are kept (the hidden
+states, the mask, the positions and the KV cache of layers 0 .. 10 are gathered to them). Here: the signal
+``llm.text_rows_full`` (those rows, RoPE removed, every valid key; recorded in layer K-1) and ``video.spans``
+(the first and last frame of the original tokens each token stands for: a token spanning more than one frame is
+a static token of the segment it spans; the merge stage's partition, read from the engine's merge bookkeeping).
+``keep=auto``: the official counts; a numeric ``keep`` is split over the groups as in the merge stage
+(``budget_counts``). Differences: the engine keeps layers < K's caches whole during decoding (the official
+gathers layers 0 .. 10's caches too); scores in float32 (the official: the model's dtype); ties to the lower
+index; tokens without a frame (images of the request) are one group per image, at the same alpha; without a
+merge stage before it every token is a dynamic token of its frame; keep=auto on groups all too small keeps the
+best token.
 
-Checked against a transcription of ``merge_frames_dynamic`` at 8 / 16 x 196 tokens and tiny geometry, and
+Checked against a transcription of ``merge_frames_dynamic`` at 8 / 12 / 16 x 196 tokens and tiny geometry, and
 through the engine (tests/test_official_prunevid.py): the kept sets are the official ones, the merged
-features within 1e-5.
+features within 1e-5; the LLM stage against ``process_attention`` on fixed rows and, through the engine, on
+rows recomputed from the hidden states entering the layer (tiny LLaVA and Qwen2-VL videos).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, Selection, StageInput
+from .base import Pruner, Selection, Signals, StageInput
 from .grid import lattice, split_budget
 from .options import Option
 from .vidcom2 import split_layout
@@ -186,18 +197,25 @@ def build_groups(x: torch.Tensor, members: list[torch.Tensor], segments, tau: fl
     return groups
 
 
-def group_counts(groups: list[_Group], keep_v: int | None, ratio: float, min_cluster: int) -> list[int]:
-    """Tokens each group keeps: the official counts (keep_v None), else the mapping of the module docstring
-    (capped at the group's size; K > M is handled by ``release``)."""
-    sizes = [g.feats.shape[0] for g in groups]
-    off = [official_count(n, ratio, min_cluster) for n in sizes]
-    if keep_v is None:
-        return off
-    if keep_v <= sum(off):
-        return split_budget(off, keep_v) if sum(off) else off
+def budget_counts(sizes: list[int], off: list[int], keep: int | None) -> list[int]:
+    """Tokens each group keeps: the official counts ``off`` (keep None); else keep <= sum(off) split over
+    the groups in proportion to ``off``, past it each group's official count plus a share of the rest in
+    proportion to its size - off (largest remainder; capped at the sizes)."""
+    if keep is None:
+        return list(off)
+    if keep <= sum(off):
+        return split_budget(off, keep) if sum(off) else list(off)
     rest = [n - o for n, o in zip(sizes, off)]
-    extra = min(keep_v, sum(sizes)) - sum(off)
+    extra = min(keep, sum(sizes)) - sum(off)
+    if extra <= 0:  # every group already whole (a merge stage past M: ``release`` does the rest)
+        return list(off)
     return [o + e for o, e in zip(off, split_budget(rest, extra))]
+
+
+def group_counts(groups: list[_Group], keep_v: int | None, ratio: float, min_cluster: int) -> list[int]:
+    """Tokens each merge group keeps (``budget_counts`` of the official counts; K > M: ``release``)."""
+    sizes = [g.feats.shape[0] for g in groups]
+    return budget_counts(sizes, [official_count(n, ratio, min_cluster) for n in sizes], keep_v)
 
 
 def release(groups: list[_Group], extra: int) -> list[int]:
@@ -268,11 +286,42 @@ def prunevid_merge(tokens: torch.Tensor, frames: torch.Tensor, coords: torch.Ten
     return kept.to(dev), out, groups_out.to(dev)
 
 
+def selection_groups(spans: torch.Tensor | None, coords: torch.Tensor) -> list[torch.Tensor]:
+    """[N, 2] spans (None: no merge bookkeeping), coords [N, 3] -> token indices of each selection group:
+    each segment's static tokens (span over > 1 frame), each frame's dynamic tokens, each image's tokens."""
+    n = coords.shape[0]
+    if spans is None:
+        spans = torch.full((n, 2), -1, dtype=torch.long)
+    spans, item = spans.cpu(), coords[:, 0].cpu()
+    key = [("s", int(a), int(b)) if b > a else ("d", int(a), 0) if a >= 0 else ("i", int(i), 0)
+           for (a, b), i in zip(spans.tolist(), item.tolist())]
+    order = {k: j for j, k in enumerate(sorted(set(key)))}
+    gid = torch.tensor([order[k] for k in key], dtype=torch.long)
+    return [(gid == j).nonzero().flatten() for j in range(len(order))]
+
+
+def prunevid_select(text_attn: torch.Tensor, spans: torch.Tensor | None, coords: torch.Tensor, keep: int | None,
+                    alpha: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """text_attn [H, T, N] (rows after the video, RoPE removed, no causal mask), spans [N, 2], coords [N, 3],
+    keep (None: the official counts int(alpha * n) of each group) -> (keep_idx sorted, scores [N]: the max
+    over heads and rows). Each group keeps its highest-scoring tokens (ties: lower index)."""
+    scores = text_attn.float().amax(dim=(0, 1)).cpu()
+    groups = selection_groups(spans, coords)
+    sizes = [g.numel() for g in groups]
+    counts = budget_counts(sizes, [int(n * alpha) for n in sizes], keep)
+    if sum(counts) == 0:  # keep=auto on tiny groups: the best token, not an empty video
+        return scores.argmax()[None].to(text_attn.device), scores.to(text_attn.device)
+    kept = [g[torch.sort(scores[g], descending=True, stable=True).indices[:c]] for g, c in zip(groups, counts)]
+    return torch.cat(kept).sort().values.to(text_attn.device), scores.to(text_attn.device)
+
+
 class PruneVidPruner(Pruner):
     name = "prunevid"
-    wheres = ("pre_llm",)
+    wheres = ("pre_llm", "llm")
     default_where = "pre_llm"
+    default_layer = 11  # the official selected_layer = 10: its attention, pruned after it
     adaptive = True
+    signals = Signals("llm.text_rows_full", "video.spans")
     options = {
         "tau": Option("float", "a position is static in a segment when its mean frame-pair cosine exceeds this",
                       0.8, low=-1, high=1),
@@ -281,14 +330,20 @@ class PruneVidPruner(Pruner):
         "cluster_ratio": Option("float", "spatial merge: each group of n tokens into int(n * ratio) clusters "
                                          "(keep=auto; a numeric keep rescales)", 0.5, low=0, high=1),
         "knn": Option("int", "neighbours of the DPC-kNN density", 7, low=1),
-        "min_cluster": Option("int", "groups of at most this many tokens are not merged spatially", 14, low=0)}
+        "min_cluster": Option("int", "groups of at most this many tokens are not merged spatially", 14, low=0),
+        "alpha": Option("float", "LLM stage: share of each segment's static and each frame's dynamic tokens kept "
+                                 "(keep=auto; a numeric keep rescales)", 0.4, low=0, high=1)}
+    MERGE = ("tau", "segment_ratio", "cluster_ratio", "knn", "min_cluster")
 
     def select(self, inp: StageInput) -> Selection:
         o = inp.options
         video = inp.frames is not None and bool((inp.frames >= 0).any())
         frames = inp.frames if video else inp.coords[:, 0]
+        if inp.text_attn is not None:  # the LLM stage: question-guided selection
+            keep_idx, scores = prunevid_select(inp.text_attn, inp.spans, inp.coords, inp.keep, self.option(o, "alpha"))
+            return Selection(keep_idx=keep_idx, scores=scores)
         if inp.keep == inp.tokens.shape[0]:  # keep-everything is the identity (engine contract)
             return Selection(keep_idx=torch.arange(inp.keep, device=inp.tokens.device))
         keep_idx, tokens, groups = prunevid_merge(inp.tokens, frames, inp.coords, inp.keep,
-                                                  **{k: self.option(o, k) for k in self.options})
+                                                  **{k: self.option(o, k) for k in self.MERGE})
         return Selection(keep_idx=keep_idx, tokens=tokens, groups=groups)

@@ -110,13 +110,14 @@ def official_spatial(feat, ratio=0.5, k=7):
 
 def official_prunevid(flat, t, tau=0.8, seg_ratio=0.25, cl_ratio=0.5, k=7):
     """merge_frames_dynamic on flat [T * L, C] -> (final features [M, C], the flat index where each output
-    token sits [M], window sizes, static sizes)."""
+    token sits [M], window sizes, static sizes); ``official_prunevid.dynamic_sizes``: the dynamic sizes."""
     c = flat.shape[-1]
     frames = flat.view(1, t, -1, c)
     n_pos = frames.shape[2]
     idx, _ = official_dpc_knn(frames.mean(dim=2), int(t * seg_ratio), k=min(k, t))
     windows = official_segment_lengths(official_refine(idx))
     feats, where, static_sizes = [], [], []
+    official_prunevid.dynamic_sizes = []
     start = 0
     for w in windows:
         cur = frames[:, start:start + w]
@@ -141,6 +142,7 @@ def official_prunevid(flat, t, tau=0.8, seg_ratio=0.25, cl_ratio=0.5, k=7):
                 slots = slots[centres]
             feats.append(d[0])
             where.append(slots)
+        official_prunevid.dynamic_sizes.append(sum(x.numel() for x in where[-w:]))
         start += w
     return torch.cat(feats), torch.cat(where), windows, static_sizes
 
@@ -274,6 +276,12 @@ def test_any_keep_is_met_exactly_and_partitions_the_tokens():
             torch.testing.assert_close(means / counts, sel.tokens, atol=1e-5, rtol=1e-5)
 
 
+def test_any_keep_where_no_group_is_large_enough_to_merge():
+    x, fr = video(8, 4, seed=4)  # OneVision's tiny geometry: every group <= 14 tokens, static ones averaged only
+    for keep in range(1, 33):
+        assert run(x, fr, grid_coords(8, 2), keep).keep_idx.numel() == keep
+
+
 def test_image_request_treats_each_item_as_a_frame():
     x, fr = video(8, 64, seed=2)
     coords = grid_coords(8, 8)
@@ -338,3 +346,4 @@ def test_prunevid_through_the_engine_qwen2_vl(engine_for, monkeypatch):
     order = where.argsort()
     assert res.kept[0].tolist() == where[order].tolist() == sel.keep_idx.tolist()
     torch.testing.assert_close(sel.tokens.float(), ref[order], atol=1e-5, rtol=1e-5)
+
