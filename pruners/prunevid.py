@@ -1,5 +1,5 @@
-"""`prunevid`: PruneVid's spatial-temporal token merging (Huang et al., ACL 2025, "PruneVid: Visual Token
-Pruning for Efficient Video Large Language Models"), the stage before the LLM.
+"""`prunevid`: PruneVid (Huang et al., ACL 2025, "PruneVid: Visual Token Pruning for Efficient Video Large
+Language Models"): spatial-temporal token merging before the LLM, question-guided selection in it.
 
 Transcribed from the official code, Visual-AI/PruneVid ``models/pllava/modeling_pllava.py``
 (``PllavaForConditionalGeneration.merge_frames_dynamic`` with ``cluster_dpc_knn``, ``refine_clusters``,
@@ -48,6 +48,7 @@ Other choices:
   T < 7 frames, or int(T * ratio) = 0); a one-frame segment (T = 1) has no static positions (the official
   divides by W (W - 1) = 0);
 - computed in float32 (the official runs in the model's dtype, bf16 on GPU);
+- ``keep=auto`` whose counts are all 0 (cluster_ratio near 0) keeps one cluster of the largest group;
 - frames are the request's video frames in index order; a frame's grid position is its token's rank in the
   frame; frames of unequal size compare their common first positions, the rest being dynamic; without a
   video each image / tile (``coords[:, 0]``) is a frame.
@@ -265,6 +266,8 @@ def prunevid_merge(tokens: torch.Tensor, frames: torch.Tensor, coords: torch.Ten
     groups = build_groups(x, members, temporal_segments(feats, segment_ratio, knn), tau)
     keep_v = None if keep is None else keep - fixed.numel()
     counts = group_counts(groups, keep_v, cluster_ratio, min_cluster)
+    if keep_v is None and sum(counts) == 0 and not fixed.numel():  # keep=auto at a tiny ratio: never empty
+        counts[max(range(len(groups)), key=lambda i: groups[i].feats.shape[0])] = 1
     own = release(groups, keep_v - sum(counts)) if keep_v is not None and keep_v > sum(counts) else []
     slots, rows, owners = [fixed, torch.tensor(own, dtype=torch.long)], [x[fixed], x[own]], \
         [[[int(i)] for i in fixed], [[i] for i in own]]

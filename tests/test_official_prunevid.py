@@ -180,7 +180,7 @@ def assert_official(sel, ref_feats, ref_where):
     torch.testing.assert_close(sel.tokens.float(), ref_feats[order].float(), atol=1e-5, rtol=1e-5)
 
 
-CASES = [(8, 14), (16, 14), (12, 14), (8, 8), (16, 8), (8, 2)]
+CASES = [(8, 14), (16, 14), (12, 14), (32, 14), (8, 8), (16, 8), (8, 2)]
 
 
 @pytest.mark.parametrize("t,side", CASES)
@@ -280,6 +280,11 @@ def test_any_keep_where_no_group_is_large_enough_to_merge():
     x, fr = video(8, 4, seed=4)  # OneVision's tiny geometry: every group <= 14 tokens, static ones averaged only
     for keep in range(1, 33):
         assert run(x, fr, grid_coords(8, 2), keep).keep_idx.numel() == keep
+
+
+def test_keep_auto_never_keeps_nothing():
+    x, fr = video(8, 64, seed=6)
+    assert run(x, fr, grid_coords(8, 8), None, cluster_ratio=0.0, tau=1.0).keep_idx.numel() == 1
 
 
 def test_image_request_treats_each_item_as_a_frame():
