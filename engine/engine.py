@@ -427,6 +427,7 @@ class Engine:
         state.seq, state.valid = index, valid
         state.vis_orig = torch.where(valid, vis_orig.gather(1, index), -1)
         state.coords = batch.coords
+        state.frames = batch.frames
         state.next_slot = ids.shape[1]
         return embeds, valid.long(), pos, n_text
 

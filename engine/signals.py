@@ -15,6 +15,9 @@ llm.text_rows            layer K-1: the row of every text token after the last  
                          visual token
 llm.all_rows             layer K-1: every valid token's row over every token          seq_attn [H, S, S],
                          (O(S^2): AIM's PageRank, as its official eager attention)    seq_vis [N]
+llm.text_rows_full       layer K-1: the text rows after the last visual token with    text_attn [H, T, N]
+                         RoPE removed and no causal mask: softmax over every valid
+                         key (PruneVid's ``attn_weights_wo_pos``)
 llm.text_raters          before decoder layer 0: the pruner's ``text_raters`` on the  raters [T]
                          LLM's input embeddings (SparseVLM), per LLM stage
 llm.keys                 layer K-1 (prefill): every token's keys as the attention     llm_keys [N, H*d],
@@ -39,6 +42,9 @@ frames.relevance         a frames stage's pass: ``quota.RelevanceScorer`` (a VLM
                          rates each sampled frame; ``engine/frames.py``)
 frames.clip              a frames stage's pass: ``keyscore.ClipScorer`` (open_clip    frame_embeds [T, E],
                          embeddings of the frames and the question)                   text_embed [E]
+video.spans              the merge bookkeeping (``owner``) and each original token's   spans [N, 2]
+                         frame: the first and last frame of the original tokens each
+                         token stands for (PruneVid: > 1 frame = a static token)
 request.priority         the request's own numbers (``Request.priority``), checked    priority [N]
                          before any work: a request without them is refused
 llm.instruction          a pre_llm stage's pass: the request's question (no chat      instruction [M, D]
@@ -84,6 +90,8 @@ SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
     "llm.last_query_norope": "the same row with RoPE removed",
     "llm.text_rows": "each text token's attention row in layer K-1",
     "llm.all_rows": "every token's attention row in layer K-1",
+    "llm.text_rows_full": "the text rows after the video in layer K-1, RoPE removed, no causal mask",
+    "video.spans": "first and last frame of the original tokens each token stands for",
     "llm.text_raters": "the text rows that rate the image, picked from the LLM's input embeddings",
     "llm.keys": "every token's keys in layer K-1 (RoPE applied, heads repeated to the query heads)",
     "llm.normed": "the hidden states entering layer K through the LLM's final norm",
@@ -102,7 +110,8 @@ SIGNALS = {  # every name a pruner may declare -> what it is (the table above)
     "request.keywords": "the LLM input embeddings of the question's keywords (the pruner's ``keywords``)",
 }
 LLM_ROWS = {"llm.last_query": "last_query", "llm.last_query_norope": "last_query_norope",
-            "llm.text_rows": "text_rows", "llm.all_rows": "all_rows"}  # attention rows read in layer K-1
+            "llm.text_rows": "text_rows", "llm.all_rows": "all_rows",
+            "llm.text_rows_full": "text_rows_full"}  # attention rows read in layer K-1
 TOWER_RECORDS = {"tower.cls": "cls", "tower.keys": "keys", "tower.values": "values", "tower.qk": "qk",
                  "tower.received": "received"}
 CLS_FREE = frozenset({"received"})  # tower records that need no CLS token (recorded on any hooked tower)
@@ -210,8 +219,9 @@ class SignalsMixin:
         return w
 
     def record_rows(self, need: str, layer: int, query, key, mask, causal: bool, scale: float) -> None:
-        """Exact softmax rows for 'last_query_norope' ([B, H, Sk]), 'text_rows' (per request [H, T, Sk]) or
-        'all_rows' (per request [H, S_valid, Sk]: every valid slot's row)."""
+        """Exact softmax rows for 'last_query_norope' ([B, H, Sk]), 'text_rows' (per request [H, T, Sk]),
+        'text_rows_full' (the same rows, RoPE removed, every valid key) or 'all_rows' (per request
+        [H, S_valid, Sk]: every valid slot's row)."""
         rep = query.shape[1] // key.shape[1]
         if need == "last_query_norope":
             cos, sin = self.rope
@@ -221,6 +231,10 @@ class SignalsMixin:
         elif need in ("text_rows", "all_rows"):
             q, k = query, key
             rows = None
+        elif need == "text_rows_full":
+            cos, sin = self.rope
+            q, k = unrotate(query, cos, sin), unrotate(key, cos, sin)
+            rows, causal = None, False
         else:
             raise ValueError(f"unknown attention need '{need}'")
         b, hq, sq, _ = query.shape
@@ -228,11 +242,13 @@ class SignalsMixin:
         out = []
         for i in range(b):
             if rows is None:
-                own = self.text_rows(i) if need == "text_rows" else self.valid[i].nonzero().flatten()
+                own = self.valid[i].nonzero().flatten() if need == "all_rows" else self.text_rows(i)
             r = torch.tensor(rows if rows is not None else own.tolist(), device=query.device, dtype=torch.long)
             qi = q[i:i + 1] if need == "last_query_norope" else q[i:i + 1, :, r]
             logits = (qi.float() @ k[i:i + 1].float().repeat_interleave(rep, 1).transpose(-1, -2)) * scale
             allowed = full_mask(1, hq, sq, sk, causal, None if mask is None else mask[i:i + 1], r, query.device)
+            if need == "text_rows_full":  # every valid key, later ones too
+                allowed = self.valid[i, -sk:][None, None, None, :].expand(1, hq, r.numel(), sk)
             out.append(logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)[0])  # [H, R, Sk]
         self.importance[layer] = torch.stack([o[:, 0] for o in out]) if need == "last_query_norope" else out
 
@@ -245,9 +261,12 @@ class SignalsMixin:
 
     def llm_signals(self, run, imp, b: int, vis_slots: torch.Tensor) -> dict:
         """The pruner's inputs for request b from the recorded rows, restricted to its visual tokens."""
+        extra = {"spans": self.spans(b, vis_slots.numel())} if reads(run.pruner, "video.spans") else {}
         if imp is None:
-            return {}
+            return extra
         rows = llm_rows(run.pruner)
+        if rows == "text_rows_full":
+            return {"text_attn": imp[b][:, :, vis_slots], **extra}
         if rows == "text_rows":
             raters = self.raters.get(run.index)
             return {"text_attn": imp[b][:, :, vis_slots], "raters": None if raters is None else raters[b]}
@@ -277,6 +296,21 @@ class SignalsMixin:
         if reads(run.pruner, "llm.positions"):
             first = self.seq[b, self.valid[b]].min()  # the prompt's first token (text: never pruned)
             out.update(positions=self.seq[b, vis_slots] - first, text_positions=self.seq[b, text] - first)
+        return out
+
+    def spans(self, b: int, n_alive: int) -> torch.Tensor | None:
+        """[n_alive, 2] first and last frame of the original tokens each alive token of request b stands for
+        (-1, -1: no video token); None without per-token frames."""
+        if not self.frames or self.frames[b] is None:
+            return None
+        own, fr = self.owner[b], self.frames[b].to(self.owner[b].device)
+        out = torch.full((n_alive, 2), -1, dtype=torch.long)
+        live = (own >= 0) & (fr >= 0)
+        if live.any():
+            big = torch.full((n_alive,), torch.iinfo(torch.long).max, dtype=torch.long)
+            out[:, 0] = big.scatter_reduce(0, own[live], fr[live], "amin")
+            out[:, 1] = out[:, 1].scatter_reduce(0, own[live], fr[live], "amax")
+            out[out[:, 0] == big[0], 0] = -1
         return out
 
     def pick_raters(self, hidden: torch.Tensor) -> None:

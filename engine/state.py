@@ -68,6 +68,7 @@ class RequestState(SignalsMixin):
     valid: torch.Tensor | None = None
     vis_orig: torch.Tensor | None = None
     coords: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis, 3]
+    frames: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis] frame of each token (-1: image)
     key_seq: dict[int, torch.Tensor] = field(default_factory=dict)  # per LLM stage layer: its segment's cache
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per stage layer: this forward's mask

@@ -19,6 +19,7 @@ from .mmtok import MMTokPruner
 from .pool import PoolPruner
 from .priority import PriorityPruner
 from .prumerge import PruMergePruner
+from .prunevid import PruneVidPruner
 from .quota import QuotaPruner
 from .random import RandomPruner
 from .rollout import RolloutPruner
@@ -54,6 +55,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "vidcom2": VidCom2Pruner,
     "holitom": HoliTomPruner,
     "holitom_llm": HoliTomLLMPruner,
+    "prunevid": PruneVidPruner,
     "priority": PriorityPruner,
     "dart": DARTPruner,
 }

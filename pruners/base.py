@@ -43,6 +43,7 @@ class StageInput:
     prefix: int = 0  # tokens ahead of these in the sequence that always stay (the tower's CLS at a vision stage)
     # video (filled for requests with a video): the frame of each token, and per-frame signals
     frames: torch.Tensor | None = None  # [N] frame index of each token (0..T-1), -1 for a token of an image
+    spans: torch.Tensor | None = None  # [N, 2] first / last frame of the original tokens each stands for ("video.spans")
     frame_relevance: torch.Tensor | None = None  # [T] P(yes) of a VLM asked whether frame t is relevant (QuoTA)
     frame_embeds: torch.Tensor | None = None  # [T, E] CLIP image embedding of each frame (KeyScore)
     text_embed: torch.Tensor | None = None  # [E] CLIP text embedding of the question (KeyScore)
