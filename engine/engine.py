@@ -332,7 +332,7 @@ class Engine:
                     if batch.reqs[b].priority is not None and reads(run.pruner, "request.priority"):
                         signals["priority"] = batch.reqs[b].priority[alive[b]]
                     sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
-                                       sizes=state.sizes(b, alive[b].numel()),
+                                       sizes=state.sizes(b, alive[b].numel()), request=b,
                                        frames=frame_of if batch.n_video(b) else None, **signals)
                 state.follow_tower_feats(b, sel, merged_before_projector=before is not None)
                 if sel.tokens is None:
@@ -388,6 +388,7 @@ class Engine:
         state.seq, state.valid = index, valid
         state.vis_orig = torch.where(valid, vis_orig.gather(1, index), -1)
         state.coords = batch.coords
+        state.frames = [f if n else None for f, n in ((batch.frames[b], batch.n_video(b)) for b in range(len(batch.reqs)))]
         state.next_slot = ids.shape[1]
         return embeds, valid.long(), pos, n_text
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import frames, metering
+from .budget import budget_stats
 from .plan import Plan
 from .vocabulary import unknown_words
 
@@ -22,7 +23,9 @@ class Result:
             vision_flops, prefill_s, decode_s, new_tokens; with a video also frames, frame_indices,
             frame_times, tokens_per_frame (kept per frame of the token grid), video_truncated,
             frames_usable (a truncated file: the frames it really has), and
-            scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill)
+            scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill); with a keep=auto
+            stage, budgets: per such stage its rule, value, entering, budget, kept, reached, clipped
+            (engine/budget.py)
     """
 
     text: str
@@ -75,6 +78,8 @@ def build_results(engine, batch, state, tokens, logits, n_text, prefill_s, decod
             vision_flops=vision_flops(engine, state, b, batch.tower_seqs[b]),
             prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
         stats.update(frames.video_stats(batch, state, b, kept))
+        if any(s.keep == "auto" for s in plan.stages):  # the budget each keep=auto stage gave it, and why
+            stats["budgets"] = budget_stats(plan.stages, state.budgets, b) if state is not None else []
         groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
         results.append(Result(text=answer_text(engine, ids[:new]), token_ids=ids[:new], kept=kept, groups=groups,
                               scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],
