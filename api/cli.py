@@ -43,6 +43,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def budget_lines(row: dict) -> list[str]:
+    """One line per keep=auto stage of a row: "budget: <plan> stage 0 divprune tau=0.2 -> 39 of 64 tokens
+    (reached 0.198)", with the bound that clipped it."""
+    out = []
+    for b in row.get("budgets", ()):
+        rule = b["rule"] if b["value"] is None else f"{b['rule']}={b['value']:g}"
+        reached = "" if b["reached"] is None else f" (reached {b['reached']:.3g})"
+        clipped = "" if b["clipped"] is None else f", clipped by {b['clipped']} (rule's budget {b['budget']})"
+        out.append(f"budget: {row['plan']} stage {b['stage']} {b['pruner']} {rule} -> {b['kept']} of "
+                   f"{b['entering']} tokens{reached}{clipped}")
+    return out
+
+
 def run(args) -> int:
     import tokensieve
 
@@ -71,6 +84,8 @@ def run(args) -> int:
             row["per_layer_kv_len"] = res.stats["per_layer_kv_len"]
             row["kept"] = [k.tolist() for k in res.kept]
             row.update({k: res.stats[k] for k in VIDEO_STATS if k in res.stats})
+            if "budgets" in res.stats:  # keep=auto stages: the budget each chose, and why
+                row["budgets"] = res.stats["budgets"]
             rows.append(row)
     except tokensieve.TokenSieveError as e:
         if args.debug:
@@ -86,6 +101,9 @@ def run(args) -> int:
                           "results": rows}, indent=1))
     else:
         print(table(rows))
+        for row in rows:
+            for line in budget_lines(row):
+                print(line)
         if unknown:
             print(f"note: not understood: {', '.join(unknown)} (words the model was never trained on; it ignores them)")
     return 0
@@ -103,11 +121,18 @@ def pruners() -> int:
         doc = doc.removeprefix(f"`{name}`: ")
         print(f"{name}: {doc if len(doc) <= 110 else doc[:107] + '...'}")
         print(f"    where: {', '.join(p.wheres)} (default {p.default_where}{layer}{keep})"
-              + (", needs a CLS token" if p.signals.of("tower", required=True) else ""))
+              + (", needs a CLS token" if p.signals.of("tower", required=True) else "")
+              + (", scores (keep=auto,mass=)" if p.scored else ""))
         if p.signals.reads:
             print(f"    reads: {', '.join(sorted(p.signals.reads))}")
         for opt, spec in p.options.items():
             print(f"    {opt}: {spec.describe()}")
+    print("\n  keep is a count, a ratio, or auto: a budget chosen per request by a rule (engine/budget.py, docs/api.md):\n"
+          "    keep=auto,tau=T   redundancy, any pruner: tokens until the next is within cosine distance T of those\n"
+          "                      kept (T in (0, 2]; a video: per frame, the tokens that changed since the frame before)\n"
+          "    keep=auto,mass=M  importance mass, pruners marked 'scores': the fewest tokens with M of the score mass\n"
+          "    min=, max=        bounds, a count or a ratio; plain keep=auto: an adaptive pruner's own rule (prumerge)\n"
+          "    (a pruner with its own option of that name takes budget_tau= etc.; not at where=vision)")
     return 0
 
 
@@ -146,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="native: the family's own video input where it has one; frames: a sequence of images")
     p.add_argument("--prompt", required=True)
     p.add_argument("--plan", action="append", default=[],
-                   help="pruning plan, e.g. 'fastv:layer=2,keep=0.25' (repeatable; '' = no pruning)")
+                   help="pruning plan, e.g. 'fastv:layer=2,keep=0.25' (repeatable; '' = no pruning); keep=auto "
+                        "chooses the budget per request: 'divprune:keep=auto,tau=0.2' (redundancy), "
+                        "'fastv:layer=2,keep=auto,mass=0.9' (importance mass), bounds min= / max= (docs/api.md)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the checkpoint's)")

@@ -355,7 +355,7 @@ class Engine:
                     signals.update(request_signals(self.adapter, run, batch.reqs[b].question,
                                                    state.tower_feats[b] if state.tower_feats else None))
                     sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
-                                       sizes=state.sizes(b, alive[b].numel()),
+                                       sizes=state.sizes(b, alive[b].numel()), request=b,
                                        frames=frame_of if batch.n_video(b) else None, **signals)
                 state.follow_tower_feats(b, sel, merged_before_projector=before is not None)
                 if sel.tokens is None:

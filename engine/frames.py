@@ -181,7 +181,7 @@ def select_frames(state, run, b: int, feats: torch.Tensor, entering: torch.Tenso
     vid = (frames >= 0).nonzero().flatten()
     img = (frames < 0).nonzero().flatten()
     sub_coords = torch.stack([frames[vid], coords[vid, 1], coords[vid, 2]], dim=1)
-    sel = state.select(run, run.keep[b], feats[vid.to(feats.device)], sub_coords, frames=frames[vid],
+    sel = state.select(run, run.keep[b], feats[vid.to(feats.device)], sub_coords, frames=frames[vid], request=b,
                        sizes=state.sizes(b, entering.numel())[vid], **signals)
     kept_vid = vid[sel.keep_idx.cpu()]
     keep_idx = torch.cat([img, kept_vid]).sort().values

@@ -19,7 +19,11 @@ Each pruner has a default ``where``; giving ``layer`` alone picks "llm" for prun
 that default to it, else "vision"/"llm" must be spelled out with ``where=``.
 
 ``keep`` is an int count or a float ratio in (0, 1] of the visual tokens entering the stage, or
-"auto" for adaptive pruners (prumerge), after which later stages give ratios.
+"auto": a budget chosen per request by a rule, after which later stages give ratios. Any pruner at a
+frames, pre_llm or llm stage takes ``keep=auto,mass=M`` (importance mass; pruners with scores) or
+``keep=auto,tau=T`` (redundancy; per frame on a video), with optional bounds ``min=`` / ``max=`` (a count or a
+ratio); an adaptive pruner (prumerge) also takes plain ``keep=auto``, its own rule. Rules, formulas and costs:
+``engine/budget.py``; the budget each request got: ``Result.stats["budgets"]``.
 
 Default layers, one rule for every pruner: a stage without ``layer`` acts at the pruner's default layer,
 the one its paper uses on LLaVA-1.5-7B's 32-layer LLM (FastV 2, SparseVLM 3, FEATHER 8, AIM 15), in every
@@ -38,6 +42,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budget import AutoBudget, parse_budget
 from .errors import PlanError
 
 WHERES = ("vision", "frames", "pre_llm", "llm")
@@ -52,6 +57,7 @@ class Stage:
     layer: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     layer_is_default: bool = field(default=False, compare=False)  # no layer was given: the pruner's default
+    budget: AutoBudget | None = None  # keep="auto": its rule and bounds (engine/budget.py)
 
     def keep_count(self, n_in: int | None) -> int | None:
         """Concrete number of tokens kept out of ``n_in`` entering the stage (None: decided at run time)."""
@@ -65,7 +71,8 @@ class Stage:
         at = {"vision": "vision tower up to the feature layer" if self.layer is None else f"vision layer {self.layer}",
               "frames": "across frames", "pre_llm": "before the LLM",
               "llm": f"LLM layer {self.layer}"}
-        return f"{self.pruner} ({at[self.where]}, keep={self.keep})"
+        rule = f" {','.join(self.budget.keys())}" if self.budget is not None and self.budget.keys() else ""
+        return f"{self.pruner} ({at[self.where]}, keep={self.keep}{rule})"
 
 
 @dataclass(frozen=True)
@@ -241,8 +248,7 @@ def _make_stage(i: int, item: dict) -> Stage:
     if keep is None:
         raise PlanError(f"stage {i} ({name}): keep is required")
     if keep == "auto":
-        if not pruner.adaptive:
-            raise PlanError(f"stage {i} ({name}): keep=auto needs an adaptive pruner (prumerge); give a count or ratio")
+        pass  # its rule and bounds: parse_budget, below
     elif isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
         raise PlanError(f"stage {i} ({name}): keep must be an int count or a ratio in (0, 1], got {keep!r}")
     elif keep <= 0:
@@ -255,6 +261,8 @@ def _make_stage(i: int, item: dict) -> Stage:
         raise PlanError(f"stage {i} ({name}): where must be one of {WHERES}, got {where!r}")
     if where not in pruner.wheres:
         raise PlanError(f"stage {i} ({name}): {name} cannot act at '{where}' (it acts at {', '.join(pruner.wheres)})")
+    item = dict(item)
+    budget = parse_budget(item, pruner, keep, where, f"stage {i} ({name})")
     layer_is_default = where in ("vision", "llm") and layer is None and pruner.default_layer is not None
     if where in ("vision", "llm"):
         layer = pruner.default_layer if layer is None else layer
@@ -270,11 +278,15 @@ def _make_stage(i: int, item: dict) -> Stage:
         raise PlanError(f"stage {i} ({name}): unknown option(s) {sorted(unknown)}; "
                         f"{name} takes {sorted(pruner.option_names) or 'none'} (tokensieve pruners lists them)")
     options = {k: pruner.options[k].validate(v, f"stage {i} ({name}): {k}") for k, v in options.items()}
-    return Stage(pruner=name, where=where, keep=keep, layer=layer, options=options, layer_is_default=layer_is_default)
+    return Stage(pruner=name, where=where, keep=keep, layer=layer, options=options, layer_is_default=layer_is_default,
+                 budget=budget)
 
 
 def _stage_to_str(s: Stage) -> str:
     parts = [f"where={s.where}"] + ([f"layer={s.layer}"] if s.layer is not None else []) + [f"keep={s.keep}"]
+    if s.budget is not None:  # a key the pruner also has as an option is written budget_<key> (engine/budget.py)
+        from ..pruners import REGISTRY
+        parts += [f"budget_{kv}" if kv.split("=")[0] in REGISTRY[s.pruner].options else kv for kv in s.budget.keys()]
     parts += [f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.options.items()]
     return f"{s.pruner}:{','.join(parts)}"
 

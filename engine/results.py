@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import frames, metering
+from .budget import budget_stats
 from .plan import Plan
 from .vocabulary import unknown_words
 
@@ -23,7 +24,9 @@ class Result:
             frame_times, tokens_per_frame (kept per frame of the token grid), video_truncated,
             frames_usable (a truncated file: the frames it really has), and
             scoring_s, scoring_flops (frames stages' scoring passes, apart from the prefill; on a request
-            without video, those of its instruction passes: ``llm.instruction``)
+            without video, those of its instruction passes: ``llm.instruction``); with a keep=auto
+            stage, budgets: per such stage its rule, value, entering, budget, kept, reached, clipped
+            (engine/budget.py)
     """
 
     text: str
@@ -76,6 +79,8 @@ def build_results(engine, batch, state, tokens, logits, n_text, prefill_s, decod
             vision_flops=vision_flops(engine, state, b, batch.tower_seqs[b]),
             prefill_s=prefill_s, decode_s=decode_s, new_tokens=new, batch_size=len(batch.reqs))
         stats.update(frames.video_stats(batch, state, b, kept) or frames.scoring_stats(state, b, len(batch.reqs)))
+        if any(s.keep == "auto" for s in plan.stages):  # the budget each keep=auto stage gave it, and why
+            stats["budgets"] = budget_stats(plan.stages, state.budgets, b) if state is not None else []
         groups = [state.groups[i][b] for i in range(len(plan.stages))] if state is not None else []
         results.append(Result(text=answer_text(engine, ids[:new]), token_ids=ids[:new], kept=kept, groups=groups,
                               scores=[state.scores[i][b] for i in range(len(plan.stages))] if state else [],

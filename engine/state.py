@@ -14,11 +14,13 @@ currently alive, of the token that original token ``o`` is now part of (-1: drop
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from ..pruners import Pruner, Selection, StageInput, TowerRecord
+from . import budget
 from .errors import PlanError
 from .plan import Stage
 from .signals import SignalsMixin
@@ -80,21 +82,35 @@ class RequestState(SignalsMixin):
     next_slot: int = 0
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
     frame_scoring: list = field(default_factory=list)  # frames stages' scoring passes (engine.frames.FrameScores)
+    budgets: dict[int, list] = field(default_factory=dict)  # keep=auto stage index -> per request its budget record
+    frames: list = field(default_factory=list)  # per request [N_vis] frame of each original visual token (LLM stages)
 
     @property
     def first_pruned_layer(self) -> int | None:
         return min(self.llm_stages) if self.llm_stages else None
 
     # ---- selection and its records -----------------------------------------------------------
-    def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, **signals) -> Selection:
-        if keep is None:  # after an adaptive / frames stage: resolve now (None for the adaptive stage itself)
+    def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, request: int | None = None,
+               budget_frames=None, **signals) -> Selection:
+        """Run a stage's pruner on one request's tokens [N, D] (``request``: its row, for the budget records;
+        ``budget_frames`` [N]: the tokens' frames for a keep=auto rule where the pruner is not given them)."""
+        auto = run.stage.budget is not None
+        if keep is None and not auto:  # after an adaptive / frames stage: resolve now
             keep = run.stage.keep_count(tokens.shape[0])
             if keep is not None and keep > tokens.shape[0]:
                 raise PlanError(f"stage {run.index} ({run.stage.describe()}): keep={run.stage.keep} is larger than "
                                 f"the {tokens.shape[0]} visual tokens entering it")
         inp = StageInput(tokens=tokens, keep=keep, coords=coords, attn=attn, options=run.stage.options,
                          seed=self.seed, **signals)
-        sel = run.pruner.select(inp)
+        if auto:  # the budget from the request's own tokens (engine/budget.py), then the pruner keeps that many
+            frames = budget_frames if budget_frames is not None else signals.get("frames")
+            sel, rec = budget.choose(run.stage.budget, tokens, coords, frames,
+                                     lambda k: run.pruner.select(dataclasses.replace(inp, keep=k)))
+            keep = None if rec["rule"] == "own" and rec["clipped"] is None else rec["kept"]
+            if request is not None:
+                self.budgets.setdefault(run.index, [None] * self.batch_size)[request] = rec
+        else:
+            sel = run.pruner.select(inp)
         check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames")
         return sel
 
@@ -246,7 +262,9 @@ class RequestState(SignalsMixin):
             signals = {**self.llm_signals(run, imp, b, vis_slots),
                        **self.token_signals(run, layer, hidden_in, b, vis_slots)}
             sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig],
-                              sizes=self.sizes(b, vis_slots.numel()), **signals)
+                              sizes=self.sizes(b, vis_slots.numel()), request=b,
+                              budget_frames=self.frames[b][orig] if self.frames and self.frames[b] is not None
+                              else None, **signals)
             if sel.tokens is not None:  # merged tokens: write into a copy, never the caller's tensor
                 hidden = hidden.clone() if hidden is hidden_in else hidden
                 hidden[b, vis_slots[sel.keep_idx]] = sel.tokens.to(hidden.dtype)

@@ -29,7 +29,7 @@ class StageInput:
     """
 
     tokens: torch.Tensor
-    keep: int | None  # None only for an adaptive pruner given keep="auto"
+    keep: int | None  # None only for an adaptive pruner given plain keep="auto" (its own rule)
     coords: torch.Tensor
     attn: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -172,7 +172,8 @@ class Pruner:
     default_keep: ClassVar[int | float | None] = None
     options: ClassVar[dict[str, Option]] = {}  # name -> declared type, accepted values, default, help
     signals: ClassVar[Signals] = Signals()
-    adaptive: ClassVar[bool] = False  # may be given keep="auto"
+    adaptive: ClassVar[bool] = False  # may be given plain keep="auto" (its own rule)
+    scored: ClassVar[bool] = False  # its Selection.scores rank the N entering tokens at keep=N (keep=auto,mass=)
     progressive: ClassVar[bool] = False  # prunes step by step inside the vision tower (``vision_steps``)
 
     # Read-only views of ``signals`` under the names of the class flags it replaced, for readers outside the

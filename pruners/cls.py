@@ -15,6 +15,7 @@ from .options import Option
 
 class ClsPruner(Pruner):
     name = "cls"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     options = {"layers": Option("ints", "tower layers whose CLS attention is summed (VTC-CLS's ensemble; "
                                         "default: the feature layer)", None, low=0)}

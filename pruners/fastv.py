@@ -11,6 +11,7 @@ from .options import Option
 
 class FastVPruner(Pruner):
     name = "fastv"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("llm",)
     default_where = "llm"
     default_layer = 2

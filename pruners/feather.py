@@ -62,6 +62,7 @@ def feather_select(scores: torch.Tensor, grid: torch.Tensor, keep: int) -> torch
 
 class FeatherPruner(Pruner):
     name = "feather"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("llm",)
     default_where = "llm"
     default_layer = 8

@@ -77,6 +77,7 @@ def top(acc: torch.Tensor, k: int) -> torch.Tensor:
 
 class FlowCutPruner(Pruner):
     name = "flowcut"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     default_where = "vision"
     signals = Signals(required=("tower.cls", "tower.values"))

@@ -135,6 +135,7 @@ class ClipScorer:
 
 class KeyScorePruner(FrameBudgetPruner):
     name = "keyscore"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     signals = Signals("frames.clip")
     options = {
         "within": WITHIN,

@@ -120,6 +120,7 @@ def merge_neighbours(tokens: torch.Tensor, keys: torch.Tensor, scores: torch.Ten
 
 class PruMergePruner(Pruner):
     name = "prumerge"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm",)
     options = {
         "spatial": Option("int", "PruMerge+ spatial samples: with keep=auto every (N // outliers // spatial)-th "

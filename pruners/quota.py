@@ -204,6 +204,7 @@ class RelevanceScorer:
 
 class QuotaPruner(FrameBudgetPruner):
     name = "quota"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     signals = Signals("frames.relevance")
     options = {
         "within": WITHIN,

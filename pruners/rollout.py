@@ -24,6 +24,7 @@ def cls_rollout(qk_by_layer: list, prefix: int = 1):
 
 class RolloutPruner(Pruner):
     name = "rollout"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     signals = Signals(required=("tower.qk",))
 

@@ -98,6 +98,7 @@ def dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class SparseVLMPruner(Pruner):
     name = "sparsevlm"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("llm",)
     default_where = "llm"
     default_layer = 3  # the official first stage, layer 2's output = what enters layer 3

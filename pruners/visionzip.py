@@ -95,6 +95,7 @@ def cls_slots(coords: torch.Tensor, tower_score: torch.Tensor | None) -> torch.T
 
 class VisionZipPruner(Pruner):
     name = "visionzip"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     options: ClassVar[dict] = {
         "contextual": Option("int", "contextual (merged) tokens among the kept (default: 10 per 64)", None, low=0)}

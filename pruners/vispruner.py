@@ -84,6 +84,7 @@ def vispruner_select(scores: torch.Tensor, feats: torch.Tensor, keep: int, impor
 
 class VisPrunerPruner(Pruner):
     name = "vispruner"
+    scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm", "vision")
     options: ClassVar[dict] = {
         "important_ratio": Option("float", "share of keep chosen by CLS attention (the rest: diverse tokens, "

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video-root", help="folder the video paths are relative to (default: the data file's)")
     ap.add_argument("--model", help="hub id, local checkpoint or shipped model (tiny-llava, tiny-qwen2-vl; default: "
                     "the embedded tiny-llava)")
-    ap.add_argument("--plan", action="append", default=[], help="a plan (repeatable); the full plan always runs")
+    ap.add_argument("--plan", action="append", default=[], help="a plan (repeatable); the full plan always runs; "
+                    "keep=auto chooses each sample's budget, e.g. 'divprune:keep=auto,tau=0.2' (samples.jsonl: "
+                    "budgets)")
     ap.add_argument("--pruners", help="grid: comma-separated pruners, each at every --budgets ratio")
     ap.add_argument("--budgets", help="grid: comma-separated ratios, e.g. 0.25,0.11")
     ap.add_argument("--out", required=True, help="output folder (resumes when it holds the same run)")

@@ -16,9 +16,10 @@ from .readers import Sample
 
 RECORD_FIELDS = ("id", "plan", "prediction", "parsed", "answer", "correct", "type", "visual_tokens", "kept_tokens",
                  "frames", "prefill_s", "decode_s", "batch_size", "batch_prefill_s", "batch_decode_s", "prefill_flops",
-                 "kv_cache_bytes", "error")
+                 "kv_cache_bytes", "budgets", "error")
 # prefill_s / decode_s: the sample's even share of its padded batch's times (batch_prefill_s / batch_size);
 # a batch runs as one forward pass, so a sample's own time cannot be split out of it
+# budgets: with a keep=auto stage, the budget each of its stages gave the sample and why (engine/budget.py)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def record(sample: Sample, plan: str, result=None, error: str | None = None) -> 
         st = result.stats
         rec.update(prediction=result.text, parsed=parsed, correct=correct, visual_tokens=st["visual_tokens"],
                    kept_tokens=st["kept_tokens"], frames=st.get("frames"), prefill_flops=st["prefill_flops"],
-                   kv_cache_bytes=st["kv_cache_bytes"],
+                   kv_cache_bytes=st["kv_cache_bytes"], budgets=st.get("budgets"),
                    **shared_times(st["prefill_s"], st["decode_s"], st["batch_size"]))
     return rec
 
