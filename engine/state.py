@@ -37,6 +37,8 @@ class StageRun:
     tower_layers: list[int] = field(default_factory=list)  # vision layers its tower signals come from
     steps: list[int] = field(default_factory=list)  # vision stages: the layers it prunes before (progressive: several)
     carry: list = field(default_factory=list)  # progressive stages: per image, the pruner's running state
+    entering: list = field(default_factory=list)  # LLM stages of several steps: per request, originals entering
+    scores_of: list = field(default_factory=list)  # the same: per request, scores over those, each token's latest
 
 
 @dataclass
@@ -67,6 +69,8 @@ class RequestState(SignalsMixin):
     valid: torch.Tensor | None = None
     vis_orig: torch.Tensor | None = None
     coords: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis, 3]
+    frames: list = field(default_factory=list)  # per request [N_vis] frame of each visual token (-1: image), or None
+    llm_depth: int | None = None  # decoder layers of the language model
     key_seq: dict[int, torch.Tensor] = field(default_factory=dict)  # per LLM stage layer: its segment's cache
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per stage layer: this forward's mask
@@ -82,7 +86,8 @@ class RequestState(SignalsMixin):
         return min(self.llm_stages) if self.llm_stages else None
 
     # ---- selection and its records -----------------------------------------------------------
-    def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, **signals) -> Selection:
+    def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, at_least: bool = False,
+               **signals) -> Selection:
         if keep is None:  # after an adaptive / frames stage: resolve now (None for the adaptive stage itself)
             keep = run.stage.keep_count(tokens.shape[0])
             if keep is not None and keep > tokens.shape[0]:
@@ -91,7 +96,8 @@ class RequestState(SignalsMixin):
         inp = StageInput(tokens=tokens, keep=keep, coords=coords, attn=attn, options=run.stage.options,
                          seed=self.seed, **signals)
         sel = run.pruner.select(inp)
-        check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames")
+        check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames",
+                        at_least=at_least)
         return sel
 
     def follow_tower_feats(self, b: int, sel: Selection, merged_before_projector: bool) -> None:
@@ -240,12 +246,16 @@ class RequestState(SignalsMixin):
             vis_slots = (self.vis_orig[b] >= 0).nonzero().flatten()
             orig = self.vis_orig[b, vis_slots].cpu()
             signals = self.llm_signals(run, imp, b, vis_slots)
+            signals.update(self._llm_step(run, layer, b, orig))
             sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig],
                               sizes=self.sizes(b, vis_slots.numel()), **signals)
+            if len(run.steps) > 1:
+                run.carry[b] = sel.carry
             if sel.tokens is not None:  # merged tokens: write into a copy, never the caller's tensor
                 hidden = hidden.clone() if hidden is hidden_in else hidden
                 hidden[b, vis_slots[sel.keep_idx]] = sel.tokens.to(hidden.dtype)
             self.record(run, b, orig, sel)
+            self._step_scores(run, b, orig)
             keep_mask = self.valid[b] & (self.vis_orig[b] < 0)
             keep_mask[vis_slots[sel.keep_idx]] = True
             keep_slots.append(keep_mask.nonzero().flatten())
@@ -259,6 +269,29 @@ class RequestState(SignalsMixin):
         if isinstance(kwargs.get("position_ids"), torch.Tensor):
             kwargs["position_ids"] = gather_seq(kwargs["position_ids"], index)
         return gather_seq(hidden, index)
+
+    def _llm_step(self, run: StageRun, layer: int, b: int, orig: torch.Tensor) -> dict:
+        """StageInput fields of request b at LLM ``layer``: its tokens' frames and the LLM depth; for a stage of
+        several steps also ``layers_left``, ``carry`` and ``at_least`` (before its last step)."""
+        frames = self.frames[b] if self.frames else None
+        out = {"frames": None if frames is None else frames[orig], "llm_layers": self.llm_depth}
+        if len(run.steps) > 1:
+            if not run.carry:
+                run.carry, run.entering, run.scores_of = ([None] * self.batch_size for _ in range(3))
+            if run.entering[b] is None:
+                run.entering[b] = orig
+            out.update(layers_left=run.steps[-1] - layer, carry=run.carry[b], at_least=layer != run.steps[-1])
+        return out
+
+    def _step_scores(self, run: StageRun, b: int, orig: torch.Tensor) -> None:
+        """A stage of several steps: its scores over the tokens entering its first step, each token's latest."""
+        new = self.scores[run.index][b]
+        if len(run.steps) < 2 or new is None:
+            return
+        if run.scores_of[b] is None:
+            run.scores_of[b] = torch.zeros(run.entering[b].numel())
+        run.scores_of[b][torch.searchsorted(run.entering[b], orig)] = new
+        self.scores[run.index][b] = run.scores_of[b].clone()
 
     # ---- decode ------------------------------------------------------------------------------
     def start_decode(self, n_new: int, device) -> None:
@@ -279,10 +312,13 @@ def identity_groups(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return g
 
 
-def check_selection(sel: Selection, n: int, keep: int | None, label: str, at_most: bool = False) -> None:
-    """A pruner's result is well formed: ``keep`` sorted unique indices (``at_most``: 1..keep of them)."""
+def check_selection(sel: Selection, n: int, keep: int | None, label: str, at_most: bool = False,
+                    at_least: bool = False) -> None:
+    """A pruner's result is well formed: ``keep`` sorted unique indices (``at_most``: 1..keep of them;
+    ``at_least``: keep..n of them, a step before the last of an LLM stage of several steps)."""
     idx = sel.keep_idx
-    wrong_count = keep is not None and (not 1 <= idx.numel() <= keep if at_most else idx.numel() != keep)
+    wrong_count = keep is not None and (not 1 <= idx.numel() <= keep if at_most else
+                                        not keep <= idx.numel() <= n if at_least else idx.numel() != keep)
     if wrong_count or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
         raise RuntimeError(f"{label}: pruner returned {idx.numel()} indices (want {keep}, sorted, unique)")
     if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n):

@@ -10,6 +10,7 @@ from .fastv import FastVPruner
 from .fastvid import FastVIDPruner
 from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
+from .framefusion import FrameFusionPruner
 from .keyscore import KeyScorePruner
 from .pool import PoolPruner
 from .priority import PriorityPruner
@@ -45,6 +46,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "dycoke": DyCokePruner,
     "fastvid": FastVIDPruner,
     "vidcom2": VidCom2Pruner,
+    "framefusion": FrameFusionPruner,
     "priority": PriorityPruner,
 }
 
