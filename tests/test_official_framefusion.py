@@ -292,3 +292,107 @@ def test_framefusion_raises_where_the_official_cost_is_spent():
         run_official(x, 10, 6, 64, sig, 12, cost=0.3, layers=4)
     with pytest.raises(ValueError, match="cost=0.3 is too small"):
         run_ours(x, coords, frames, 10, 6, sig, last=11, cost=0.3, layers=4)
+
+
+# ---- through the engine: the whole prefill recomputed here with the plain model's modules ----------------------
+
+QUESTION = "what is shown"
+
+
+def clip_video(w, n=8):
+    """Frames that change slowly: one image (weight w) with each frame's own noise blended in (no two alike)."""
+    import numpy as np
+    from PIL import Image
+    base = np.asarray(noise_image(0), dtype=np.float32)
+    return [Image.fromarray((w * base + (1 - w) * np.asarray(noise_image(i + 1), dtype=np.float32))
+                            .astype("uint8")) for i in range(n)]
+
+
+def eager_last_row(layer, hidden, cos, sin, rope):
+    """[H, S] softmax row of the last token in ``layer`` (eager), hidden [1, S, D] its input."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(1, -1, x.shape[1], hd) if False else attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    return torch.softmax((q[:, :, -1:] @ k.transpose(-1, -2)) * attn.scaling, -1)[0, :, 0]
+
+
+def reference_prefill(lm, embeds, cos, sin, vis_slots, patch_type, patch_num, rope, cost, sim_bound=0.6):
+    """The official calls in the engine's placement (call c before decoder layer c, on layer c - 1's output, with
+    layer c - 1's last-query row) over the plain decoder layers -> (kept slots, per call the visual states after
+    it, the last layer's output [S', D])."""
+    model = OfficialFrameFusion(patch_type, patch_num, int(vis_slots[0]), len(vis_slots), cost=cost,
+                                sim_bound=sim_bound, layers=len(lm.layers))
+    hidden, pos, states = embeds, torch.arange(embeds.shape[1])[None], []
+    for c in range(len(lm.layers) + 1):
+        if c > 0:
+            layer = lm.layers[c - 1]
+            cs, sn = cos[..., pos[0], :], sin[..., pos[0], :]
+            row = eager_last_row(layer, hidden, cs, sn, rope) if not model.finish_pruning else None
+            hidden = layer(hidden, attention_mask=None, position_embeddings=(cs, sn))
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        else:
+            row = None
+        if c < len(lm.layers) and not model.finish_pruning:
+            hidden, pos = model.forward(hidden.clone(), pos, None if row is None else row[None, :, None])
+            vis = torch.isin(pos[0], vis_slots)
+            states.append((pos[0][vis], hidden[0][vis]))
+    return pos[0], states, hidden[0]
+
+
+def spy_steps(monkeypatch):
+    """The merged states the pruner hands back at each step of the engine's run."""
+    steps, plain = [], ff.FrameFusionPruner.select
+
+    def spy(self, inp):
+        sel = plain(self, inp)
+        steps.append(inp.tokens[sel.keep_idx] if sel.tokens is None else sel.tokens)
+        return sel
+
+    monkeypatch.setattr(ff.FrameFusionPruner, "select", spy)
+    return steps
+
+
+LLAVA_CASES = [(0.6, 0.5, 0.95, 3), (0.3, 0.5, 0.9, 3), (0.6, 0.3, 0.97, 2), (0.8, 0.3, 0.6, 1)]
+
+
+@pytest.mark.parametrize("w,cost,threshold,calls", LLAVA_CASES)
+def test_framefusion_through_the_engine_tiny_llava(monkeypatch, w, cost, threshold, calls):
+    """Shipped tiny-llava (a 4-layer Llama; video as 8 images of 8x8 tokens): merge, merge, prune; merge, prune;
+    capped at the first call (its projected frames are alike: cosines 0.8-0.99, hence the thresholds)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    path = tokensieve.shipped.path("tiny-llava")
+    engine = tokensieve.load(path)
+    frames = clip_video(w)
+    inputs = engine.prepare(QUESTION, video=frames)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, 1)
+        embeds = model.get_input_embeddings()(ids)
+        vis = ids[0] == model.config.image_token_id
+        embeds[0, vis] = feats.to(embeds.dtype)
+        lm = model.model.language_model
+        cos, sin = lm.rotary_emb(embeds, torch.arange(ids.shape[1])[None])
+        slots = vis.nonzero().flatten()
+        patch_type = torch.full((1, ids.shape[1]), TEXT_TOKEN)
+        patch_type[0, slots] = torch.arange(slots.numel()) % 64
+        kept, states, last = reference_prefill(lm, embeds, cos, sin, slots, patch_type, 64, apply_rotary_pos_emb,
+                                               cost, threshold)
+        logits = model.lm_head(lm.norm(last[-1:]))[0]
+    steps = spy_steps(monkeypatch)
+    res = engine.generate(QUESTION, video=frames, plan=f"framefusion:cost={cost},threshold={threshold}", max_new_tokens=1,
+                          output_logits=True)
+    engine.close()
+    for c, ((ref_pos, ref_h), ours) in enumerate(zip(states, steps)):
+        assert ours.shape == ref_h.shape, f"step {c}"
+        torch.testing.assert_close(ours, ref_h, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {c}: {m}")
+    assert res.kept[0].tolist() == torch.searchsorted(slots, kept[torch.isin(kept, slots)]).tolist()
+    assert len(states) == calls and res.kept[0].numel() < slots.numel()
+    torch.testing.assert_close(res.logits[0], logits, atol=1e-4, rtol=1e-4)
