@@ -396,3 +396,52 @@ def test_framefusion_through_the_engine_tiny_llava(monkeypatch, w, cost, thresho
     assert res.kept[0].tolist() == torch.searchsorted(slots, kept[torch.isin(kept, slots)]).tolist()
     assert len(states) == calls and res.kept[0].numel() < slots.numel()
     torch.testing.assert_close(res.logits[0], logits, atol=1e-4, rtol=1e-4)
+
+
+def qwen_reference(path, inputs, cost, threshold):
+    """Shipped tiny-qwen2-vl, plain modules: video features, 3-D rope positions, the reference prefill ->
+    (visual slots, kept slots, per call states, first-token logits)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        feats = torch.cat(model.model.get_video_features(inputs["pixel_values_videos"],
+                                                         inputs["video_grid_thw"]).pooler_output)
+        embeds = model.get_input_embeddings()(ids)
+        vis = ids[0] == model.config.video_token_id
+        embeds[0, vis] = feats.to(embeds.dtype)
+        pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], None, inputs["video_grid_thw"],
+                                            inputs["attention_mask"])
+        lm = model.model.language_model
+        cos, sin = lm.rotary_emb(embeds, pos)
+        slots = vis.nonzero().flatten()
+        per_frame = int(inputs["video_grid_thw"][0, 1:].prod()) // 4
+        patch_type = torch.full((1, ids.shape[1]), TEXT_TOKEN)
+        patch_type[0, slots] = torch.arange(slots.numel()) % per_frame
+        kept, states, last = reference_prefill(lm, embeds, cos, sin, slots, patch_type, per_frame,
+                                               apply_rotary_pos_emb, cost, threshold)
+        return slots, kept, states, model.lm_head(lm.norm(last[-1:]))[0]
+
+
+QWEN_CASES = [(0.6, 0.5, 0.95, 3), (0.3, 0.5, 0.9, 3), (0.0, 0.3, 0.9, 2), (0.8, 0.3, 0.6, 1)]
+
+
+@pytest.mark.parametrize("w,cost,threshold,calls", QWEN_CASES)
+def test_framefusion_through_the_engine_tiny_qwen2_vl(monkeypatch, w, cost, threshold, calls):
+    """Shipped tiny-qwen2-vl, native video (16 frames: 8 temporal patches of a merged grid), M-RoPE positions."""
+    path = tokensieve.shipped.path("tiny-qwen2-vl")
+    engine = tokensieve.load(path)
+    frames = clip_video(w, 16)
+    slots, kept, states, logits = qwen_reference(path, engine.prepare(QUESTION, video=frames), cost, threshold)
+    steps = spy_steps(monkeypatch)
+    res = engine.generate(QUESTION, video=frames, plan=f"framefusion:cost={cost},threshold={threshold}",
+                          max_new_tokens=1, output_logits=True)
+    engine.close()
+    for c, ((ref_pos, ref_h), ours) in enumerate(zip(states, steps)):
+        assert ours.shape == ref_h.shape, f"step {c}"
+        torch.testing.assert_close(ours, ref_h, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {c}: {m}")
+    assert res.kept[0].tolist() == torch.searchsorted(slots, kept[torch.isin(kept, slots)]).tolist()
+    assert len(states) == calls and res.kept[0].numel() < slots.numel()
+    torch.testing.assert_close(res.logits[0], logits, atol=1e-4, rtol=1e-4)
