@@ -39,6 +39,7 @@ class StageRun:
     carry: list = field(default_factory=list)  # progressive stages: per image, the pruner's running state
     entering: list = field(default_factory=list)  # LLM stages of several steps: per request, originals entering
     scores_of: list = field(default_factory=list)  # the same: per request, scores over those, each token's latest
+    alive_at: list = field(default_factory=list)  # the same: per request, {layer: visual tokens entering it}
 
 
 @dataclass
@@ -251,6 +252,7 @@ class RequestState(SignalsMixin):
                               sizes=self.sizes(b, vis_slots.numel()), **signals)
             if len(run.steps) > 1:
                 run.carry[b] = sel.carry
+                run.alive_at[b][layer] = int(sel.keep_idx.numel())
             if sel.tokens is not None:  # merged tokens: write into a copy, never the caller's tensor
                 hidden = hidden.clone() if hidden is hidden_in else hidden
                 hidden[b, vis_slots[sel.keep_idx]] = sel.tokens.to(hidden.dtype)
@@ -278,6 +280,7 @@ class RequestState(SignalsMixin):
         if len(run.steps) > 1:
             if not run.carry:
                 run.carry, run.entering, run.scores_of = ([None] * self.batch_size for _ in range(3))
+                run.alive_at = [{} for _ in range(self.batch_size)]
             if run.entering[b] is None:
                 run.entering[b] = orig
             out.update(layers_left=run.steps[-1] - layer, carry=run.carry[b], at_least=layer != run.steps[-1])

@@ -445,3 +445,23 @@ def test_framefusion_through_the_engine_tiny_qwen2_vl(monkeypatch, w, cost, thre
     assert res.kept[0].tolist() == torch.searchsorted(slots, kept[torch.isin(kept, slots)]).tolist()
     assert len(states) == calls and res.kept[0].numel() < slots.numel()
     torch.testing.assert_close(res.logits[0], logits, atol=1e-4, rtol=1e-4)
+
+
+# ---- the stage in a plan: steps, a token budget, the metering, the refusals ------------------------------------
+
+def test_framefusion_steps_keep_and_metering(monkeypatch):
+    """Its steps (before layers 0..K) each meter the tokens they leave; keep=K is met exactly; an LLM stage before
+    it is refused (its steps start at layer 0)."""
+    engine = tokensieve.load(tokensieve.shipped.path("tiny-qwen2-vl"))
+    frames = clip_video(0.6, 16)
+    steps = spy_steps(monkeypatch)
+    res = engine.generate(QUESTION, video=frames, plan="framefusion:cost=0.5,threshold=0.95", max_new_tokens=1)
+    text = res.stats["per_layer_kv_len"][0] - steps[0].shape[0]
+    assert res.stats["per_layer_kv_len"] == [text + s.shape[0] for s in steps]  # 484, 439, 98, 98 visual
+    assert len({s.shape[0] for s in steps}) == 3
+    res = engine.generate(QUESTION, video=frames, plan="framefusion:layer=2,keep=0.25,threshold=0.95;"
+                                                       "fastv:layer=3,keep=0.5", max_new_tokens=1)
+    assert [k.numel() for k in res.kept] == [140, 70]
+    with pytest.raises(tokensieve.PlanError, match="must be the plan's first LLM stage"):
+        engine.generate(QUESTION, video=frames, plan="fastv:layer=1,keep=0.5;framefusion:layer=2")
+    engine.close()
