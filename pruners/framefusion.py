@@ -79,6 +79,8 @@ def compute_share(shares: list, cost: float, layers: int) -> float:
     if left < 0:
         raise ValueError(f"framefusion: cost={cost} is too small: the merge steps already spent {spent:.3f} of "
                          f"{layers} layers' compute (give a larger cost or a keep count)")
+    if layers <= len(shares):  # a merge step before every layer: no layer left to prune for
+        return 0.0
     ratio = left / ((layers - len(shares)) * s)
     return 0.0 if ratio > 1 else 1 - ratio
 
