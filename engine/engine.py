@@ -239,7 +239,8 @@ class Engine:
         plan = batch.reqs[0].plan
         if not plan:
             return None
-        state = RequestState(batch_size=len(batch.reqs), owner=[torch.arange(n) for n in batch.n_visual])
+        state = RequestState(batch_size=len(batch.reqs), owner=[torch.arange(n) for n in batch.n_visual],
+                             llm_depth=self.adapter.text_config.num_hidden_layers)
         counts = [r.plan.keep_counts(n, max(len(r.images), 1), batch.n_video(b))
                   for b, (r, n) in enumerate(zip(batch.reqs, batch.n_visual))]
         for i, stage in enumerate(plan.stages):
@@ -254,8 +255,9 @@ class Engine:
                 last = vision_layer(self.adapter, stage)
                 run.steps = pruner.vision_steps(last, stage.options) if pruner.progressive else [last]
                 state.vision_stages.update({layer: run for layer in run.steps})
-            elif stage.where == "llm":
-                state.llm_stages[stage.layer] = run
+            elif stage.where == "llm":  # several steps (FrameFusion): the same run before each of its layers
+                run.steps = pruner.llm_steps(stage.layer, stage.options)
+                state.llm_stages.update({layer: run for layer in run.steps})
                 if reads(pruner, "llm.normed"):
                     state.final_norm = self.adapter.llm_norm
             else:  # frames and pre_llm stages, in plan order
@@ -427,7 +429,7 @@ class Engine:
         state.seq, state.valid = index, valid
         state.vis_orig = torch.where(valid, vis_orig.gather(1, index), -1)
         state.coords = batch.coords
-        state.frames = batch.frames
+        state.frames = [f if batch.n_video(b) else None for b, f in enumerate(batch.frames)]
         state.next_slot = ids.shape[1]
         return embeds, valid.long(), pos, n_text
 

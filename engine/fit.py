@@ -53,3 +53,7 @@ def check_fit(ad, plan: Plan) -> None:
         if seen_vision and len(read) > 1:
             raise PlanError(f"{where}: {stage.pruner} reads every tower layer and cannot follow a vision-tower stage")
         seen_vision |= stage.where == "vision"
+        if stage.where == "llm" and len(pruner.llm_steps(stage.layer, stage.options)) > 1 and any(
+                s.where == "llm" for s in plan.stages[:i]):
+            raise PlanError(f"{where}: {stage.pruner} acts before every LLM layer from 0 to {stage.layer} and must "
+                            "be the plan's first LLM stage")

@@ -36,10 +36,11 @@ def vision_flops(seqs_per_layer: list[list[int]], vcfg) -> int:
     return sum(8 * n * d * d + 4 * n * n * d + 4 * n * d * m for seqs in seqs_per_layer for n in seqs)
 
 
-def visual_tokens_per_layer(stages, kept: list, n_visual: int, n_layers: int) -> list[int]:
-    """Visual tokens each decoder layer sees in prefill, given the stages and their kept sets."""
+def visual_tokens_per_layer(stages, kept: list, n_visual: int, n_layers: int, steps: dict | None = None) -> list[int]:
+    """Visual tokens each decoder layer sees in prefill, given the stages and their kept sets (``steps``: layer ->
+    tokens entering it, from the steps of an LLM stage of several steps)."""
     alive = n_visual
-    at_layer = {}
+    at_layer = dict(steps or {})
     for stage, k in zip(stages, kept):
         if stage.where == "llm":
             at_layer[stage.layer] = k.numel()

@@ -68,7 +68,9 @@ def build_results(engine, batch, state, tokens, logits, n_text, prefill_s, decod
         ids = tokens[b].tolist()
         new = answer_length(ids, engine.eos_ids)
         kept = [state.kept[i][b] for i in range(len(plan.stages))] if state is not None else []
-        alive_per_layer = metering.visual_tokens_per_layer(plan.stages, kept, batch.n_visual[b], n_layers)
+        steps = {k: v for run in (state.llm_stages.values() if state is not None else ()) if run.alive_at
+                 for k, v in run.alive_at[b].items()}
+        alive_per_layer = metering.visual_tokens_per_layer(plan.stages, kept, batch.n_visual[b], n_layers, steps)
         prefill_tokens = [n_text[b] + a for a in alive_per_layer]
         fed = len(ids) - 1  # every sampled token but the last went through the model
         kv_len = [n + fed for n in prefill_tokens]

@@ -39,6 +39,9 @@ class StageRun:
     tower_layers: list[int] = field(default_factory=list)  # vision layers its tower signals come from
     steps: list[int] = field(default_factory=list)  # vision stages: the layers it prunes before (progressive: several)
     carry: list = field(default_factory=list)  # progressive stages: per image, the pruner's running state
+    entering: list = field(default_factory=list)  # LLM stages of several steps: per request, originals entering
+    scores_of: list = field(default_factory=list)  # the same: per request, scores over those, each token's latest
+    alive_at: list = field(default_factory=list)  # the same: per request, {layer: visual tokens entering it}
 
 
 @dataclass
@@ -70,7 +73,8 @@ class RequestState(SignalsMixin):
     valid: torch.Tensor | None = None
     vis_orig: torch.Tensor | None = None
     coords: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis, 3]
-    frames: list[torch.Tensor] = field(default_factory=list)  # per request [N_vis] frame of each token (-1: image)
+    frames: list = field(default_factory=list)  # per request [N_vis] frame of each visual token (-1: image), or None
+    llm_depth: int | None = None  # decoder layers of the language model
     key_seq: dict[int, torch.Tensor] = field(default_factory=dict)  # per LLM stage layer: its segment's cache
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per stage layer: this forward's mask
@@ -83,7 +87,6 @@ class RequestState(SignalsMixin):
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
     frame_scoring: list = field(default_factory=list)  # frames stages' scoring passes (engine.frames.FrameScores)
     budgets: dict[int, list] = field(default_factory=dict)  # keep=auto stage index -> per request its budget record
-    frames: list = field(default_factory=list)  # per request [N_vis] frame of each original visual token (LLM stages)
 
     @property
     def first_pruned_layer(self) -> int | None:
@@ -91,9 +94,10 @@ class RequestState(SignalsMixin):
 
     # ---- selection and its records -----------------------------------------------------------
     def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, request: int | None = None,
-               budget_frames=None, **signals) -> Selection:
+               budget_frames=None, at_least: bool = False, **signals) -> Selection:
         """Run a stage's pruner on one request's tokens [N, D] (``request``: its row, for the budget records;
-        ``budget_frames`` [N]: the tokens' frames for a keep=auto rule where the pruner is not given them)."""
+        ``budget_frames`` [N]: the tokens' frames for a keep=auto rule where the pruner is not given them;
+        ``at_least``: a step before a multi-step stage's last may keep more than ``keep``)."""
         auto = run.stage.budget is not None
         if keep is None and not auto:  # after an adaptive / frames stage: resolve now
             keep = run.stage.keep_count(tokens.shape[0])
@@ -111,7 +115,8 @@ class RequestState(SignalsMixin):
                 self.budgets.setdefault(run.index, [None] * self.batch_size)[request] = rec
         else:
             sel = run.pruner.select(inp)
-        check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames")
+        check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames",
+                        at_least=at_least)
         return sel
 
     def follow_tower_feats(self, b: int, sel: Selection, merged_before_projector: bool) -> None:
@@ -260,15 +265,18 @@ class RequestState(SignalsMixin):
             vis_slots = (self.vis_orig[b] >= 0).nonzero().flatten()
             orig = self.vis_orig[b, vis_slots].cpu()
             signals = {**self.llm_signals(run, imp, b, vis_slots),
-                       **self.token_signals(run, layer, hidden_in, b, vis_slots)}
+                       **self.token_signals(run, layer, hidden_in, b, vis_slots),
+                       **self._llm_step(run, layer, b, orig)}  # frames (the keep=auto rules read them too)
             sel = self.select(run, run.keep[b], hidden[b, vis_slots], self.coords[b][orig],
-                              sizes=self.sizes(b, vis_slots.numel()), request=b,
-                              budget_frames=self.frames[b][orig] if self.frames and self.frames[b] is not None
-                              else None, **signals)
+                              sizes=self.sizes(b, vis_slots.numel()), request=b, **signals)
+            if len(run.steps) > 1:
+                run.carry[b] = sel.carry
+                run.alive_at[b][layer] = int(sel.keep_idx.numel())
             if sel.tokens is not None:  # merged tokens: write into a copy, never the caller's tensor
                 hidden = hidden.clone() if hidden is hidden_in else hidden
                 hidden[b, vis_slots[sel.keep_idx]] = sel.tokens.to(hidden.dtype)
             self.record(run, b, orig, sel)
+            self._step_scores(run, b, orig)
             keep_mask = self.valid[b] & (self.vis_orig[b] < 0)
             keep_mask[vis_slots[sel.keep_idx]] = True
             keep_slots.append(keep_mask.nonzero().flatten())
@@ -283,6 +291,30 @@ class RequestState(SignalsMixin):
         if isinstance(kwargs.get("position_ids"), torch.Tensor):
             kwargs["position_ids"] = gather_seq(kwargs["position_ids"], index)
         return gather_seq(hidden, index)
+
+    def _llm_step(self, run: StageRun, layer: int, b: int, orig: torch.Tensor) -> dict:
+        """StageInput fields of request b at LLM ``layer``: its tokens' frames and the LLM depth; for a stage of
+        several steps also ``layers_left``, ``carry`` and ``at_least`` (before its last step)."""
+        frames = self.frames[b] if self.frames else None
+        out = {"frames": None if frames is None else frames[orig], "llm_layers": self.llm_depth}
+        if len(run.steps) > 1:
+            if not run.carry:
+                run.carry, run.entering, run.scores_of = ([None] * self.batch_size for _ in range(3))
+                run.alive_at = [{} for _ in range(self.batch_size)]
+            if run.entering[b] is None:
+                run.entering[b] = orig
+            out.update(layers_left=run.steps[-1] - layer, carry=run.carry[b], at_least=layer != run.steps[-1])
+        return out
+
+    def _step_scores(self, run: StageRun, b: int, orig: torch.Tensor) -> None:
+        """A stage of several steps: its scores over the tokens entering its first step, each token's latest."""
+        new = self.scores[run.index][b]
+        if len(run.steps) < 2 or new is None:
+            return
+        if run.scores_of[b] is None:
+            run.scores_of[b] = torch.zeros(run.entering[b].numel())
+        run.scores_of[b][torch.searchsorted(run.entering[b], orig)] = new
+        self.scores[run.index][b] = run.scores_of[b].clone()
 
     # ---- decode ------------------------------------------------------------------------------
     def start_decode(self, n_new: int, device) -> None:
@@ -303,10 +335,13 @@ def identity_groups(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return g
 
 
-def check_selection(sel: Selection, n: int, keep: int | None, label: str, at_most: bool = False) -> None:
-    """A pruner's result is well formed: ``keep`` sorted unique indices (``at_most``: 1..keep of them)."""
+def check_selection(sel: Selection, n: int, keep: int | None, label: str, at_most: bool = False,
+                    at_least: bool = False) -> None:
+    """A pruner's result is well formed: ``keep`` sorted unique indices (``at_most``: 1..keep of them;
+    ``at_least``: keep..n of them, a step before the last of an LLM stage of several steps)."""
     idx = sel.keep_idx
-    wrong_count = keep is not None and (not 1 <= idx.numel() <= keep if at_most else idx.numel() != keep)
+    wrong_count = keep is not None and (not 1 <= idx.numel() <= keep if at_most else
+                                        not keep <= idx.numel() <= n if at_least else idx.numel() != keep)
     if wrong_count or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
         raise RuntimeError(f"{label}: pruner returned {idx.numel()} indices (want {keep}, sorted, unique)")
     if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n):

@@ -14,6 +14,7 @@ from .feather import FeatherPruner
 from .flowcut import FlowCutPruner
 from .holitom import HoliTomPruner
 from .holitom_llm import HoliTomLLMPruner
+from .framefusion import FrameFusionPruner
 from .keyscore import KeyScorePruner
 from .mmtok import MMTokPruner
 from .pool import PoolPruner
@@ -56,6 +57,7 @@ REGISTRY: dict[str, type[Pruner]] = {
     "holitom": HoliTomPruner,
     "holitom_llm": HoliTomLLMPruner,
     "prunevid": PruneVidPruner,
+    "framefusion": FrameFusionPruner,
     "priority": PriorityPruner,
     "dart": DARTPruner,
 }

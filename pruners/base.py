@@ -63,6 +63,7 @@ class StageInput:
     # progressive pruners (``Pruner.progressive``), at each of their steps inside the vision tower
     layers_left: int | None = None  # tower layers from this step to the stage's last step (0: the last step)
     carry: torch.Tensor | None = None  # [N] the pruner's running state of these tokens from its previous step
+    llm_layers: int | None = None  # LLM stages: the language model's depth (FrameFusion's compute budget)
 
 
 @dataclass
@@ -213,6 +214,12 @@ class Pruner:
     def vision_steps(self, last: int, options: dict) -> list[int]:
         """Progressive pruners: the vision layers before which they prune, ascending, ending at ``last``."""
         return [last]
+
+    def llm_steps(self, layer: int, options: dict) -> list[int]:
+        """The LLM layers an LLM stage at ``layer`` acts before, ascending, ending at ``layer`` (default: that
+        one). Several: the stage steps through them with ``layers_left`` and ``carry`` as a progressive vision
+        stage does, and may keep more than ``keep`` before its last step."""
+        return [layer]
 
     def step_keep(self, inp: StageInput) -> int:
         """Progressive pruners, at a step before the last (``inp.keep``: the stage's keep): how many of the
