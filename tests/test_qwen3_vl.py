@@ -277,3 +277,44 @@ def test_moe_checkpoint_loads_through_the_qwen3_vl_adapter(paths):
 
     assert "qwen3_vl_moe" not in ADAPTERS and model_types()["qwen3_vl_moe"] is ADAPTERS["qwen3_vl"]
     assert "qwen3_vl_moe" not in testing.FAMILIES
+
+
+def test_merged_token_receives_the_mean_deepstack_of_what_it_stands_for(engine_for, tiny_path):
+    """ToMe before the LLM: each surviving token's DeepStack features are the mean of those of the original
+    tokens merged into it (``res.groups``). Reference: the text model's own forward on the engine's LLM input,
+    given DeepStack features averaged by hand over the groups; an unmerged (kept token's own) choice differs."""
+    engine = engine_for("qwen3_vl")
+    req = _images(1)[0]
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+        seen.setdefault("pos", kwargs["position_ids"])
+
+    hook = engine.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        res = engine.generate(req["prompt"], **_media(req), plan="tome:keep=10", max_new_tokens=1, output_logits=True)
+    finally:
+        hook.remove()
+    groups, kept = res.groups[0], res.kept[0]
+    assert int(torch.bincount(groups[groups >= 0]).max()) > 1  # some token stands for several
+    inputs = engine.prepare(req["prompt"], **_media(req))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path("qwen3_vl")).eval()
+    ids = inputs["input_ids"][0]
+    vis = torch.isin(ids, torch.tensor(engine.adapter.visual_token_ids))
+    keep = ~vis
+    keep[vis.nonzero().flatten()[kept]] = True
+    with torch.no_grad():
+        stacks = [torch.cat(layer) for layer in model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features]
+        means = [torch.stack([f[groups == j].mean(0) for j in range(kept.numel())]) for f in stacks]
+
+        def logits(deepstack):
+            hidden = model.model.language_model(inputs_embeds=seen["embeds"], position_ids=seen["pos"],
+                                                visual_pos_masks=vis[keep][None],
+                                                deepstack_visual_embeds=deepstack).last_hidden_state
+            return model.lm_head(hidden[0, -1]).float()
+
+        ref, own = logits(means), logits([f[kept] for f in stacks])
+    torch.testing.assert_close(res.logits[0], ref, atol=ATOL, rtol=1e-4)
+    assert (own - ref).abs().max() > 10 * ATOL
