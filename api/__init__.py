@@ -61,7 +61,7 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .engine.adapters import ADAPTERS
+    from .engine.adapters import model_types
     from .engine.request import VIDEO_MODES
     from .loading import check_device, check_dtype, check_files, check_model, check_model_type
 
@@ -72,7 +72,7 @@ def load(model: str | None = None, plan=None, device: str = "cpu", dtype=None, m
     if video_mode not in VIDEO_MODES:
         raise InputError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
     model = default_model() if model is None else check_model(model)
-    check_model_type(model, ADAPTERS)
+    check_model_type(model, model_types())
     check_files(model)
     hf = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(model)

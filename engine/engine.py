@@ -63,6 +63,7 @@ class Engine:
                                       prefix or 0)
         if not self.adapter.cls_tower and self.adapter.vision_layers is not None:  # CLS-free records (SigLIP)
             self._handles += hooks.install_tower_records(self.adapter.tower_attention_modules())
+        self._handles += self.adapter.install_hooks(STATE_KWARG)  # the family's own (Qwen3-VL: DeepStack)
 
     # ---- public API -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -272,11 +273,14 @@ class Engine:
         """Tower, pruning stages, rebuilt LLM inputs and prefill -> (logits [B, V], attn, pos, cache, state, n_text)."""
         inputs = self._device_inputs(batch.inputs)
         state = self._make_state(batch)
-        feats, alive = self._encode(batch, inputs, state)
+        stack = self.adapter.new_deepstack()  # features added after the first LLM layers (None: not this family)
+        feats, alive = self._encode(batch, inputs, state, stack)
         feats, alive = self._pre_llm(batch, inputs, feats, alive, state)
         embeds, attn, pos, n_text = self._llm_inputs(batch, inputs, feats, alive, state)
         cache = cache_kwargs(self.model, DynamicCache(config=self.adapter.text_config))
-        return prefill(self.model, embeds, attn, pos, cache, state), attn, pos, cache, state, n_text
+        forward = cache if stack is None else {
+            **cache, **stack.forward_kwargs(batch, inputs["input_ids"], self.adapter.visual_token_ids)}
+        return prefill(self.model, embeds, attn, pos, forward, state), attn, pos, cache, state, n_text
 
     @torch.inference_mode()
     def _run(self, batch: Batch, options: DecodeOptions) -> list[Result]:
@@ -288,13 +292,15 @@ class Engine:
         scoring_s = sum(s.seconds for s in state.frame_scoring) if state is not None else 0.0  # reported apart
         return build_results(self, batch, state, tokens, logits, n_text, t1 - t0 - scoring_s, t2 - t1)
 
-    def _encode(self, batch, inputs, state):
-        """Vision tower (+ vision stages). Returns per request its [N_b, D] features and alive original indices."""
+    def _encode(self, batch, inputs, state, stack=None):
+        """Vision tower (+ vision stages). Returns per request its [N_b, D] features and alive original indices;
+        ``stack``: a DeepStack the adapter's encoders fill."""
         n_img = sum(len(ims) for ims in batch.images_of)
         n_vid = sum(v is not None for v in batch.video_of)
         if n_img == 0 and n_vid == 0:
             return [None] * len(batch.reqs), [torch.zeros(0, dtype=torch.long) for _ in batch.reqs]
         kwargs = {STATE_KWARG: state} if state is not None and state.tower_wants else {}
+        extra = {} if stack is None else {"stack": stack}
         if state is not None and state.vision_stages:
             patch_coords = self.adapter.vision_patch_coords(inputs)
             state.image_coords = patch_coords
@@ -305,9 +311,9 @@ class Engine:
                     state.image_offset.append(sum(patch_coords[k].shape[0] for k in ims[:j]))
             kwargs[STATE_KWARG] = state
         want_tower = state is not None and any(wants_tower_feats(r.pruner) for r in state.pre_llm_stages)
-        per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs) if want_tower and n_img \
-            else (self.adapter.encode_images(inputs, **kwargs) if n_img else [], None)
-        per_video = self.video_features(inputs, state, kwargs) if n_vid else []
+        per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs, **extra) if want_tower and n_img \
+            else (self.adapter.encode_images(inputs, **kwargs, **extra) if n_img else [], None)
+        per_video = self.video_features(inputs, state, kwargs, extra) if n_vid else []
         if want_tower:  # the projector's input per request (images only), for stages that merge before it
             state.tower_feats = [torch.cat([per_tower[i] for i in ims]) if per_tower is not None and ims
                                  and batch.video_of[b] is None else None for b, ims in enumerate(batch.images_of)]
@@ -321,14 +327,15 @@ class Engine:
                 alive.append(torch.arange(batch.n_visual[b]))
         return feats, alive
 
-    def video_features(self, inputs, state, kwargs) -> list[torch.Tensor]:
-        """``encode_videos``; where the stages record tower signals, the video pass records into
-        ``state.video_tower`` (the images' record stays in ``state.tower``)."""
+    def video_features(self, inputs, state, kwargs, extra) -> list[torch.Tensor]:
+        """``encode_videos`` (``extra``: the family's own per-call inputs, Qwen3-VL's DeepStack); where the stages
+        record tower signals, the video pass records into ``state.video_tower`` (the images' record stays in
+        ``state.tower``)."""
         if not kwargs or state.tower is None:
-            return self.adapter.encode_videos(inputs)
+            return self.adapter.encode_videos(inputs, **extra)
         images, state.tower = state.tower, TowerRecord(prefix=state.tower.prefix)
         try:
-            return self.adapter.encode_videos(inputs, **kwargs)
+            return self.adapter.encode_videos(inputs, **kwargs, **extra)
         finally:
             state.video_tower, state.tower = state.tower, images
 

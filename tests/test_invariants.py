@@ -147,8 +147,10 @@ def _capture_last_row(model, layer, store, hide):
         cos, sin = kwargs["position_embeddings"]
         b, s, _ = x.shape
         hd = module.head_dim
-        q = module.q_proj(x).view(b, s, -1, hd).transpose(1, 2)
-        k = module.k_proj(x).view(b, s, -1, hd).transpose(1, 2)
+        q, k = module.q_proj(x).view(b, s, -1, hd), module.k_proj(x).view(b, s, -1, hd)
+        if hasattr(module, "q_norm"):  # Qwen3: an RMSNorm over each head's query and key before RoPE
+            q, k = module.q_norm(q), module.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cos.dim() == 3 and cos.shape[-1] == hd:
             q, k = llama_rope(q, k, cos, sin)
         rep = q.shape[1] // k.shape[1]

@@ -13,7 +13,7 @@ from conftest import noise_image
 from reference import hidden_slots, reference_model
 from test_invariants import ATOL, _capture_last_row, assert_matches_recompute
 
-NATIVE = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 PROMPTS = ["what appeared first", "how many objects", "is there a red circle"]
 
 

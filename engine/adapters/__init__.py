@@ -23,6 +23,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "llava": LlavaAdapter,
@@ -30,17 +31,26 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "llava_onevision": LlavaOnevisionAdapter,
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen2_5_VLAdapter,
+    "qwen3_vl": Qwen3VLAdapter,  # qwen3_vl_moe too (its model_types)
 }
 FAMILY_MEMBERS = ("PLACEHOLDERS", "CHAT_TEMPLATE", "processor", "tiny_model", "BENCH")  # what a family module holds
 
 
 def adapter_for(model, processor) -> Adapter:
+    """The adapter of ``model``'s family: the registry entry of its model type, or the one listing it among
+    its ``model_types`` (e.g. ``qwen3_vl_moe`` runs through Qwen3-VL's)."""
     model_type = model.config.model_type
-    try:
-        return ADAPTERS[model_type](model, processor)
-    except KeyError:
+    family = model_types().get(model_type)
+    if family is None:
         raise UnsupportedModelError(
-            f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(ADAPTERS))}") from None
+            f"model type '{model_type}' is not supported; supported families: {', '.join(sorted(ADAPTERS))}")
+    return family(model, processor)
+
+
+def model_types() -> dict[str, type[Adapter]]:
+    """Every model type the registry runs (each family's ``model_types`` and its key) -> its adapter."""
+    out = {t: a for a in ADAPTERS.values() for t in a.model_types}
+    return {**out, **ADAPTERS}
 
 
 def family_module(family: str) -> ModuleType:

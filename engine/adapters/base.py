@@ -141,6 +141,16 @@ class Adapter:
         """[P, 3] per image: coords of the patches inside the vision tower (vision stages only)."""
         return self.image_coords(inputs)
 
+    # ---- features the LLM adds after its first layers (DeepStack) -------------------------------
+    def new_deepstack(self):
+        """A per-call carrier of the visual features the LLM adds after its first layers (``deepstack.DeepStack``,
+        filled by ``encode_images`` / ``encode_videos`` given it as ``stack=``), or None: the family has none."""
+        return None
+
+    def install_hooks(self, state_kwarg: str) -> list:
+        """Hooks of this family's own on the model instance (beyond the engine's); their handles."""
+        return []
+
     # ---- positions --------------------------------------------------------------------------
     def position_ids(self, inputs) -> torch.Tensor:
         """Prefill position ids exactly as ``generate`` builds them: [B, L], or [P, B, L] for M-RoPE."""
