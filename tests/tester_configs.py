@@ -1,0 +1,145 @@
+"""transformers' own tester configurations of the five families, as data, and tiny models built from them.
+
+Each ``TESTER[family]`` is the configuration that the family's ``*VisionText2TextModelTester`` in
+transformers' repository builds (``get_config``; the file and the commit read are cited in ``source``),
+with the tester's test-input fields (``seq_length``, ``is_training``, ``use_labels``, ``num_labels``, ...)
+left out since they are not configuration. ``CHANGES[family]`` lists the only values changed, each with
+why: the word-level test tokenizer's vocabulary size and token ids (``tokensieve.testing.tokenizer_for``),
+and the v4 name ``rope_scaling`` written as transformers 5's ``rope_parameters``. ``PROCESSOR[family]``:
+settings of the family processor (``family_module(family).processor(config, tok, **settings)``), which
+the testers do not have (they feed random pixel tensors): the Qwen testers' 28 px image is one merged
+token, so images are resized to between the stated pixel counts instead.
+
+The files read are the versions the code index holds (commits cited), written before transformers' testers
+moved to ``tests/vlm_tester.py``'s ``VLMModelTester``: the Qwen testers pass their text fields at the top level
+of the config, here under ``text_config`` (where transformers 5 reads them); OneVision's tester gives no vision
+``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 layers,
+towers 2 layers): the invariant tests use plans whose layers exist at that depth.
+
+    path = write_tester_model("qwen2_vl", "/tmp/tester-qwen2_vl")   # seeded, like tokensieve.testing.make_tiny
+"""
+import copy
+
+import torch
+from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+
+from tokensieve.engine.adapters import family_module
+from tokensieve.testing import tokenizer_for
+
+_TF = "huggingface/transformers"
+_CLIP_VISION = dict(num_channels=3, hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=37, dropout=0.1, attention_dropout=0.1, initializer_range=0.02)
+_LLAMA_TEXT = dict(model_type="llama", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=37, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                   type_vocab_size=16, initializer_range=0.02)
+
+TESTER = {
+    "llava": dict(
+        source=(_TF, "tests/models/llava/test_modeling_llava.py", "00ff1ed1f74af4c96b38cc54dde576e38a7bfb8c",
+                "LlavaVisionText2TextModelTester"),
+        config=dict(text_config=dict(_LLAMA_TEXT, max_position_embeddings=512, pad_token_id=1),
+                    vision_config=dict(_CLIP_VISION, image_size=8, patch_size=2),
+                    ignore_index=-100, image_token_index=0, projector_hidden_act="gelu",
+                    vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=16)),
+    "llava_next": dict(
+        source=(_TF, "tests/models/llava_next/test_modeling_llava_next.py", "028e50262806e30e9c1c4517cbac3e1f9208e190",
+                "LlavaNextVisionText2TextModelTester"),
+        config=dict(text_config=dict(_LLAMA_TEXT, max_position_embeddings=580, pad_token_id=0),
+                    vision_config=dict(_CLIP_VISION, image_size=16, patch_size=2),
+                    ignore_index=-100, image_token_index=0, projector_hidden_act="gelu",
+                    vision_feature_select_strategy="default", vision_feature_layer=-1,
+                    image_grid_pinpoints=[[32, 32]])),
+    "llava_onevision": dict(
+        source=(_TF, "tests/models/llava_onevision/test_modeling_llava_onevision.py",
+                "032b32abfb07ba36e8fc1a8e5251514523edce34", "LlavaOnevisionVisionText2TextModelTester"),
+        config=dict(text_config=dict(_LLAMA_TEXT, model_type="qwen2", num_key_value_heads=4,
+                                     max_position_embeddings=580, pad_token_id=0),
+                    vision_config=dict(_CLIP_VISION, image_size=16, patch_size=8),
+                    ignore_index=-100, image_token_index=1, projector_hidden_act="gelu",
+                    vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=[[16, 16]])),
+    "qwen2_vl": dict(
+        source=(_TF, "tests/models/qwen2_vl/test_modeling_qwen2_vl.py", "0000ee06b439c1a0d0f0ad7ae9d0c58b739c184a",
+                "Qwen2VLVisionText2TextModelTester"),
+        config=dict(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2, hidden_act="silu", max_position_embeddings=512,
+                                     max_window_layers=3, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+                                     vocab_size=152064,
+                                     rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, rope_theta=10000),
+                    vision_config=dict(depth=2, embed_dim=32, hidden_act="quick_gelu", hidden_size=32, mlp_ratio=4,
+                                       num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                    tie_word_embeddings=True, vision_start_token_id=151652, image_token_id=151655,
+                    video_token_id=151656)),
+    "qwen2_5_vl": dict(
+        source=(_TF, "tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py", "0112a17f35015f0f17f799c2cfb2a4f4ced01593",
+                "Qwen2_5_VLVisionText2TextModelTester"),
+        config=dict(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=2, hidden_act="silu", max_position_embeddings=512,
+                                     max_window_layers=3, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=2, vocab_size=99,
+                                     rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, rope_theta=10000),
+                    vision_config=dict(depth=2, in_chans=3, hidden_act="silu", intermediate_size=32, out_hidden_size=32,
+                                       hidden_size=32, num_heads=4, patch_size=14, spatial_patch_size=14,
+                                       spatial_merge_size=1, temporal_patch_size=2),
+                    tie_word_embeddings=True, vision_start_token_id=3, image_token_id=4, video_token_id=5)),
+}
+
+CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
+                  "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+                  "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
+                  "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+
+# the only changes, per family (applied by ``tester_config``); each line says why
+CHANGES = {
+    family: [
+        "text vocab_size -> len(tok): the test tokenizer's vocabulary (the tester's ids 0..98 / 152064 are not words)",
+        "text pad/bos/eos_token_id -> the test tokenizer's <pad>/<s>/</s>: padding and stopping use its tokens",
+        "placeholder ids (image/video/vision_start/vision_end) -> the test tokenizer's (PLACEHOLDERS of the family)",
+    ] + (["tie_word_embeddings True -> False: re-drawing the output embeddings N(0, 0.5) (as make_tiny does) would "
+          "re-draw the input ones too, and greedy decoding then repeats one token",
+          "rope_scaling {'type': 'mrope', ...} -> rope_parameters {'rope_type': 'default', ...}: transformers 5's name"]
+         if family.startswith("qwen") else [])
+    for family in TESTER
+}
+PROCESSOR = {  # processor settings (not tester configuration): why, per family
+    "llava": {},  # the tower's 8 px image, patch 2: 16 tokens (the tester's image_seq_length)
+    "llava_next": {},  # 16 px tiles, patch 2, the model's one tiling 32 x 32
+    "llava_onevision": {},  # 16 px tiles, patch 8, the model's one tiling 16 x 16
+    "qwen2_vl": {"pixels": (112 * 112, 28 * 28 * 64)},  # the tester's 28 px image is 1 token: 16 to 64 merged tokens
+    "qwen2_5_vl": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image
+}
+
+
+def tester_config(family: str, tok):
+    """The tester's configuration of ``family`` with ``CHANGES[family]`` applied for the test tokenizer ``tok``."""
+    fields = copy.deepcopy(TESTER[family]["config"])
+    text = fields["text_config"]
+    text.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    if "rope_scaling" in text:
+        text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta")),
+                                   "mrope_section": text.pop("rope_scaling")["mrope_section"]}
+    fields.pop("image_token_index", None)  # the v4 name of image_token_id, set from PLACEHOLDERS below
+    for field, token in family_module(family).PLACEHOLDERS.items():
+        fields[field] = tok.convert_tokens_to_ids(token)
+    return CONFIG_CLASSES[family][0](**fields)
+
+
+def write_tester_model(family: str, path, seed: int = 0) -> str:
+    """Write ``family``'s tester model (seeded random weights, output embeddings N(0, 0.5) as in ``make_tiny``, so
+    greedy decoding is not all ties) with its processor to ``path``; return the path."""
+    torch.manual_seed(seed)
+    tok = tokenizer_for(family)
+    config = tester_config(family, tok)
+    model = CONFIG_CLASSES[family][1](config)
+    processor = family_module(family).processor(config, tok, **PROCESSOR[family])
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.5)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = config.get_text_config().eos_token_id
+    model.eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
