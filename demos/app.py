@@ -140,7 +140,8 @@ def build(engine, plan_template: str | None = None, max_new_tokens: int = 16, ti
                 question = gr.Textbox(label="question", placeholder="what colour is the circle ?")
                 choice = gr.Dropdown(choices, value=plan_template or DEFAULT_PRUNER, allow_custom_value=True,
                                      label="pruner, or a plan template with {keep}")
-                budgets = gr.Textbox(DEFAULT_BUDGETS, label=f"budgets: up to {MAX_COLUMNS} ratios (1 = all tokens)")
+                budgets = gr.Textbox(DEFAULT_BUDGETS, label=f"budgets: up to {MAX_COLUMNS} ratios (1 = all tokens) or auto "
+                                     "(the request chooses: keep=auto)")
                 go = gr.Button("compare", variant="primary")
         gr.Examples([[path, q] for path, q in example_files()], inputs=[media, question], label="examples")
         status = gr.Markdown("", elem_id="status")

@@ -20,6 +20,8 @@ LLM_LAYER = 2  # an LLM-stage pruner chosen by name prunes before this layer (Fa
 DEFAULT_PRUNER = "divprune"
 TIMING_RUNS = 3  # each column's times: the median of this many runs after the answering one (its warm-up)
 DEFAULT_BUDGETS = "1,0.5,0.25,0.11"
+AUTO = "auto"  # a budget column where each request chooses its own budget (keep=auto)
+AUTO_MASS, AUTO_TAU = "mass=0.9", "tau=0.2"  # the auto column's rule: with scores / without
 MAX_VIDEO_SECONDS = 600.0  # longer uploads are refused (the demo samples 8 frames; the cap bounds probing)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 JSON_FIELDS = ("plan", "answer", "visual_tokens", "kept_tokens", "prefill_s", "decode_s", "prefill_flops",
@@ -48,15 +50,27 @@ class Column:
                 "unknown_words": self.result.unknown_words if self.result is not None else []}
 
 
-def parse_budgets(text: str) -> list[float]:
-    """"1,0.5,0.25" -> ratios of the visual tokens kept (1 = all); at most four, each in (0, 1]."""
+def parse_budgets(text: str) -> list[float | str]:
+    """"1,0.5,0.25,auto" -> ratios of the visual tokens kept (1 = all) or AUTO (each request's own budget,
+    ``auto_rule``); at most four, each ratio in (0, 1]."""
     try:
-        values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
+        values = [AUTO if v.lower() == AUTO else float(v) for v in str(text).replace(" ", "").split(",") if v]
     except ValueError:
-        raise DemoError(f"budgets must be ratios in (0, 1] separated by commas, e.g. {DEFAULT_BUDGETS}; got {text!r}") from None
-    if not values or len(values) > MAX_COLUMNS or any(not 0 < v <= 1 for v in values):
-        raise DemoError(f"give 1 to {MAX_COLUMNS} budgets in (0, 1] separated by commas (1 = all tokens); got {text!r}")
+        raise DemoError(f"budgets must be ratios in (0, 1] or auto, separated by commas, e.g. {DEFAULT_BUDGETS}; "
+                        f"got {text!r}") from None
+    if not values or len(values) > MAX_COLUMNS or any(v != AUTO and not 0 < v <= 1 for v in values):
+        raise DemoError(f"give 1 to {MAX_COLUMNS} budgets in (0, 1] or auto, separated by commas (1 = all tokens); "
+                        f"got {text!r}")
     return values
+
+
+def auto_rule(choice: str) -> str:
+    """The auto column's rule: the importance-mass rule (``mass=0.9``) for a pruner with scores, else the
+    redundancy rule (``tau=0.2``); the budget rules are in engine/budget.py."""
+    from ..pruners import REGISTRY
+
+    names = [choice] if choice in REGISTRY else [s.pruner for s in Plan.parse(choice.replace("{keep}", "1.0")).stages]
+    return AUTO_MASS if all(REGISTRY[n].scored for n in names) else AUTO_TAU
 
 
 def plans_for(choice: str, budgets: list[float]) -> list[Column]:
@@ -70,6 +84,12 @@ def plans_for(choice: str, budgets: list[float]) -> list[Column]:
                         f"e.g. fastv:layer=2,keep={{keep}}; got {choice!r}")
     columns = []
     for b in budgets:
+        if b == AUTO:
+            rule = auto_rule(choice)
+            keep = f"auto,{rule}"
+            plan = choice.replace("{keep}", keep) if "{keep}" in choice else default_place(choice, keep, LLM_LAYER)
+            columns.append(Column(f"auto ({rule.replace('=', ' ')})", str(Plan.parse(plan))))
+            continue
         if b >= 1:
             columns.append(Column("all tokens", ""))
             continue

@@ -71,7 +71,8 @@ def test_plans_are_those_the_engine_accepts(engine_for):
     image, video = {"images": [noise_image(0)]}, {"video": np.zeros((4, 32, 32, 3), np.uint8)}
     image_plans, video_plans = bench.candidate_plans(video=False), bench.candidate_plans(video=True)
     flowcut = ["flowcut:keep=0.333333", "flowcut:keep=0.222222", "flowcut:keep=0.111111"]
-    videos = [f"{m}:keep={k}" for m in ("dycoke", "fastvid", "keyscore", "vidcom2") for k in ("0.25", "0.1")]
+    videos = [f"{m}:keep={k}" for m in ("dycoke", "fastvid", "keyscore", "vidcom2", "holitom", "prunevid") for k in ("0.25", "0.1")]
+    videos += [f"framefusion:layer=2,keep={k}" for k in ("0.25", "0.1")]
     assert video_plans == image_plans + videos and all(p in image_plans for p in flowcut)
     assert bench.plans_for(engine_for("llava"), image) == (image_plans, {})
     for family, request, every in (("llava_next", image, image_plans), ("qwen2_5_vl", image, image_plans),

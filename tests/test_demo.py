@@ -77,6 +77,20 @@ def test_budgets_and_plans():
         cmp.plans_for("nosuch:keep={keep}", [0.5])
 
 
+def test_an_auto_column_lets_each_request_choose_its_budget(engine):
+    """``auto`` in the budgets: the importance-mass rule for a pruner with scores, the redundancy rule otherwise;
+    the column answers as that plan does directly, and its stats say the budget it got."""
+    assert cmp.parse_budgets("1,auto") == [1.0, "auto"]
+    fastv, divprune = cmp.plans_for("fastv", ["auto"])[0], cmp.plans_for("divprune", ["auto"])[0]
+    assert tokensieve.Plan.parse(fastv.plan) == tokensieve.Plan.parse("fastv:layer=2,keep=auto,mass=0.9")
+    assert tokensieve.Plan.parse(divprune.plan) == tokensieve.Plan.parse("divprune:keep=auto,tau=0.2")
+    assert divprune.label == "auto (tau 0.2)"
+    columns = list(cmp.compare(engine, IMAGE, IMAGE_Q, "divprune", "1,auto", timing_runs=1))[-1]
+    assert [c.answer for c in columns] == _direct(engine, IMAGE, IMAGE_Q, [c.plan for c in columns])
+    (budget,) = columns[1].result.stats["budgets"]
+    assert budget["rule"] == "tau" and budget["kept"] == columns[1].result.stats["kept_tokens"] < 64
+
+
 def test_media_is_checked(tmp_path):
     assert cmp.load_media(IMAGE)[0] == "image"
     kind, video = cmp.load_media(VIDEO)

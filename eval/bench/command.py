@@ -35,8 +35,8 @@ import time
 import torch
 
 BUDGETS = (192, 128, 64)  # of LLaVA-1.5's 576 visual tokens; ratios of the token count on other models
-SPATIAL = ("cls", "visionzip", "divprune", "tome", "vispruner")
-VIDEO_METHODS = ("dycoke", "fastvid", "keyscore", "vidcom2")
+SPATIAL = ("cls", "visionzip", "divprune", "tome", "vispruner", "cdpruner", "mmtok")
+VIDEO_METHODS = ("dycoke", "fastvid", "keyscore", "vidcom2", "holitom", "prunevid")
 
 
 def candidate_plans(video: bool) -> list[str]:
@@ -47,8 +47,10 @@ def candidate_plans(video: bool) -> list[str]:
     plans += [f"{p}:keep={r}" for p in SPATIAL for r in ratios]
     plans.append(f"divprune:keep={2 * 192 / 576:.6f};fastv:layer=2,keep=0.25")  # 384, then 96 of 576
     plans += [f"flowcut:keep={r}" for r in ratios]
+    plans += [f"dart:layer=2,keep={r}" for r in ratios]
     if video:
         plans += [f"{p}:keep={r}" for p in VIDEO_METHODS for r in ("0.25", "0.1")]
+        plans += [f"framefusion:layer=2,keep={r}" for r in ("0.25", "0.1")]
     return plans
 
 
