@@ -119,6 +119,7 @@ class CDPrunerPruner(Pruner):
                                  "exp(theta / (2 (1 - theta)) relevance)); default: none, as the official runs",
                         None, low=0, high=0.99)}
     signals = Signals("llm.instruction", required=("llm.instruction",))
+    scored = True  # its scores rank every entering token (keep=auto,mass=)
 
     def select(self, inp: StageInput) -> Selection:
         instruction = inp.instruction  # [M, D] the question's LLM input embeddings (surrogate of CLIP text)

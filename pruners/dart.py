@@ -84,6 +84,7 @@ class DARTPruner(Pruner):
     default_where = "llm"
     default_layer = 2  # the official pruned_layer K: layer 1's output and keys, pruned before layer 2
     signals = Signals("llm.keys", "llm.normed", "llm.positions")
+    scored = True  # its scores rank every entering token (keep=auto,mass=)
     options = {
         "pivot_image": Option("int", "image pivots: the visual tokens with the largest key L1 norm", 4, low=1),
         "pivot_text": Option("int", "text pivots: the text tokens after the image with the largest key L1 norm",

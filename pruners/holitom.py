@@ -284,6 +284,7 @@ class HoliTomPruner(Pruner):
         "knn": Option("int", "neighbours of the DPC-kNN density (capped at the number of centres)", 7, low=1),
         "max_window": Option("int", "most frames in one static window", 1024, low=1)}
     signals = Signals("tower.received")
+    scored = True  # its scores rank every entering token (keep=auto,mass=)
 
     def tower_score(self, rec: TowerRecord, layers: list[int]) -> torch.Tensor:
         """[n, S - prefix] the attention each patch receives (mean over heads and query rows) in the last layer,

@@ -55,6 +55,7 @@ class HoliTomLLMPruner(Pruner):
     default_layer = 21  # the official K = 18 of a 28-layer Qwen2 (LLaVA-OneVision-7B), on the 32-layer rule
     default_keep = 0.5  # HOLITOM_r = 0.5
     signals = Signals("llm.last_query")
+    scored = True  # its scores rank every entering token (keep=auto,mass=)
 
     def select(self, inp: StageInput) -> Selection:
         scores = inp.attn.float().mean(dim=0)  # [H, N] -> [N]

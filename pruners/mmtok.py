@@ -150,6 +150,7 @@ class MMTokPruner(Pruner):
         "text": Option("str", "text to cover: keywords of the question (official LLaVA path) or 'Question: ' + the "
                               "question (official Qwen2.5-VL path)", "keywords", choices=("keywords", "question"))}
     signals = Signals("tower.patches", "request.keywords")  # the engine gives keywords on every family
+    scored = True  # its scores rank every entering token (keep=auto,mass=)
 
     def keywords(self, question: str, options: dict) -> str:
         """The text whose token embeddings are covered (signal ``request.keywords``): see the module doc."""
