@@ -97,7 +97,7 @@ def parse_budget(item: dict, pruner, keep, where: str, label: str) -> AutoBudget
     if lo is not None and hi is not None and type(lo) is type(hi) and lo > hi:
         raise PlanError(f"{label}: min={lo} is above max={hi}")
     if rule == "own" and not pruner.adaptive:
-        raise PlanError(f"{label}: keep=auto needs an adaptive pruner (prumerge) or a budget rule: mass=M "
+        raise PlanError(f"{label}: keep=auto needs an adaptive pruner ({adaptive_names()}) or a budget rule: mass=M "
                         f"(importance mass, for pruners with scores) or tau=T (redundancy), e.g. keep=auto,tau=0.2")
     if rule == "mass" and not pruner.scored:
         raise PlanError(f"{label}: {pruner.name} gives no token scores, so the mass rule cannot apply; "
@@ -254,3 +254,10 @@ def budget_stats(stages, budgets: dict, b: int) -> list[dict]:
     request record or None), each with its stage index and pruner first."""
     return [dict(stage=i, pruner=stages[i].pruner, **budgets[i][b]) for i in sorted(budgets)
             if budgets[i][b] is not None]
+
+
+def adaptive_names() -> str:
+    """The pruners with a keep=auto rule of their own ("prumerge, prunevid, ...")."""
+    from ..pruners import REGISTRY
+
+    return ", ".join(sorted(n for n, cls in REGISTRY.items() if cls.adaptive))
