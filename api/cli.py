@@ -121,7 +121,8 @@ def pruners() -> int:
         doc = doc.removeprefix(f"`{name}`: ")
         print(f"{name}: {doc if len(doc) <= 110 else doc[:107] + '...'}")
         print(f"    where: {', '.join(p.wheres)} (default {p.default_where}{layer}{keep})"
-              + (", needs a CLS token" if p.signals.of("tower", required=True) else "")
+              + (", needs a CLS token" if p.requires_tower else
+                 ", needs a hooked vision tower" if p.signals.of("tower", required=True) else "")
               + (", scores (keep=auto,mass=)" if p.scored else ""))
         if p.signals.reads:
             print(f"    reads: {', '.join(sorted(p.signals.reads))}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..pruners import get_pruner
 from .errors import PlanError
 from .plan import Plan
-from .signals import CLS_FREE, needs_tower, tower_records
+from .signals import CLS_FREE, needs_hooked_tower, needs_tower, tower_records
 
 
 def vision_layer(adapter, stage) -> int:
@@ -32,6 +32,11 @@ def check_fit(ad, plan: Plan) -> None:
         if needs_tower(get_pruner(stage.pruner)) and not ad.cls_tower:
             raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
                             f"token (families: llava, llava_next); '{ad.family}' has none")
+        if needs_hooked_tower(get_pruner(stage.pruner)) and ad.vision_layers is None:
+            names = ", ".join(sorted(get_pruner(stage.pruner).signals.of("tower", required=True)))
+            raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads the vision tower's attention "
+                            f"({names}), which tokensieve records only on the towers it hooks (families: llava, "
+                            f"llava_next, llava_onevision); '{ad.family}' is not one of them")
     plan.check(ad.text_config.num_hidden_layers, n_vision, ad.vision_prefix is not None)
     seen_vision = False
     for i, stage in enumerate(plan.stages):

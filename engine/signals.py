@@ -142,7 +142,15 @@ def tower_records(pruner) -> frozenset:
 
 
 def needs_tower(pruner) -> bool:
-    """The method is meaningless without tower signals (refused on families without a CLS tower)."""
+    """The method is meaningless without tower signals that need a CLS token (refused on families without a
+    CLS tower)."""
+    required = declared(pruner).of("tower", required=True)
+    return any(TOWER_RECORDS.get(n) not in CLS_FREE for n in required)
+
+
+def needs_hooked_tower(pruner) -> bool:
+    """The method is meaningless without a tower record that needs no CLS token (``tower.received``): refused on
+    families whose vision tower tokensieve does not hook."""
     return bool(declared(pruner).of("tower", required=True))
 
 

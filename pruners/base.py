@@ -180,7 +180,7 @@ class Pruner:
     # Read-only views of ``signals`` under the names of the class flags it replaced, for readers outside the
     # engine (the CLI, reports); the engine reads ``signals`` (engine/signals.py). A subclass setting one fails.
     vision_needs = _View(lambda s: frozenset(n.split(".", 1)[1] for n in s.of("tower")) - {"features"})
-    requires_tower = _View(lambda s: bool(s.of("tower", required=True)))
+    requires_tower = _View(lambda s: any(n != "tower.received" for n in s.of("tower", required=True)))  # a CLS token
     merge_space = _View(lambda s: "tower" if "tower.features" in s else "llm")
     reads_priority = _View(lambda s: "request.priority" in s)
     frame_signal = _View(lambda s: next((n.split(".", 1)[1] for n in sorted(s.of("frames"))), None))

@@ -44,7 +44,8 @@ Other choices: float32 throughout (the official: the model dtype, bf16); no rand
 official adds rand * 1e-6) and ties go to the lower position (the official ``topk`` leaves them open); frames
 are the request's video frames by index (without a video, each image / tile is one frame); frames of unequal
 size or grid get no windows. The received attention is the signal ``tower.received`` at the feature layer
-(``tower_score``); where the tower gave none (Qwen2-VL), the mean-query surrogate of ``cls_or_surrogate``.
+(``tower_score``; required: the stage is refused on the Qwen families, whose towers tokensieve does not hook;
+called directly without it, the mean-query surrogate of ``cls_or_surrogate``).
 HoliTom's inner-LLM merge (``holitom/modeling_qwen2.py``, HOLITOM_k / HOLITOM_r) is the pruner ``holitom_llm``.
 """
 from __future__ import annotations
@@ -283,7 +284,7 @@ class HoliTomPruner(Pruner):
                     "top-attention", 0.0, low=0, high=1),
         "knn": Option("int", "neighbours of the DPC-kNN density (capped at the number of centres)", 7, low=1),
         "max_window": Option("int", "most frames in one static window", 1024, low=1)}
-    signals = Signals("tower.received")
+    signals = Signals("tower.received", required=("tower.received",))  # refused where the tower is not hooked
     scored = True  # its scores rank every entering token (keep=auto,mass=)
 
     def tower_score(self, rec: TowerRecord, layers: list[int]) -> torch.Tensor:
