@@ -42,6 +42,21 @@ def engine_for(tiny_path):
         e.close()
 
 
+@pytest.fixture(scope="session")
+def shipped_engine():
+    """``get(name)``: an engine on a shipped model ("tiny-llava", "tiny-qwen2-vl"), loaded once per session."""
+    engines = {}
+
+    def get(name: str) -> tokensieve.Engine:
+        if name not in engines:
+            engines[name] = tokensieve.load(tokensieve.shipped.path(name))
+        return engines[name]
+
+    yield get
+    for e in engines.values():
+        e.close()
+
+
 def noise_image(seed: int, h: int = 40, w: int = 56) -> Image.Image:
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))

@@ -200,20 +200,6 @@ def reference_signals(name, inputs, layer):
     return normed, got["keys"]
 
 
-@pytest.fixture(scope="module")
-def shipped_engine():
-    engines = {}
-
-    def get(name):
-        if name not in engines:
-            engines[name] = tokensieve.load(shipped.path(name))
-        return engines[name]
-
-    yield get
-    for e in engines.values():
-        e.close()
-
-
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
 @pytest.mark.parametrize("layer,budget,p_img,p_txt", [(2, 16, 4, 4), (1, 8, 4, 4), (3, 8, 2, 2)])
 def test_engine_matches_official_on_shipped_models(shipped_engine, name, layer, budget, p_img, p_txt):

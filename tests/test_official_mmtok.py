@@ -263,25 +263,11 @@ def test_a_broken_method_fails_the_comparison(monkeypatch, broken):
 
 # ---- through the engine on the tiny models ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def shipped_engines():
-    engines = {}
-
-    def get(name):
-        if name not in engines:
-            engines[name] = tokensieve.load(shipped.path(name))
-        return engines[name]
-
-    yield get
-    for e in engines.values():
-        e.close()
-
-
 @pytest.fixture(params=["shipped", "random"])
-def engine_of(request, engine_for, shipped_engines):
+def engine_of(request, engine_for, shipped_engine):
     """family -> the shipped tiny model (``tiny-llava`` / ``tiny-qwen2-vl``) or a randomly initialised one."""
     shipped_name = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
-    return lambda family: shipped_engines(shipped_name[family]) if request.param == "shipped" else engine_for(family)
+    return lambda family: shipped_engine(shipped_name[family]) if request.param == "shipped" else engine_for(family)
 
 
 def _first_layer_inputs(engine):
