@@ -47,6 +47,7 @@ def run(pruners: list[str], rules: list[str], n_images: int, n_videos: int, out:
     kinds = [k for k, n in (("image", n_images), ("video", n_videos)) if n]
     todo = [(m, p, r, k) for m in MODELS for p in pruners for r in rules for k in kinds if (m, p, r, k) not in done]
     engine, loaded = None, None
+    full = {(c["model"], c["kind"]): c["full"] for c in cells if "full" in c}
     with open(path, "a") as f:
         for model, pruner, rule, kind in tqdm(todo, desc="auto vs fixed"):
             if model != loaded:
@@ -59,7 +60,9 @@ def run(pruners: list[str], rules: list[str], n_images: int, n_videos: int, out:
                 share = max(cell["auto"]["kept"], 1e-3)
                 cell["fixed_plan"] = default_place(pruner, round(share, 4), LLM_LAYER)
                 cell["fixed"] = measure_cell(engine, questions, kind, cell["fixed_plan"], batch_size)
-                cell["full"] = measure_cell(engine, questions, kind, "", batch_size)
+                if (model, kind) not in full:  # the full-token run, once per model and kind
+                    full[model, kind] = measure_cell(engine, questions, kind, "", batch_size)
+                cell["full"] = full[model, kind]
             except PlanError as e:
                 cell["error"] = str(e)
             f.write(json.dumps(cell) + "\n")
