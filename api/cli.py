@@ -109,6 +109,20 @@ def run(args) -> int:
     return 0
 
 
+def family_line(pruner) -> str:
+    """Where ``pruner`` runs, per registered family: runs, runs with a surrogate (naming the signal), refused (why)."""
+    from tokensieve.engine.adapters import ADAPTERS
+    from tokensieve.engine.fit import runs_on, surrogates
+
+    refused = {f: r for f, r in runs_on(pruner).items() if r}
+    runs = [f + (f" (surrogate for {', '.join(surrogates(ADAPTERS[f], pruner))})" if surrogates(ADAPTERS[f], pruner)
+                 else "") for f in ADAPTERS if f not in refused]
+    out = ", ".join(runs) if runs else "none"
+    if refused:
+        out += f"; refused on {', '.join(refused)}: {next(iter(refused.values())).split(';')[0]}"
+    return out
+
+
 def pruners() -> int:
     """``tokensieve pruners``: every registered pruner, where it acts, and its options (type, range, default)."""
     from tokensieve.pruners import REGISTRY
@@ -126,6 +140,7 @@ def pruners() -> int:
               + (", scores (keep=auto,mass=)" if p.scored else ""))
         if p.signals.reads:
             print(f"    reads: {', '.join(sorted(p.signals.reads))}")
+        print(f"    families: {family_line(p)}")
         for opt, spec in p.options.items():
             print(f"    {opt}: {spec.describe()}")
     print("\n  keep is a count, a ratio, or auto: a budget chosen per request by a rule (engine/budget.py, docs/api.md):\n"

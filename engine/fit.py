@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..pruners import get_pruner
 from .errors import PlanError
 from .plan import Plan
-from .signals import CLS_FREE, needs_hooked_tower, needs_tower, tower_records
+from .signals import CLS_FREE, TOWER_RECORDS, needs_hooked_tower, needs_tower, tower_records
 
 
 def vision_layer(adapter, stage) -> int:
@@ -25,18 +25,51 @@ def tower_layers(adapter, stage, pruner) -> list[int]:
     return pruner.tower_layers(last, stage.options)
 
 
+def family_refusal(adapter_cls, pruner) -> str | None:
+    """Why no model of the family behind ``adapter_cls`` can run ``pruner`` at any stage (a signal its tower cannot
+    give), or None: it may run (placement and depth are checked per model by ``check_fit``)."""
+    if needs_tower(pruner) and not adapter_cls.cls_tower:
+        return (f"{pruner.name} needs a vision tower with a CLS token (families: {', '.join(families_with('cls_tower'))});"
+                f" '{adapter_cls.family}' has none")
+    if needs_hooked_tower(pruner) and not adapter_cls.hooked_tower:
+        names = ", ".join(sorted(pruner.signals.of("tower", required=True)))
+        return (f"{pruner.name} reads the vision tower's attention ({names}), which tokensieve records only on the "
+                f"towers it hooks (families: {', '.join(families_with('hooked_tower'))}); '{adapter_cls.family}' "
+                "is not one of them")
+    return None
+
+
+def families_with(capability: str) -> list[str]:
+    """The registered families whose adapter class has ``capability`` (``cls_tower``, ``hooked_tower``)."""
+    from .adapters import ADAPTERS
+
+    return [f for f, a in ADAPTERS.items() if getattr(a, capability)]
+
+
+def runs_on(pruner) -> dict[str, str | None]:
+    """Every registered family -> None where ``pruner`` may run on it, else the reason it is refused."""
+    from .adapters import ADAPTERS
+
+    return {f: family_refusal(a, pruner) for f, a in ADAPTERS.items()}
+
+
+def surrogates(adapter_cls, pruner) -> list[str]:
+    """Tower signals ``pruner`` reads but does not require that the family's tower cannot give: the pruner runs
+    with its documented surrogate for them."""
+    def given(name):
+        record = TOWER_RECORDS.get(name)
+        return adapter_cls.cls_tower or (record in CLS_FREE and adapter_cls.hooked_tower)
+
+    return sorted(n for n in pruner.signals.of("tower") if not given(n))
+
+
 def check_fit(ad, plan: Plan) -> None:
     """Raise PlanError naming the first stage that the model behind adapter ``ad`` cannot run."""
     n_vision = len(ad.vision_layers) if ad.vision_layers is not None else 0
     for i, stage in enumerate(plan.stages):  # before the layer checks: no placement helps such a stage
-        if needs_tower(get_pruner(stage.pruner)) and not ad.cls_tower:
-            raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} needs a vision tower with a CLS "
-                            f"token (families: llava, llava_next); '{ad.family}' has none")
-        if needs_hooked_tower(get_pruner(stage.pruner)) and ad.vision_layers is None:
-            names = ", ".join(sorted(get_pruner(stage.pruner).signals.of("tower", required=True)))
-            raise PlanError(f"stage {i} ({stage.describe()}): {stage.pruner} reads the vision tower's attention "
-                            f"({names}), which tokensieve records only on the towers it hooks (families: llava, "
-                            f"llava_next, llava_onevision); '{ad.family}' is not one of them")
+        reason = family_refusal(type(ad), get_pruner(stage.pruner))
+        if reason:
+            raise PlanError(f"stage {i} ({stage.describe()}): {reason}")
     plan.check(ad.text_config.num_hidden_layers, n_vision, ad.vision_prefix is not None)
     seen_vision = False
     for i, stage in enumerate(plan.stages):

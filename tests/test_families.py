@@ -47,6 +47,44 @@ def test_make_tiny_builds_a_model_that_loads_and_generates(family, tiny_path, en
     assert res.stats["visual_tokens"] > 0 and res.stats["new_tokens"] >= 1
 
 
+@pytest.mark.parametrize("family", list(ADAPTERS))
+def test_the_class_level_capabilities_match_the_loaded_model(family, engine_for):
+    """``cls_tower`` / ``hooked_tower`` decide, before any model is loaded, which pruners a family runs
+    (``tokensieve pruners``, check_fit): they must say what a loaded model of the family really has."""
+    ad = engine_for(family).adapter
+    assert type(ad).hooked_tower == (ad.vision_layers is not None)
+    if type(ad).cls_tower:  # a CLS token: the tower's sequence is one longer than its patches
+        vc = engine_for(family).model.config.vision_config
+        emb = ad.vision_layers[0]  # the hooked tower's first layer sees [n, 1 + P, C]
+        seen = []
+        handle = emb.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+        try:
+            engine_for(family).generate("what", images=[noise_image(0)], max_new_tokens=1)
+        finally:
+            handle.remove()
+        assert seen and seen[0] == (vc.image_size // vc.patch_size) ** 2 + 1
+
+
+def test_the_pruners_command_names_the_families_each_pruner_runs_on():
+    """holitom reads ``tower.received`` (hooked towers only); cls reads the CLS row where a tower has one and a
+    surrogate elsewhere; divprune reads features only."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "tokensieve", "pruners"], capture_output=True, text=True, timeout=120)
+    family_of, name = {}, None
+    for line in out.stdout.splitlines():
+        if line and not line.startswith(" "):
+            name = line.split(":")[0]
+        elif line.startswith("    families: "):
+            family_of[name] = line.strip()
+    hooked = [f for f in ADAPTERS if ADAPTERS[f].hooked_tower]
+    unhooked = [f for f in ADAPTERS if not ADAPTERS[f].hooked_tower]
+    assert family_of["divprune"] == "families: " + ", ".join(ADAPTERS)
+    assert family_of["holitom"].startswith(f"families: {', '.join(hooked)}; refused on {', '.join(unhooked)}: holitom "
+                                           "reads the vision tower's attention")
+    assert "qwen2_vl (surrogate for tower.cls)" in family_of["cls"] and "llava, llava_next," in family_of["cls"]
+
+
 def _fake_family(llava):
     """A module for a family 'fake_llava': LLaVA-1.5's tiny model with its own placeholder token and turns."""
     module = types.ModuleType("fake_family_module")

@@ -17,6 +17,7 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]]
     vision_prefix: ClassVar[int | None] = None  # tokens before the patches in the tower (CLS); None: no vision stages
     cls_tower: ClassVar[bool] = False  # the tower has a CLS token whose attention the engine can record
+    hooked_tower: ClassVar[bool] = False  # the engine hooks the tower's layers (``vision_layers`` is not None)
     feature_prefix: int = 0  # non-patch tokens (a CLS hidden state) before each image's patches in the LLM features
 
     def __init__(self, model: nn.Module, processor):

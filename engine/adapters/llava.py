@@ -14,6 +14,7 @@ class LlavaAdapter(Adapter):
     model_types = ("llava",)
     vision_prefix = 1  # the CLS token
     cls_tower = True
+    hooked_tower = True
 
     @property
     def vision_layers(self):

@@ -15,6 +15,7 @@ class LlavaNextAdapter(Adapter):
     family = "llava_next"
     model_types = ("llava_next",)
     cls_tower = True
+    hooked_tower = True
 
     @property
     def vision_layers(self):

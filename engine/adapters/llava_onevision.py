@@ -12,6 +12,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     cls_tower = False  # SigLIP has no CLS token: CLS-based pruners use their surrogate
+    hooked_tower = True
 
     def _feature_kwargs(self, inputs) -> dict:
         kw = super()._feature_kwargs(inputs)
