@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from tokensieve.eval.bench import command as bench, models as bench_models
 
 
@@ -95,3 +98,29 @@ def test_a_plan_the_engine_refuses_is_left_out_with_its_reason():
     assert left_out == {p: f"no merging here ({p})" for p in bench.candidate_plans(video=False) if "tome" in p}
     results = {"env": {"device": "cpu", "date": "today"}, "models": {"m": {}}, "left_out": {"m": left_out}}
     assert "- `tome:keep=0.333333`: no merging here (tome:keep=0.333333)" in bench.markdown(results)
+
+
+@pytest.mark.parametrize("name", list(bench_models.bench_families()))
+def test_every_bench_configuration_builds_at_full_and_reduced_depth(name):
+    """Each bench model's file gives a model transformers builds (on the meta device: no memory) with the file's
+    widths; cut to 4 + 4 layers, the cut keeps every DeepStack tower layer inside the tower (Qwen3-VL)."""
+    import json
+    import os
+
+    from transformers import AutoModelForImageTextToText
+
+    from tokensieve.testing import tokenizer_for
+
+    raw = json.load(open(os.path.join(os.path.dirname(bench_models.__file__), "configs", f"{name}.json")))
+    tok = tokenizer_for(bench_models.bench_families()[name])
+    for layers in (None, 4):
+        cfg = bench_models._config(name, tok, layers, layers)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(cfg)
+        text = cfg.get_text_config()
+        assert text.hidden_size == raw["text_config"]["hidden_size"]
+        assert text.num_hidden_layers == (raw["text_config"]["num_hidden_layers"] if layers is None else 4)
+        ds = getattr(cfg.vision_config, "deepstack_visual_indexes", None)
+        if ds:  # distinct tower layers, all inside the tower, as many as the file's while the depth allows
+            assert len(set(ds)) == len(ds) == len(raw["vision_config"]["deepstack_visual_indexes"])
+            assert max(ds) < cfg.vision_config.depth and len(model.model.visual.deepstack_merger_list) == len(ds)

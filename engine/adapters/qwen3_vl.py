@@ -59,7 +59,7 @@ def _per_item(layers: list) -> list[torch.Tensor]:
 # ---- the family's test, world and bench models (read by tokensieve.testing and eval/; see adapters/__init__.py) ----
 # PLACEHOLDERS and CHAT_TEMPLATE: Qwen2-VL's (imported above); the processor turns the video placeholder into
 # one timestamped <|vision_start|> ... <|vision_end|> run per temporal patch
-BENCH = None  # no benchmark configuration yet
+BENCH = {"model": "qwen3-vl-8b", "image": (768, 768)}  # eval/bench/configs/qwen3-vl-8b.json; 576 tokens merged (patch 16, 2 x 2)
 PIXELS = (64 * 64, 32 * 32 * 1280)  # patch 16 x merge 2: fewest and most pixels an image is resized to
 
 

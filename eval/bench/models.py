@@ -53,7 +53,11 @@ def _config(name: str, tok, layers: int | None, vision_layers: int | None):
         text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
     if vision_layers:
         key = "depth" if "depth" in vision else "num_hidden_layers"
-        vision[key] = min(vision_layers, vision[key])
+        full, vision[key] = vision[key], min(vision_layers, vision[key])
+        if "deepstack_visual_indexes" in vision:  # Qwen3-VL: the same layers scaled to the depth kept, so the LLM
+            # still receives every DeepStack feature (each index below the depth, distinct while the depth allows)
+            scaled = [min(vision[key] - 1, i * vision[key] // full) for i in vision["deepstack_visual_indexes"]]
+            vision["deepstack_visual_indexes"] = list(dict.fromkeys(scaled))
         if "fullatt_block_indexes" in vision:  # keep a full-attention block among the layers kept
             vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision[key]] or [vision[key] - 1]
     return AutoConfig.for_model(**raw)
