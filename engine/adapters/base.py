@@ -18,6 +18,7 @@ class Adapter:
     vision_prefix: ClassVar[int | None] = None  # tokens before the patches in the tower (CLS); None: no vision stages
     cls_tower: ClassVar[bool] = False  # the tower has a CLS token whose attention the engine can record
     hooked_tower: ClassVar[bool] = False  # the engine hooks the tower's layers (``vision_layers`` is not None)
+    stacks_videos: ClassVar[bool] = False  # the processor stacks a batch's videos in one tensor: one frame count each
     feature_prefix: int = 0  # non-patch tokens (a CLS hidden state) before each image's patches in the LLM features
 
     def __init__(self, model: nn.Module, processor):

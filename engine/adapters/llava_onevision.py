@@ -13,6 +13,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
     cls_tower = False  # SigLIP has no CLS token: CLS-based pruners use their surrogate
     hooked_tower = True
+    stacks_videos = True  # pixel_values_videos [n_videos, frames, C, H, W]
 
     def _feature_kwargs(self, inputs) -> dict:
         kw = super()._feature_kwargs(inputs)
