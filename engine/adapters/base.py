@@ -60,6 +60,16 @@ class Adapter:
         """The processor's ``images`` argument for a batch from each request's images: one flat list by default."""
         return [im for ims in per_request for im in ims]
 
+    def image_settings(self) -> dict:
+        """Image settings given to the processor call (where the processor's own defaults would override its image
+        processor's saved ones): none by default."""
+        return {}
+
+    def layout_inputs(self, per_request: list[list]) -> dict:
+        """What the adapter needs of the images' token layout that the processor computes but leaves out of its
+        output, as extra input tensors (added to the processor's): none by default."""
+        return {}
+
     @property
     def video_token(self) -> str | None:
         """The prompt placeholder of a native video, or None: the family takes a video as frames."""

@@ -31,6 +31,9 @@ import torch
 from .base import Adapter, grid_coords
 
 SLIDING = "sliding_attention"
+PAN_AND_SCAN = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
+                "pan_and_scan_min_ratio_to_activate")
+CROPS = "num_crops"  # the image processor's name for each image's pan-and-scan crop count
 
 
 class Gemma3Adapter(Adapter):
@@ -56,6 +59,25 @@ class Gemma3Adapter(Adapter):
         """Gemma 3's processor takes each prompt's images as its own list."""
         return [list(ims) for ims in per_request]
 
+    def image_settings(self) -> dict:
+        """The image processor's saved pan-and-scan settings when it has ``do_pan_and_scan`` on (the processor's
+        class defaults, pan-and-scan off, would override them), else none."""
+        ip = self.processor.image_processor
+        if not getattr(ip, "do_pan_and_scan", None):
+            return {}
+        return {k: getattr(ip, k) for k in PAN_AND_SCAN if getattr(ip, k, None) is not None}
+
+    def layout_inputs(self, per_request: list[list]) -> dict:
+        """``num_crops`` [n_images] with pan-and-scan on (the processor computes it, then drops it from its output):
+        the image processor's own count for each image, in the processor's image order."""
+        settings = self.image_settings()
+        if not settings:
+            return {}
+        defaults = getattr(self.processor, "images_kwargs", {})  # the processor's own, for the settings not saved
+        settings = {**{k: defaults[k] for k in PAN_AND_SCAN if k in defaults}, **settings}
+        images = [im for ims in per_request for im in ims]
+        return {CROPS: torch.as_tensor(self.processor.image_processor(images, **settings)["num_crops"]).flatten()}
+
     # ---- vision --------------------------------------------------------------------------------
     def encode_images(self, inputs, **kwargs) -> list[torch.Tensor]:
         """[n_tiles, T, D] pooled, projected features -> per image [tiles_i * T, D] (the image, then its crops)."""
@@ -64,7 +86,7 @@ class Gemma3Adapter(Adapter):
 
     def tiles_per_image(self, inputs) -> list[int]:
         """1 + the image's pan-and-scan crops."""
-        crops = inputs.get("num_crops")
+        crops = inputs.get(CROPS)
         if crops is None:
             return [1] * inputs["pixel_values"].shape[0]
         return [1 + int(n) for n in torch.as_tensor(crops).flatten().tolist()]
