@@ -25,6 +25,13 @@ every layer's mask itself (``own_masks``) by the same rules on the tokens still 
   layout (``attention_groups``), so pruning never joins or splits an image; decode tokens are text.
 
 Without a plan the engine hands the model ``token_type_ids`` (``forward_inputs``) and the model builds its masks.
+
+Pan-and-scan: the processor's class defaults turn it off at every call, so the image processor's saved settings
+are passed with each call (``image_settings``); the processor drops each image's crop count from its output, so
+the adapter adds it back as ``num_crops`` (``layout_inputs``; leave it out when handing ``Engine.prepare``'s
+output to transformers' ``generate``). The tower: per-patch signals (``tower.received``) reach the tokens through
+the projector's own average pool; there are no vision-tower stages (the grid is pooled after the tower) and no
+CLS token. Video enters as frames (images): Gemma 3 has no native video input.
 """
 import torch
 
