@@ -36,11 +36,15 @@ class Batch:
 def process(processor, adapter: Adapter, reqs: list[CheckedRequest]) -> dict:
     """The processor's padded output for these requests (images first in request order, then videos), padded
     on the left (``padding_side`` given per call: the caller's processor and tokenizer are left as they are)."""
-    images = [im for r in reqs for im in r.images]
+    per_request = [r.images for r in reqs]
     videos = [r.video for r in reqs if r.native_video]
     kwargs = adapter.video_inputs(videos) if videos else {}
-    return processor(text=[r.text for r in reqs], images=images or None, padding=True, padding_side="left",
-                     return_tensors="pt", **kwargs)
+    if not any(per_request):
+        return processor(text=[r.text for r in reqs], padding=True, padding_side="left", return_tensors="pt", **kwargs)
+    out = processor(text=[r.text for r in reqs], images=adapter.batch_images(per_request), padding=True,
+                    padding_side="left", return_tensors="pt", **adapter.image_settings(), **kwargs)
+    out.update(adapter.layout_inputs(per_request))
+    return out
 
 
 def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedRequest]) -> Batch:

@@ -242,7 +242,8 @@ class Engine:
         if not plan:
             return None
         state = RequestState(batch_size=len(batch.reqs), owner=[torch.arange(n) for n in batch.n_visual],
-                             llm_depth=self.adapter.text_config.num_hidden_layers)
+                             llm_depth=self.adapter.text_config.num_hidden_layers, mask_rules=self.adapter,
+                             own_masks=self.adapter.own_masks)
         counts = [r.plan.keep_counts(n, max(len(r.images), 1), batch.n_video(b))
                   for b, (r, n) in enumerate(zip(batch.reqs, batch.n_visual))]
         for i, stage in enumerate(plan.stages):
@@ -279,9 +280,17 @@ class Engine:
         feats, alive = self._pre_llm(batch, inputs, feats, alive, state)
         embeds, attn, pos, n_text = self._llm_inputs(batch, inputs, feats, alive, state)
         cache = cache_kwargs(self.model, DynamicCache(config=self.adapter.text_config))
-        forward = cache if stack is None else {
-            **cache, **stack.forward_kwargs(batch, inputs["input_ids"], self.adapter.visual_token_ids)}
+        forward = {**cache, **self._forward_inputs(inputs, state)}
+        if stack is not None:
+            forward.update(stack.forward_kwargs(batch, inputs["input_ids"], self.adapter.visual_token_ids))
         return prefill(self.model, embeds, attn, pos, forward, state), attn, pos, cache, state, n_text
+
+    def _forward_inputs(self, inputs, state) -> dict:
+        """The family's extra prefill inputs (``Adapter.forward_inputs``), gathered to the tokens that enter the LLM."""
+        extra = self.adapter.forward_inputs(inputs)
+        if state is None:
+            return extra
+        return {k: v.gather(1, state.seq.to(v.device)) for k, v in extra.items()}
 
     @torch.inference_mode()
     def _run(self, batch: Batch, options: DecodeOptions) -> list[Result]:
@@ -435,6 +444,7 @@ class Engine:
         embeds = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
         pos = pos.gather(-1, index.expand(*pos.shape[:-2], *index.shape))
         state.seq, state.valid = index, valid
+        state.slot_groups = self.adapter.attention_groups(inputs)
         state.vis_orig = torch.where(valid, vis_orig.gather(1, index), -1)
         state.coords = batch.coords
         state.frames = [f if batch.n_video(b) else None for b, f in enumerate(batch.frames)]

@@ -87,6 +87,9 @@ class RequestState(SignalsMixin):
     prefill_index: torch.Tensor | None = None  # [B, S] current tokens' columns in the LLM's prefill input
     frame_scoring: list = field(default_factory=list)  # frames stages' scoring passes (engine.frames.FrameScores)
     budgets: dict[int, list] = field(default_factory=dict)  # keep=auto stage index -> per request its budget record
+    mask_rules: object = None  # the adapter: each layer's mask kind and rule (``Adapter.allowed``), None: causal
+    own_masks: bool = False  # every layer gets this state's mask (from layer 0), not only those after a stage
+    slot_groups: torch.Tensor | None = None  # [B, L] per original slot its two-way attention group (-1: none)
 
     @property
     def first_pruned_layer(self) -> int | None:
@@ -223,7 +226,8 @@ class RequestState(SignalsMixin):
         if layer == 0 and self.prefill:
             self.pick_raters(hidden)
         first = self.first_pruned_layer
-        if first is None or layer < first - 1:
+        masks_from = 0 if self.own_masks else first  # the first layer given this state's mask
+        if masks_from is None or (layer < masks_from and layer < first - 1):
             return hidden
         if self.prefill and self.prefill_index is not None:
             # every layer receives the model's full-length rotary tables and position ids: cut them down
@@ -234,28 +238,44 @@ class RequestState(SignalsMixin):
         if self.prefill and layer in self.llm_stages:
             hidden = self._prune_llm(self.llm_stages[layer], layer, hidden, kwargs)
         self.rope = kwargs.get("position_embeddings")
-        if layer >= first:
+        if layer >= masks_from:
             kwargs["attention_mask"] = self._layer_mask(layer)
         return hidden
 
     def _layer_mask(self, layer: int) -> torch.Tensor:
         """Boolean SDPA mask [B, 1, Sq, Sk] for this layer's cache after appending the current tokens.
 
-        The layers from one LLM stage to the next hold the same tokens, so they share one cache layout and
-        one mask: it is built at the segment's first layer in each forward and reused by the others."""
-        seg = max(k for k in self.llm_stages if k <= layer)
-        if seg in self.masks:
-            return self.masks[seg]
-        if seg in self.key_seq:
-            self.key_seq[seg] = torch.cat([self.key_seq[seg], self.seq], dim=1)
-            self.key_valid[seg] = torch.cat([self.key_valid[seg], self.valid], dim=1)
-        else:
-            self.key_seq[seg], self.key_valid[seg] = self.seq, self.valid
+        The layers from one LLM stage to the next (segment 0: those before the first, where ``own_masks``) hold
+        the same tokens, so they share one cache layout; layers of one kind (``mask_rules.mask_kind``) share
+        one mask, built at the first of them in each forward: the rule on the tokens' original slots and groups
+        (``mask_rules.allowed``, causal without rules) over the keys that kind's cache returns (``visible_keys``)."""
+        seg = max((k for k in self.llm_stages if k <= layer), default=0)
+        kind = self.mask_rules.mask_kind(layer) if self.mask_rules is not None else "causal"
+        if (seg, kind) in self.masks:
+            return self.masks[(seg, kind)]
+        if not any(s == seg for s, _ in self.masks):  # the segment's first layer in this forward
+            if seg in self.key_seq:
+                self.key_seq[seg] = torch.cat([self.key_seq[seg], self.seq], dim=1)
+                self.key_valid[seg] = torch.cat([self.key_valid[seg], self.valid], dim=1)
+            else:
+                self.key_seq[seg], self.key_valid[seg] = self.seq, self.valid
         ks, kv = self.key_seq[seg], self.key_valid[seg]
-        mask = (ks[:, None, :] <= self.seq[:, :, None]) & kv[:, None, :]
+        if self.mask_rules is None:
+            mask, n_keys = ks[:, None, :] <= self.seq[:, :, None], ks.shape[1]
+        else:
+            mask = self.mask_rules.allowed(kind, self.seq, ks, self._groups(self.seq), self._groups(ks))
+            n_keys = self.mask_rules.visible_keys(kind, ks.shape[1] - self.seq.shape[1], self.seq.shape[1])
+        mask = mask & kv[:, None, :]
         mask |= ~self.valid[:, :, None]  # padding queries attend everywhere: finite, never read
-        self.masks[seg] = mask[:, None]
-        return self.masks[seg]
+        self.masks[(seg, kind)] = mask[:, None, :, ks.shape[1] - n_keys:]
+        return self.masks[(seg, kind)]
+
+    def _groups(self, seq: torch.Tensor) -> torch.Tensor | None:
+        """[B, S] the two-way attention group of each slot in ``seq`` (decode slots, past the prefill: -1)."""
+        if self.slot_groups is None:
+            return None
+        n = self.slot_groups.shape[1]
+        return torch.where(seq < n, self.slot_groups.gather(1, seq.clamp(max=n - 1)), -1)
 
     def _prune_llm(self, run: StageRun, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         imp = self.importance.pop(layer - 1, None)

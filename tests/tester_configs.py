@@ -1,4 +1,4 @@
-"""transformers' own tester configurations of the five families, as data, and tiny models built from them.
+"""transformers' own tester configurations of the families, as data, and tiny models built from them.
 
 Each ``TESTER[family]`` is the configuration that the family's ``*VisionText2TextModelTester`` in
 transformers' repository builds (``get_config``; the file and the commit read are cited in ``source``),
@@ -21,7 +21,7 @@ towers 2 layers): the invariant tests use plans whose layers exist at that depth
 import copy
 
 import torch
-from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
@@ -83,13 +83,26 @@ TESTER = {
                                        hidden_size=32, num_heads=4, patch_size=14, spatial_patch_size=14,
                                        spatial_merge_size=1, temporal_patch_size=2),
                     tie_word_embeddings=True, vision_start_token_id=3, image_token_id=4, video_token_id=5)),
+    "gemma3": dict(
+        source=(_TF, "tests/models/gemma3/test_modeling_gemma3.py", "003320480b9eac976d31b6d4e0f02e80249a3826",
+                "Gemma3Vision2TextModelTester"),  # its text config: Gemma3ModelTester (GemmaModelTester's, i.e.
+        # tests/causal_lm_tester.py CausalLMModelTester.__init__ defaults, commit 2b6c089d5a0b18d59a08c36b91404ece60915cf3)
+        config=dict(text_config=dict(model_type="gemma3_text", vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=37,
+                                     max_position_embeddings=512, initializer_range=0.02, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+                    vision_config=dict(model_type="siglip_vision_model", image_size=20, patch_size=5, num_channels=3,
+                                       hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                       dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
+                    mm_tokens_per_image=2, image_token_index=4, boi_token_index=5, eoi_token_index=6)),
 }
 
 CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
                   "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
                   "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
                   "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+                  "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration)}
 
 # the only changes, per family (applied by ``tester_config``); each line says why
 CHANGES = {
@@ -101,6 +114,13 @@ CHANGES = {
           "re-draw the input ones too, and greedy decoding then repeats one token",
           "rope_scaling {'type': 'mrope', ...} -> rope_parameters {'rope_type': 'default', ...}: transformers 5's name"]
          if family.startswith("qwen") else [])
+    + (["mm_tokens_per_image 2 -> 4: the projector pools the 4 x 4 patch grid to int(sqrt(2))^2 = 1 token per image "
+        "(the tester feeds one image token), too few for any plan to prune; 4 = a 2 x 2 pool, kernel 2",
+        "tie_word_embeddings True -> False (the top level; the tester's text config has False): as for the Qwen "
+        "testers, re-drawing the output embeddings would re-draw the input ones",
+        "the tester's vision fields use_labels / is_training / num_key_value_heads left out: test inputs, not SigLIP "
+        "configuration; boi/eoi_token_index (v4 names) set from PLACEHOLDERS like image_token_index"]
+       if family == "gemma3" else [])
     for family in TESTER
 }
 PROCESSOR = {  # processor settings (not tester configuration): why, per family
@@ -109,6 +129,7 @@ PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "llava_onevision": {},  # 16 px tiles, patch 8, the model's one tiling 16 x 16
     "qwen2_vl": {"pixels": (112 * 112, 28 * 28 * 64)},  # the tester's 28 px image is 1 token: 16 to 64 merged tokens
     "qwen2_5_vl": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image
+    "gemma3": {},  # the tower's 20 px square image, 4 tokens (pan-and-scan: tests/test_gemma3.py)
 }
 
 
@@ -122,7 +143,10 @@ def tester_config(family: str, tok):
         text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta")),
                                    "mrope_section": text.pop("rope_scaling")["mrope_section"]}
-    fields.pop("image_token_index", None)  # the v4 name of image_token_id, set from PLACEHOLDERS below
+    for v4_name in ("image_token_index", "boi_token_index", "eoi_token_index"):  # v4 names of PLACEHOLDERS' fields
+        fields.pop(v4_name, None)
+    if family == "gemma3":
+        fields.update(mm_tokens_per_image=4, tie_word_embeddings=False)
     for field, token in family_module(family).PLACEHOLDERS.items():
         fields[field] = tok.convert_tokens_to_ids(token)
     return CONFIG_CLASSES[family][0](**fields)

@@ -58,6 +58,20 @@ class Adapter:
         """Placeholder ids that the processor expands into visual tokens (images, then video)."""
         return (self.config.image_token_id,) + ((self.config.video_token_id,) if self.video_token else ())
 
+    def batch_images(self, per_request: list[list]) -> list:
+        """The processor's ``images`` argument for a batch from each request's images: one flat list by default."""
+        return [im for ims in per_request for im in ims]
+
+    def image_settings(self) -> dict:
+        """Image settings given to the processor call (where the processor's own defaults would override its image
+        processor's saved ones): none by default."""
+        return {}
+
+    def layout_inputs(self, per_request: list[list]) -> dict:
+        """What the adapter needs of the images' token layout that the processor computes but leaves out of its
+        output, as extra input tensors (added to the processor's): none by default."""
+        return {}
+
     @property
     def video_token(self) -> str | None:
         """The prompt placeholder of a native video, or None: the family takes a video as frames."""
@@ -152,6 +166,35 @@ class Adapter:
     def install_hooks(self, state_kwarg: str) -> list:
         """Hooks of this family's own on the model instance (beyond the engine's); their handles."""
         return []
+
+    # ---- attention masks ----------------------------------------------------------------------
+    own_masks: ClassVar[bool] = False  # True: whenever a plan runs, every LLM layer gets the engine's mask (from
+    # layer 0, not only after the first LLM stage), by ``allowed`` / ``visible_keys``
+
+    def forward_inputs(self, inputs) -> dict:
+        """Extra prefill inputs of the model's forward, each [B, L] over the processor's layout (the engine gathers
+        them as it gathers the tokens), e.g. what the model builds its own masks from."""
+        return {}
+
+    def attention_groups(self, inputs) -> torch.Tensor | None:
+        """[B, L] per slot of the processor's layout: the group whose tokens attend to each other both ways
+        (an image's tokens), -1 for none; None: the family's attention is plainly causal."""
+        return None
+
+    def mask_kind(self, layer: int) -> str:
+        """LLM layers of one kind share a rule (and, within one stage's segment, one mask)."""
+        return "causal"
+
+    def allowed(self, kind: str, q_seq: torch.Tensor, k_seq: torch.Tensor, q_group: torch.Tensor | None,
+                k_group: torch.Tensor | None) -> torch.Tensor:
+        """[B, Sq, Sk] which keys each query may attend to (before padding), from the tokens' original slots
+        ``q_seq`` [B, Sq], ``k_seq`` [B, Sk] and their ``attention_groups`` (or None): causal by default."""
+        return k_seq[:, None, :] <= q_seq[:, :, None]
+
+    def visible_keys(self, kind: str, n_cached: int, n_new: int) -> int:
+        """How many keys a layer's cache returns after taking ``n_new`` tokens on ``n_cached`` (the newest ones):
+        all of them by default."""
+        return n_cached + n_new
 
     # ---- positions --------------------------------------------------------------------------
     def position_ids(self, inputs) -> torch.Tensor:
