@@ -46,6 +46,7 @@ CROPS = "num_crops"  # the image processor's name for each image's pan-and-scan 
 class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_types = ("gemma3",)
+    hooked_tower = True  # SigLIP layers hooked: CLS-free tower records (tower.received)
     own_masks = True  # every layer's mask is the engine's whenever a plan runs (sliding window, image blocks)
 
     @property
