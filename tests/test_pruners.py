@@ -261,6 +261,11 @@ def test_every_family(name, family, engine_for):
             engine.generate("what", images=[noise_image(0)], plan=DEFAULT_PLANS[name])
         return
     plan = DEFAULT_PLANS[name]
+    tower = engine.adapter.vision_layers
+    if name == "prumerge" and tower is not None and engine.adapter.feature_layer == len(tower) - 1:  # it reads the layer after the feature layer: none on InternVL (layer -1)
+        with pytest.raises(PlanError, match="prumerge reads vision layer"):
+            engine.check_plan(plan)
+        return
     if get_pruner(name).default_where == "vision" and engine.adapter.vision_prefix is None:  # flowcut on NeXT
         with pytest.raises(PlanError, match="no vision-tower stages; give where=pre_llm"):
             engine.check_plan(plan)

@@ -18,6 +18,7 @@ from types import ModuleType
 
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -32,6 +33,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen2_5_VLAdapter,
     "qwen3_vl": Qwen3VLAdapter,  # qwen3_vl_moe too (its model_types)
+    "internvl": InternVLAdapter,
 }
 FAMILY_MEMBERS = ("PLACEHOLDERS", "CHAT_TEMPLATE", "processor", "tiny_model", "BENCH")  # what a family module holds
 
