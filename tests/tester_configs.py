@@ -1,4 +1,4 @@
-"""transformers' own tester configurations of the five families, as data, and tiny models built from them.
+"""transformers' own tester configurations of the families (InternVL's added for issue 47), as data, and tiny models built from them.
 
 Each ``TESTER[family]`` is the configuration that the family's ``*VisionText2TextModelTester`` in
 transformers' repository builds (``get_config``; the file and the commit read are cited in ``source``),
@@ -21,7 +21,7 @@ towers 2 layers): the invariant tests use plans whose layers exist at that depth
 import copy
 
 import torch
-from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+from transformers import (InternVLConfig, InternVLForConditionalGeneration, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
@@ -83,13 +83,27 @@ TESTER = {
                                        hidden_size=32, num_heads=4, patch_size=14, spatial_patch_size=14,
                                        spatial_merge_size=1, temporal_patch_size=2),
                     tie_word_embeddings=True, vision_start_token_id=3, image_token_id=4, video_token_id=5)),
+    "internvl": dict(
+        source=(_TF, "tests/models/internvl/test_modeling_internvl.py", "00dcc6dda6f6d8e69541a6b51f97986a80242367",
+                "InternVLVisionText2TextModelTester"),
+        config=dict(text_config=dict(model_type="qwen2", vocab_size=99, hidden_size=128, intermediate_size=37,
+                                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                     output_channels=64, hidden_act="silu", max_position_embeddings=512,
+                                     rope_theta=10000, mlp_ratio=4, tie_word_embeddings=True, bos_token_id=0,
+                                     eos_token_id=0, pad_token_id=0),
+                    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                       image_size=64, patch_size=4, num_channels=3, hidden_act="quick_gelu",
+                                       use_absolute_position_embeddings=True),
+                    model_type="internvl", bos_token_id=0, eos_token_id=0, pad_token_id=0, image_token_id=1,
+                    image_seq_length=64, vision_feature_layer=-1)),
 }
 
 CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
                   "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
                   "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
                   "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+                  "internvl": (InternVLConfig, InternVLForConditionalGeneration)}
 
 # the only changes, per family (applied by ``tester_config``); each line says why
 CHANGES = {
@@ -103,12 +117,19 @@ CHANGES = {
          if family.startswith("qwen") else [])
     for family in TESTER
 }
+CHANGES["internvl"] += [
+    "top-level pad/bos/eos_token_id -> the test tokenizer's, as the text config's",
+    "tie_word_embeddings True -> False (text and top level): as the Qwen testers' (make_tiny's re-drawn output "
+    "embeddings)",
+    "text rope_theta 10000 -> rope_parameters {'rope_type': 'default', 'rope_theta': 10000.0}: transformers 5's name",
+]
 PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "llava": {},  # the tower's 8 px image, patch 2: 16 tokens (the tester's image_seq_length)
     "llava_next": {},  # 16 px tiles, patch 2, the model's one tiling 32 x 32
     "llava_onevision": {},  # 16 px tiles, patch 8, the model's one tiling 16 x 16
     "qwen2_vl": {"pixels": (112 * 112, 28 * 28 * 64)},  # the tester's 28 px image is 1 token: 16 to 64 merged tokens
     "qwen2_5_vl": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image
+    "internvl": {"max_patches": 4},  # 64 px tiles of 64 tokens: 1 tile, or 2-4 tiles + thumbnail (within 512 positions)
 }
 
 
@@ -122,6 +143,10 @@ def tester_config(family: str, tok):
         text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta")),
                                    "mrope_section": text.pop("rope_scaling")["mrope_section"]}
+    if family == "internvl":  # CHANGES["internvl"]'s own lines
+        fields.update(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta"))}
     fields.pop("image_token_index", None)  # the v4 name of image_token_id, set from PLACEHOLDERS below
     for field, token in family_module(family).PLACEHOLDERS.items():
         fields[field] = tok.convert_tokens_to_ids(token)
