@@ -239,7 +239,7 @@ def _runs(mask: torch.Tensor) -> list[int]:
 PLACEHOLDERS = {"image_token_id": "<image>"}  # config field -> the word-level test tokenizer's placeholder token
 TOKENS = {"context_image_token": "<image>", "start_image_token": "<|vision_start|>",
           "end_image_token": "<|vision_end|>", "video_token": "<video>"}  # the processor reads these off the tokenizer
-BENCH = None  # set with eval/bench/configs/internvl3.5-8b.json (item 5)
+BENCH = None  # no benchmark configuration: InternVL3.5-8B-HF's config.json is not in the stored sources
 
 
 def internvl_tokenizer(tok):
@@ -252,10 +252,10 @@ def internvl_tokenizer(tok):
                                    model_specific_special_tokens=dict(TOKENS))
 
 
-def processor(config, tok, max_patches: int = 6, **image):
+def processor(config, tok, max_patches: int = 12, **image):
     """InternVL's processor of ``config``'s geometry (the tower's tile size, ``image_seq_length`` tokens per tile,
-    dynamic tiles up to ``max_patches`` plus a thumbnail) for the test tokenizer ``tok``; ``image``: extra image
-    processor settings."""
+    dynamic tiles up to ``max_patches`` (12: GotOcr2's default) plus a thumbnail) for the test tokenizer
+    ``tok``; ``image``: extra image processor settings."""
     from transformers import InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
@@ -281,4 +281,4 @@ def tiny_model(tok):
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                          image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1,
                          vision_feature_select_strategy="default", tie_word_embeddings=False)
-    return InternVLForConditionalGeneration(cfg), processor(cfg, tok)
+    return InternVLForConditionalGeneration(cfg), processor(cfg, tok, max_patches=6)
