@@ -1,4 +1,4 @@
-"""transformers' own tester configurations of the families (InternVL's added for issue 47), as data, and tiny models built from them.
+"""transformers' own tester configurations of the families, as data, and tiny models built from them.
 
 Each ``TESTER[family]`` is the configuration that the family's ``*VisionText2TextModelTester`` in
 transformers' repository builds (``get_config``; the file and the commit read are cited in ``source``),
@@ -13,7 +13,7 @@ token, so images are resized to between the stated pixel counts instead.
 The files read are the versions the code index holds (commits cited), written before transformers' testers
 moved to ``tests/vlm_tester.py``'s ``VLMModelTester``: the Qwen testers pass their text fields at the top level
 of the config, here under ``text_config`` (where transformers 5 reads them); OneVision's tester gives no vision
-``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 layers,
+``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 / 4 layers,
 towers 2 layers): the invariant tests use plans whose layers exist at that depth.
 
     path = write_tester_model("qwen2_vl", "/tmp/tester-qwen2_vl")   # seeded, like tokensieve.testing.make_tiny
@@ -21,7 +21,8 @@ towers 2 layers): the invariant tests use plans whose layers exist at that depth
 import copy
 
 import torch
-from transformers import (InternVLConfig, InternVLForConditionalGeneration, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+from transformers import (InternVLConfig, InternVLForConditionalGeneration,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
@@ -91,8 +92,9 @@ TESTER = {
                                      output_channels=64, hidden_act="silu", max_position_embeddings=512,
                                      rope_theta=10000, mlp_ratio=4, tie_word_embeddings=True, bos_token_id=0,
                                      eos_token_id=0, pad_token_id=0),
-                    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                       image_size=64, patch_size=4, num_channels=3, hidden_act="quick_gelu",
+                    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, image_size=64, patch_size=4, num_channels=3,
+                                       hidden_act="quick_gelu",
                                        use_absolute_position_embeddings=True),
                     model_type="internvl", bos_token_id=0, eos_token_id=0, pad_token_id=0, image_token_id=1,
                     image_seq_length=64, vision_feature_layer=-1)),
@@ -129,7 +131,7 @@ PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "llava_onevision": {},  # 16 px tiles, patch 8, the model's one tiling 16 x 16
     "qwen2_vl": {"pixels": (112 * 112, 28 * 28 * 64)},  # the tester's 28 px image is 1 token: 16 to 64 merged tokens
     "qwen2_5_vl": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image
-    "internvl": {"max_patches": 4},  # 64 px tiles of 64 tokens: 1 tile, or 2-4 tiles + thumbnail (within 512 positions)
+    "internvl": {"max_patches": 4},  # 64 px tiles, 64 tokens each: 1, or 2-4 + a thumbnail (in 512 positions)
 }
 
 
