@@ -115,6 +115,9 @@ class InternVLAdapter(Adapter):
             else:
                 videos[-1] = slice(videos[-1].start, start + 1)
             start += n
+        if start != inputs["pixel_values"].shape[0]:  # the processor tiled with settings other than its own
+            raise RuntimeError(f"InternVL layout: the image sizes give {start} tiles, the processor made "
+                               f"{inputs['pixel_values'].shape[0]} (its image processor's tiling settings differ)")
         return images, videos
 
     def tiles_per_image(self, inputs) -> list[int]:
