@@ -39,12 +39,11 @@ def process(processor, adapter: Adapter, reqs: list[CheckedRequest]) -> dict:
     per_request = [r.images for r in reqs]
     videos = [r.video for r in reqs if r.native_video]
     kwargs = adapter.video_inputs(videos) if videos else {}
-    if not any(per_request):
-        return processor(text=[r.text for r in reqs], padding=True, padding_side="left", return_tensors="pt", **kwargs)
-    out = processor(text=[r.text for r in reqs], images=adapter.batch_images(per_request), padding=True,
-                    padding_side="left", return_tensors="pt", **adapter.image_settings(), **kwargs)
-    out.update(adapter.layout_inputs(per_request))
-    return out
+    images = adapter.batch_images(per_request) if any(per_request) else None
+    inputs = processor(text=[r.text for r in reqs], images=images, padding=True, padding_side="left",
+                       return_tensors="pt", **(adapter.image_settings() if images else {}), **kwargs)
+    inputs.update(adapter.layout_inputs(reqs))
+    return inputs
 
 
 def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedRequest]) -> Batch:
@@ -53,7 +52,7 @@ def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedR
     inputs = process(processor, adapter, reqs)
     ids = inputs["input_ids"]
     vis = torch.isin(ids, torch.tensor(adapter.visual_token_ids))
-    video_id = adapter.config.video_token_id if adapter.video_token else None
+    video_masks = adapter.video_token_mask(inputs)
     images_of, video_of, n_img, n_vid = [], [], 0, 0
     for r in reqs:
         images_of.append(list(range(n_img, n_img + len(r.images))))
@@ -66,7 +65,7 @@ def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedR
     vid_seqs = adapter.video_tower_sequences(inputs) if n_vid else []
     coords, frames, is_video, seqs = [], [], [], []
     for b, r in enumerate(reqs):
-        is_vid = ids[b][vis[b]] == video_id if video_id is not None else torch.zeros(int(vis[b].sum()), dtype=torch.bool)
+        is_vid = video_masks[b]
         c, f = _request_layout(r, images_of[b], img_coords, vid_coords[video_of[b]] if r.native_video else None, is_vid)
         coords.append(c)
         frames.append(f)

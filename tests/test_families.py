@@ -62,7 +62,8 @@ def test_the_class_level_capabilities_match_the_loaded_model(family, engine_for)
             engine_for(family).generate("what", images=[noise_image(0)], max_new_tokens=1)
         finally:
             handle.remove()
-        assert seen and seen[0] == (vc.image_size // vc.patch_size) ** 2 + 1
+        side = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 (InternViT: [h, w])
+        assert seen and seen[0] == (side(vc.image_size) // side(vc.patch_size)) ** 2 + 1
 
 
 def test_the_pruners_command_names_the_families_each_pruner_runs_on():
@@ -118,7 +119,7 @@ def test_a_family_added_to_the_registry_alone_is_picked_up(monkeypatch, tmp_path
     monkeypatch.setitem(adapters.ADAPTERS, "fake_llava", adapter)
 
     assert testing.FAMILIES == ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                "gemma3", "fake_llava")
+                                "gemma3", "internvl", "fake_llava")
     assert bench_models.MODELS[-1] == "fake-7b"
     path = testing.make_tiny("fake_llava", tmp_path / "fake")
     saved = json.load(open(tmp_path / "fake" / "tokenizer.json"))

@@ -13,7 +13,7 @@ from conftest import noise_image
 from reference import hidden_slots, reference_model
 from test_invariants import ATOL, _capture_last_row, assert_matches_recompute
 
-NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
 PROMPTS = ["what appeared first", "how many objects", "is there a red circle"]
 
 
@@ -33,6 +33,9 @@ def native(request):
 def test_native_inputs_are_the_processors_video_inputs(native, engine_for):
     engine = engine_for(native)
     inputs = engine.prepare(PROMPTS[0], video=_video(0))
+    if native == "internvl":  # frames in pixel_values, each a run of the image context token (test_internvl.py)
+        assert "pixel_values_videos" not in inputs and inputs["pixel_values"].shape[0] == 4
+        return
     assert "pixel_values_videos" in inputs and "pixel_values" not in inputs
     vid = engine.model.config.video_token_id
     assert int((inputs["input_ids"] == vid).sum()) > 0

@@ -261,6 +261,12 @@ def test_every_family(name, family, engine_for):
             engine.generate("what", images=[noise_image(0)], plan=DEFAULT_PLANS[name])
         return
     plan = DEFAULT_PLANS[name]
+    # prumerge reads the CLS tower's layer after the feature layer: none where that is the last (InternVL's -1)
+    tower = engine.adapter.vision_layers if engine.adapter.cls_tower else None
+    if name == "prumerge" and tower is not None and engine.adapter.feature_layer == len(tower) - 1:
+        with pytest.raises(PlanError, match="prumerge reads vision layer"):
+            engine.check_plan(plan)
+        return
     if get_pruner(name).default_where == "vision" and engine.adapter.vision_prefix is None:  # flowcut on NeXT
         with pytest.raises(PlanError, match="no vision-tower stages; give where=pre_llm"):
             engine.check_plan(plan)

@@ -13,7 +13,7 @@ token, so images are resized to between the stated pixel counts instead.
 The files read are the versions the code index holds (commits cited), written before transformers' testers
 moved to ``tests/vlm_tester.py``'s ``VLMModelTester``: the Qwen testers pass their text fields at the top level
 of the config, here under ``text_config`` (where transformers 5 reads them); OneVision's tester gives no vision
-``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 layers,
+``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 / 4 layers,
 towers 2 layers): the invariant tests use plans whose layers exist at that depth.
 
     path = write_tester_model("qwen2_vl", "/tmp/tester-qwen2_vl")   # seeded, like tokensieve.testing.make_tiny
@@ -21,7 +21,8 @@ towers 2 layers): the invariant tests use plans whose layers exist at that depth
 import copy
 
 import torch
-from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, InternVLConfig, InternVLForConditionalGeneration,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
@@ -95,6 +96,20 @@ TESTER = {
                                        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                                        dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
                     mm_tokens_per_image=2, image_token_index=4, boi_token_index=5, eoi_token_index=6)),
+    "internvl": dict(
+        source=(_TF, "tests/models/internvl/test_modeling_internvl.py", "00dcc6dda6f6d8e69541a6b51f97986a80242367",
+                "InternVLVisionText2TextModelTester"),
+        config=dict(text_config=dict(model_type="qwen2", vocab_size=99, hidden_size=128, intermediate_size=37,
+                                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                     output_channels=64, hidden_act="silu", max_position_embeddings=512,
+                                     rope_theta=10000, mlp_ratio=4, tie_word_embeddings=True, bos_token_id=0,
+                                     eos_token_id=0, pad_token_id=0),
+                    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, image_size=64, patch_size=4, num_channels=3,
+                                       hidden_act="quick_gelu",
+                                       use_absolute_position_embeddings=True),
+                    model_type="internvl", bos_token_id=0, eos_token_id=0, pad_token_id=0, image_token_id=1,
+                    image_seq_length=64, vision_feature_layer=-1)),
 }
 
 CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
@@ -102,7 +117,8 @@ CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
                   "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
                   "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
                   "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-                  "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration)}
+                  "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration),
+                  "internvl": (InternVLConfig, InternVLForConditionalGeneration)}
 
 # the only changes, per family (applied by ``tester_config``); each line says why
 CHANGES = {
@@ -123,6 +139,12 @@ CHANGES = {
        if family == "gemma3" else [])
     for family in TESTER
 }
+CHANGES["internvl"] += [
+    "top-level pad/bos/eos_token_id -> the test tokenizer's, as the text config's",
+    "tie_word_embeddings True -> False (text and top level): as the Qwen testers' (make_tiny's re-drawn output "
+    "embeddings)",
+    "text rope_theta 10000 -> rope_parameters {'rope_type': 'default', 'rope_theta': 10000.0}: transformers 5's name",
+]
 PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "llava": {},  # the tower's 8 px image, patch 2: 16 tokens (the tester's image_seq_length)
     "llava_next": {},  # 16 px tiles, patch 2, the model's one tiling 32 x 32
@@ -130,6 +152,7 @@ PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "qwen2_vl": {"pixels": (112 * 112, 28 * 28 * 64)},  # the tester's 28 px image is 1 token: 16 to 64 merged tokens
     "qwen2_5_vl": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image
     "gemma3": {},  # the tower's 20 px square image, 4 tokens (pan-and-scan: tests/test_gemma3.py)
+    "internvl": {"max_patches": 4},  # 64 px tiles, 64 tokens each: 1, or 2-4 + a thumbnail (in 512 positions)
 }
 
 
@@ -147,6 +170,10 @@ def tester_config(family: str, tok):
         fields.pop(v4_name, None)
     if family == "gemma3":
         fields.update(mm_tokens_per_image=4, tie_word_embeddings=False)
+    if family == "internvl":  # CHANGES["internvl"]'s own lines
+        fields.update(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta"))}
     for field, token in family_module(family).PLACEHOLDERS.items():
         fields[field] = tok.convert_tokens_to_ids(token)
     return CONFIG_CLASSES[family][0](**fields)

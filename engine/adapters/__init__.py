@@ -19,6 +19,7 @@ from types import ModuleType
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -34,6 +35,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "qwen2_5_vl": Qwen2_5_VLAdapter,
     "qwen3_vl": Qwen3VLAdapter,  # qwen3_vl_moe too (its model_types)
     "gemma3": Gemma3Adapter,
+    "internvl": InternVLAdapter,
 }
 FAMILY_MEMBERS = ("PLACEHOLDERS", "CHAT_TEMPLATE", "processor", "tiny_model", "BENCH")  # what a family module holds
 

@@ -67,15 +67,25 @@ class Adapter:
         processor's saved ones): none by default."""
         return {}
 
-    def layout_inputs(self, per_request: list[list]) -> dict:
-        """What the adapter needs of the images' token layout that the processor computes but leaves out of its
-        output, as extra input tensors (added to the processor's): none by default."""
-        return {}
-
     @property
     def video_token(self) -> str | None:
         """The prompt placeholder of a native video, or None: the family takes a video as frames."""
         return None
+
+    def layout_inputs(self, reqs) -> dict:
+        """Entries added to the processor's output for this family's layout methods (``image_coords``, ...) from
+        the checked requests (their images, their native video), where that output lacks them; each must be an
+        input the model's forward takes (InternVL: ``image_sizes``, which sets its tiling) or that the engine drops
+        before the model (Gemma 3: ``num_crops``, which the processor computes, then leaves out). Default: none."""
+        return {}
+
+    def video_token_mask(self, inputs) -> list[torch.Tensor]:
+        """Per batch row, [N_vis] bool over its visual tokens in sequence order: the native video's."""
+        ids = inputs["input_ids"]
+        vis = torch.isin(ids, torch.tensor(self.visual_token_ids))
+        video_id = self.config.video_token_id if self.video_token else None
+        return [ids[b][vis[b]] == video_id if video_id is not None else torch.zeros(int(vis[b].sum()), dtype=torch.bool)
+                for b in range(ids.shape[0])]
 
     # ---- native video (families with a video_token) -------------------------------------------
     def video_inputs(self, videos: list) -> dict:

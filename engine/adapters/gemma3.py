@@ -75,15 +75,15 @@ class Gemma3Adapter(Adapter):
             return {}
         return {k: getattr(ip, k) for k in PAN_AND_SCAN if getattr(ip, k, None) is not None}
 
-    def layout_inputs(self, per_request: list[list]) -> dict:
+    def layout_inputs(self, reqs) -> dict:
         """``num_crops`` [n_images] with pan-and-scan on (the processor computes it, then drops it from its output):
         the image processor's own count for each image, in the processor's image order."""
         settings = self.image_settings()
-        if not settings:
+        images = [im for r in reqs for im in r.images]
+        if not settings or not images:
             return {}
         defaults = getattr(self.processor, "images_kwargs", {})  # the processor's own, for the settings not saved
         settings = {**{k: defaults[k] for k in PAN_AND_SCAN if k in defaults}, **settings}
-        images = [im for ims in per_request for im in ims]
         return {CROPS: torch.as_tensor(self.processor.image_processor(images, **settings)["num_crops"]).flatten()}
 
     # ---- vision --------------------------------------------------------------------------------
