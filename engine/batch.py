@@ -36,11 +36,13 @@ class Batch:
 def process(processor, adapter: Adapter, reqs: list[CheckedRequest]) -> dict:
     """The processor's padded output for these requests (images first in request order, then videos), padded
     on the left (``padding_side`` given per call: the caller's processor and tokenizer are left as they are)."""
-    images = [im for r in reqs for im in r.images]
     videos = [r.video for r in reqs if r.native_video]
+    if videos and any(r.images for r in reqs) and not adapter.video_with_images:
+        raise InputError(f"'{adapter.family}' takes images and native videos in separate processor calls: give "
+                         "requests with a video (video_mode='native') and requests with images apart")
     kwargs = adapter.video_inputs(videos) if videos else {}
-    return processor(text=[r.text for r in reqs], images=images or None, padding=True, padding_side="left",
-                     return_tensors="pt", **kwargs)
+    return processor(text=[r.text for r in reqs], images=adapter.processor_images([r.images for r in reqs]),
+                     padding=True, padding_side="left", return_tensors="pt", **kwargs)
 
 
 def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedRequest]) -> Batch:
@@ -49,7 +51,6 @@ def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedR
     inputs = process(processor, adapter, reqs)
     ids = inputs["input_ids"]
     vis = torch.isin(ids, torch.tensor(adapter.visual_token_ids))
-    video_id = adapter.config.video_token_id if adapter.video_token else None
     images_of, video_of, n_img, n_vid = [], [], 0, 0
     for r in reqs:
         images_of.append(list(range(n_img, n_img + len(r.images))))
@@ -62,7 +63,7 @@ def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedR
     vid_seqs = adapter.video_tower_sequences(inputs) if n_vid else []
     coords, frames, is_video, seqs = [], [], [], []
     for b, r in enumerate(reqs):
-        is_vid = ids[b][vis[b]] == video_id if video_id is not None else torch.zeros(int(vis[b].sum()), dtype=torch.bool)
+        is_vid = adapter.video_token_mask(ids[b][vis[b]], r.native_video)
         c, f = _request_layout(r, images_of[b], img_coords, vid_coords[video_of[b]] if r.native_video else None, is_vid)
         coords.append(c)
         frames.append(f)

@@ -226,7 +226,8 @@ class Engine:
     def _group(self, reqs: list[CheckedRequest], batch_size: int):
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
-            groups.setdefault((str(r.plan), r.max_new_tokens), []).append(i)
+            apart = r.native_video and not self.adapter.video_with_images  # a video batch of its own (SmolVLM)
+            groups.setdefault((str(r.plan), r.max_new_tokens, apart), []).append(i)
         for idx in groups.values():
             for s in range(0, len(idx), batch_size):
                 yield idx[s:s + batch_size], [reqs[i] for i in idx[s:s + batch_size]]

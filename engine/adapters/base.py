@@ -18,6 +18,7 @@ class Adapter:
     vision_prefix: ClassVar[int | None] = None  # tokens before the patches in the tower (CLS); None: no vision stages
     cls_tower: ClassVar[bool] = False  # the tower has a CLS token whose attention the engine can record
     feature_prefix: int = 0  # non-patch tokens (a CLS hidden state) before each image's patches in the LLM features
+    video_with_images: ClassVar[bool] = True  # one processor call takes images and native videos together
 
     def __init__(self, model: nn.Module, processor):
         self.model = model
@@ -60,6 +61,17 @@ class Adapter:
     def video_token(self) -> str | None:
         """The prompt placeholder of a native video, or None: the family takes a video as frames."""
         return None
+
+    def processor_images(self, per_request: list[list]) -> list | None:
+        """The processor's ``images=`` for these requests' images (one list per request): flat by default."""
+        images = [im for ims in per_request for im in ims]
+        return images or None
+
+    def video_token_mask(self, visual_ids: torch.Tensor, native_video: bool) -> torch.Tensor:
+        """[N_vis] placeholder ids of one request's visual tokens -> [N_vis] bool: its native video's tokens."""
+        if not self.video_token:
+            return torch.zeros(visual_ids.shape, dtype=torch.bool)
+        return visual_ids == self.config.video_token_id
 
     # ---- native video (families with a video_token) -------------------------------------------
     def video_inputs(self, videos: list) -> dict:
