@@ -22,7 +22,7 @@ from tester_configs import TESTER, write_tester_model
 
 # LLaVA-1.5 and OneVision give every image of these sizes the same token count (a fixed crop; one 16 px
 # tiling): their second request carries two images, so the batch's visual-token counts are uneven
-TWO_IMAGES = ("llava", "llava_onevision")
+TWO_IMAGES = ("llava", "llava_onevision", "smolvlm")  # SmolVLM: 2 x 2 crops + global for all three sizes
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""transformers' own tester configurations of the five families, as data, and tiny models built from them.
+"""transformers' own tester configurations of the six families, as data, and tiny models built from them.
 
 Each ``TESTER[family]`` is the configuration that the family's ``*VisionText2TextModelTester`` in
 transformers' repository builds (``get_config``; the file and the commit read are cited in ``source``),
@@ -13,7 +13,7 @@ token, so images are resized to between the stated pixel counts instead.
 The files read are the versions the code index holds (commits cited), written before transformers' testers
 moved to ``tests/vlm_tester.py``'s ``VLMModelTester``: the Qwen testers pass their text fields at the top level
 of the config, here under ``text_config`` (where transformers 5 reads them); OneVision's tester gives no vision
-``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 layers,
+``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 / 3 layers,
 towers 2 layers): the invariant tests use plans whose layers exist at that depth.
 
     path = write_tester_model("qwen2_vl", "/tmp/tester-qwen2_vl")   # seeded, like tokensieve.testing.make_tiny
@@ -23,7 +23,8 @@ import copy
 import torch
 from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          SmolVLMConfig, SmolVLMForConditionalGeneration)
 
 from tokensieve.engine.adapters import family_module
 from tokensieve.testing import tokenizer_for
@@ -83,13 +84,27 @@ TESTER = {
                                        hidden_size=32, num_heads=4, patch_size=14, spatial_patch_size=14,
                                        spatial_merge_size=1, temporal_patch_size=2),
                     tie_word_embeddings=True, vision_start_token_id=3, image_token_id=4, video_token_id=5)),
+    "smolvlm": dict(  # 16 px crops of 4 x 4 patches, pixel shuffle 2: 4 tokens per crop
+        source=(_TF, "tests/models/smolvlm/test_modeling_smolvlm.py", "ab8523c59c8e0875c85a0ce604f58e1692bbc607",
+                "SmolVLMVisionText2TextModelTester"),
+        config=dict(text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=56, num_hidden_layers=3,
+                                     num_attention_heads=2, num_key_value_heads=2, hidden_act="silu",
+                                     max_position_embeddings=256, initializer_range=0.02, rms_norm_eps=1e-6,
+                                     pad_token_id=2, bos_token_id=0, eos_token_id=1, image_token_id=57,
+                                     tie_word_embeddings=False, rope_theta=10000.0, sliding_window=32,
+                                     attention_dropout=0.0),
+                    vision_config=dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=32, dropout=0.1, attention_dropout=0.1,
+                                       initializer_range=0.02),
+                    use_cache=False, image_token_id=57, tie_word_embeddings=False, vocab_size=100, scale_factor=2)),
 }
 
 CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
                   "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
                   "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
                   "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+                  "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration)}
 
 # the only changes, per family (applied by ``tester_config``); each line says why
 CHANGES = {
@@ -97,7 +112,13 @@ CHANGES = {
         "text vocab_size -> len(tok): the test tokenizer's vocabulary (the tester's ids 0..98 / 152064 are not words)",
         "text pad/bos/eos_token_id -> the test tokenizer's <pad>/<s>/</s>: padding and stopping use its tokens",
         "placeholder ids (image/video/vision_start/vision_end) -> the test tokenizer's (PLACEHOLDERS of the family)",
-    ] + (["tie_word_embeddings True -> False: re-drawing the output embeddings N(0, 0.5) (as make_tiny does) would "
+    ] + (["top-level vocab_size 100 and text image_token_id 57 left as given: the model reads text_config's "
+          "vocab_size and the top-level image_token_id (the test tokenizer's <image>); SmolVLM's crop markers "
+          "<fake_token_around_image> / <global-img> added as config fields of the test tokenizer's ids (PLACEHOLDERS)",
+          "text sliding_window 32 dropped: Llama's attention has no sliding window (its uncached forward attends to "
+          "every position), but transformers 5's DynamicCache(config) reads the field and keeps only the last 31 "
+          "keys, so cached and uncached generation (the tester's use_cache=False) differ past 32 tokens"]
+         if family == "smolvlm" else []) + (["tie_word_embeddings True -> False: re-drawing the output embeddings N(0, 0.5) (as make_tiny does) would "
           "re-draw the input ones too, and greedy decoding then repeats one token",
           "rope_scaling {'type': 'mrope', ...} -> rope_parameters {'rope_type': 'default', ...}: transformers 5's name"]
          if family.startswith("qwen") else [])
@@ -109,6 +130,7 @@ PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "llava_onevision": {},  # 16 px tiles, patch 8, the model's one tiling 16 x 16
     "qwen2_vl": {"pixels": (112 * 112, 28 * 28 * 64)},  # the tester's 28 px image is 1 token: 16 to 64 merged tokens
     "qwen2_5_vl": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image
+    "smolvlm": {},  # 16 px crops (the tower's image size), images split into up to 2 x 2 crops + the global one
 }
 
 
@@ -122,6 +144,8 @@ def tester_config(family: str, tok):
         text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta")),
                                    "mrope_section": text.pop("rope_scaling")["mrope_section"]}
+    if family == "smolvlm":  # CHANGES: Llama attends to every position; a sliding_window makes the cache drop some
+        text.pop("sliding_window")
     fields.pop("image_token_index", None)  # the v4 name of image_token_id, set from PLACEHOLDERS below
     for field, token in family_module(family).PLACEHOLDERS.items():
         fields[field] = tok.convert_tokens_to_ids(token)
