@@ -79,7 +79,8 @@ def test_a_family_added_to_the_registry_alone_is_picked_up(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(adapters.ADAPTERS, "fake_llava", adapter)
 
-    assert testing.FAMILIES == ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "fake_llava")
+    assert testing.FAMILIES == ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm",
+                                "fake_llava")
     assert bench_models.MODELS[-1] == "fake-7b"
     path = testing.make_tiny("fake_llava", tmp_path / "fake")
     saved = json.load(open(tmp_path / "fake" / "tokenizer.json"))
