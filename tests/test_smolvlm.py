@@ -212,3 +212,28 @@ def test_video_and_image_requests_batched_equal_one_at_a_time(engine_for, plan):
         torch.testing.assert_close(res.logits, one.logits, atol=ATOL, rtol=1e-4)
     with pytest.raises(InputError, match="separate processor calls"):
         engine.prepare_batch([reqs[0], reqs[1]])
+
+
+# ---- tower records (no CLS): HoliTom's received attention -----------------------------------------------
+
+def test_holitom_reads_the_towers_received_attention(engine_for, tiny_path, monkeypatch):
+    """Native video, 8 frames of one crop (4 x 4 tokens of 2 x 2 patches): HoliTom's kept set and merged features
+    == official_holitom on the model's own features and the attention each patch receives in the tower's last
+    layer (the connector's input), recomputed here from the plain model's q/k and averaged over each token's
+    2 x 2 patch block by reshaping (not by the model's pixel shuffle)."""
+    from reference import clip_tower_attention
+    from test_official_holitom import QUESTION, engine_check, received, still_video
+
+    engine = engine_for("smolvlm")
+    frames = still_video(8, seed=2)
+    inputs = engine.prepare(QUESTION, video=frames)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path("smolvlm")).eval()
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"])
+    feats = feats.pooler_output[0].view(8, 16, -1)
+    attn, _ = clip_tower_attention(model.model.vision_model, inputs["pixel_values"][0])
+    recv = received(attn[-1]).view(8, 4, 2, 4, 2).mean((2, 4)).reshape(8, 16)
+    seen = []
+    for ratio, tau in ((0.25, 0.8), (0.5, 0.65)):
+        seen += engine_check(engine, frames, feats, recv, ratio, tau, monkeypatch)
+    assert any(e > s for s, e in seen)  # static windows in play

@@ -18,10 +18,12 @@ image crops (``pixel_values``, the image placeholder id). Every visual token of 
 the timestamps are text, never pruned. The processor cannot take images and a video in one call (both
 write ``pixel_values``): such requests are refused, and a batch keeps video requests apart from image ones.
 
-No vision-tower stages: the pixel shuffle needs each crop's full square grid of patches. The tower's encoder
-does not hand a call's kwargs to its layers, so the engine records no tower attention (``tower.*`` signals
-are refused, naming them); ``tower.features`` / ``tower.patches`` are the connector's input (the shuffled
-patches, one row per LLM token), caught by a forward pre-hook on its projection.
+No vision-tower stages: the pixel shuffle needs each crop's full square grid of patches. Tower records without
+a CLS token (``tower.received``) are taken on every crop: the tower's encoder hands a call's kwargs to no layer,
+so hooks of this adapter on the model instance carry the call's state from the tower's call to its layers
+(``install_hooks``); per-patch values reach the LLM tokens as the mean over each token's pixel-shuffle block,
+the block read from the connector's own ``pixel_shuffle``. ``tower.features`` / ``tower.patches`` are the
+connector's input (the shuffled patches, one row per LLM token), caught by a forward pre-hook on its projection.
 """
 import torch
 
@@ -57,6 +59,55 @@ class SmolVLMAdapter(Adapter):
     def processor_images(self, per_request: list[list]) -> list[list] | None:
         """The processor pairs images with prompts per request: a nested list (one list per prompt)."""
         return per_request if any(per_request) else None
+
+    # ---- the tower: its layers, and the call's state carried to them ---------------------------------
+    @property
+    def vision_layers(self):
+        return self.model.model.vision_model.encoder.layers
+
+    @property
+    def feature_layer(self) -> int:
+        """The connector takes the last layer's output (through the tower's post-layernorm)."""
+        return len(self.vision_layers) - 1
+
+    def install_hooks(self, state_kwarg: str) -> list:
+        """The tower's call kwargs reach no encoder layer: a pre-hook on the tower keeps the call's state for the
+        call, a pre-hook on each layer hands it on (so the engine's tower-record hooks on the attention modules see
+        it), a hook after the tower drops it."""
+        call = {}
+        tower = self.model.model.vision_model
+
+        def enter(module, args, kwargs):
+            call["state"] = kwargs.get(state_kwarg)
+
+        def leave(module, args, output):
+            call.clear()
+
+        def pass_on(module, args, kwargs):
+            if call.get("state") is None:
+                return None
+            return args, {**kwargs, state_kwarg: call["state"]}
+
+        handles = [tower.register_forward_pre_hook(enter, with_kwargs=True), tower.register_forward_hook(leave)]
+        return handles + [m.register_forward_pre_hook(pass_on, with_kwargs=True, prepend=True) for m in self.vision_layers]
+
+    def _block_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """[n, P, C] per-patch values of n crops -> [n, P / s^2, C]: each LLM token's mean over the s x s patches
+        the connector's own pixel shuffle puts in it."""
+        s = self.config.scale_factor
+        n, _, c = values.shape
+        shuffled = self.model.model.connector.pixel_shuffle(values.float(), s)  # [n, P / s^2, s^2 * C]
+        return shuffled.reshape(n, shuffled.shape[1], s * s, c).mean(2)
+
+    def tower_to_tokens(self, values: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """Per-patch values of every crop [n_crops, P, C] (rows in order) -> per image [N_i, C]."""
+        per_crop = self._block_mean(values)
+        return [c.flatten(0, 1) for c in torch.split(per_crop, self.tiles_per_image(inputs))]
+
+    def video_tower_to_tokens(self, values: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """Per-patch values of every frame [n_frames, P, C] -> per video [N_v, C]."""
+        per_frame = self._block_mean(values)
+        return [f.flatten(0, 1) for f in torch.split(per_frame, [len(v) for v in self._video_rows(inputs)])]
 
     # ---- vision -----------------------------------------------------------------------------
     def _features(self, inputs, **kwargs) -> list[torch.Tensor]:
