@@ -35,6 +35,7 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "num2words",  # transformers' SmolVLM processor imports it
     ],
     extras_require={
         "video": ["av>=12"],

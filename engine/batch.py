@@ -38,6 +38,9 @@ def process(processor, adapter: Adapter, reqs: list[CheckedRequest]) -> dict:
     on the left (``padding_side`` given per call: the caller's processor and tokenizer are left as they are)."""
     per_request = [r.images for r in reqs]
     videos = [r.video for r in reqs if r.native_video]
+    if videos and any(r.images for r in reqs) and not adapter.video_with_images:
+        raise InputError(f"'{adapter.family}' takes images and native videos in separate processor calls: give "
+                         "requests with a video (video_mode='native') and requests with images apart")
     kwargs = adapter.video_inputs(videos) if videos else {}
     images = adapter.batch_images(per_request) if any(per_request) else None
     inputs = processor(text=[r.text for r in reqs], images=images, padding=True, padding_side="left",
@@ -52,7 +55,7 @@ def build_batch(processor, adapter: Adapter, idx: list[int], reqs: list[CheckedR
     inputs = process(processor, adapter, reqs)
     ids = inputs["input_ids"]
     vis = torch.isin(ids, torch.tensor(adapter.visual_token_ids))
-    video_masks = adapter.video_token_mask(inputs)
+    video_masks = adapter.video_token_mask(inputs, reqs)
     images_of, video_of, n_img, n_vid = [], [], 0, 0
     for r in reqs:
         images_of.append(list(range(n_img, n_img + len(r.images))))

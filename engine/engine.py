@@ -225,9 +225,11 @@ class Engine:
 
     def _group(self, reqs: list[CheckedRequest], batch_size: int):
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):  # one plan and length per batch; one frame count where the processor stacks videos
+        for i, r in enumerate(reqs):  # one plan and length per batch; one frame count where the processor stacks
+            # videos; native videos apart where one processor call cannot take images and videos (SmolVLM)
             frames = len(r.video.indices) if r.native_video and self.adapter.stacks_videos else None  # planned
-            groups.setdefault((str(r.plan), r.max_new_tokens, frames), []).append(i)
+            apart = r.native_video and not self.adapter.video_with_images
+            groups.setdefault((str(r.plan), r.max_new_tokens, frames, apart), []).append(i)
         for idx in groups.values():
             for s in range(0, len(idx), batch_size):
                 yield idx[s:s + batch_size], [reqs[i] for i in idx[s:s + batch_size]]

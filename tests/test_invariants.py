@@ -140,7 +140,8 @@ def test_e_kept_in_original_coordinates_fastv_matches_eager_attention(family, en
 def _capture_last_row(model, layer, store, hide):
     """Eager last-query attention row of ``layer`` (head mean), from q/k recomputed in the test."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
-    attn_mod = model.model.language_model.layers[layer].self_attn
+    lm = getattr(model.model, "language_model", None) or model.model.text_model  # SmolVLM: text_model
+    attn_mod = lm.layers[layer].self_attn
 
     def hook(module, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

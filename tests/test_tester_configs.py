@@ -20,9 +20,10 @@ from reference import hidden_slots, reference_model
 from test_invariants import ATOL, PROMPTS, _capture_last_row, _hf_generate, assert_matches_recompute
 from tester_configs import TESTER, write_tester_model
 
-# LLaVA-1.5, OneVision and Gemma 3 give every image of these sizes the same token count (a fixed crop; one 16 px
-# tiling; a fixed square): their second request carries two images, so the batch's visual-token counts are uneven
-TWO_IMAGES = ("llava", "llava_onevision", "gemma3")
+# LLaVA-1.5, OneVision, Gemma 3 and SmolVLM give every image of these sizes the same token count (a fixed crop; one
+# 16 px tiling; a fixed square; 2 x 2 crops + global): their second request carries two images, so the batch's
+# visual-token counts are uneven
+TWO_IMAGES = ("llava", "llava_onevision", "gemma3", "smolvlm")
 
 
 @pytest.fixture(scope="session")

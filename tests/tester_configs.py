@@ -13,7 +13,7 @@ token, so images are resized to between the stated pixel counts instead.
 The files read are the versions the code index holds (commits cited), written before transformers' testers
 moved to ``tests/vlm_tester.py``'s ``VLMModelTester``: the Qwen testers pass their text fields at the top level
 of the config, here under ``text_config`` (where transformers 5 reads them); OneVision's tester gives no vision
-``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 / 4 layers,
+``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 / 2 / 4 / 3 layers,
 towers 2 layers): the invariant tests use plans whose layers exist at that depth.
 
     path = write_tester_model("qwen2_vl", "/tmp/tester-qwen2_vl")   # seeded, like tokensieve.testing.make_tiny
@@ -24,7 +24,8 @@ import torch
 from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, InternVLConfig, InternVLForConditionalGeneration,
                           LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          SmolVLMConfig, SmolVLMForConditionalGeneration)
 
 from tokensieve.engine.adapters import family_module
 from tokensieve.testing import tokenizer_for
@@ -110,6 +111,19 @@ TESTER = {
                                        use_absolute_position_embeddings=True),
                     model_type="internvl", bos_token_id=0, eos_token_id=0, pad_token_id=0, image_token_id=1,
                     image_seq_length=64, vision_feature_layer=-1)),
+    "smolvlm": dict(  # 16 px crops of 4 x 4 patches, pixel shuffle 2: 4 tokens per crop
+        source=(_TF, "tests/models/smolvlm/test_modeling_smolvlm.py", "ab8523c59c8e0875c85a0ce604f58e1692bbc607",
+                "SmolVLMVisionText2TextModelTester"),
+        config=dict(text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=56, num_hidden_layers=3,
+                                     num_attention_heads=2, num_key_value_heads=2, hidden_act="silu",
+                                     max_position_embeddings=256, initializer_range=0.02, rms_norm_eps=1e-6,
+                                     pad_token_id=2, bos_token_id=0, eos_token_id=1, image_token_id=57,
+                                     tie_word_embeddings=False, rope_theta=10000.0, sliding_window=32,
+                                     attention_dropout=0.0),
+                    vision_config=dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=32, dropout=0.1, attention_dropout=0.1,
+                                       initializer_range=0.02),
+                    use_cache=False, image_token_id=57, tie_word_embeddings=False, vocab_size=100, scale_factor=2)),
 }
 
 CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
@@ -118,7 +132,8 @@ CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
                   "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
                   "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
                   "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration),
-                  "internvl": (InternVLConfig, InternVLForConditionalGeneration)}
+                  "internvl": (InternVLConfig, InternVLForConditionalGeneration),
+                  "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration)}
 
 # the only changes, per family (applied by ``tester_config``); each line says why
 CHANGES = {
@@ -126,7 +141,13 @@ CHANGES = {
         "text vocab_size -> len(tok): the test tokenizer's vocabulary (the tester's ids 0..98 / 152064 are not words)",
         "text pad/bos/eos_token_id -> the test tokenizer's <pad>/<s>/</s>: padding and stopping use its tokens",
         "placeholder ids (image/video/vision_start/vision_end) -> the test tokenizer's (PLACEHOLDERS of the family)",
-    ] + (["tie_word_embeddings True -> False: re-drawing the output embeddings N(0, 0.5) (as make_tiny does) would "
+    ] + (["top-level vocab_size 100 and text image_token_id 57 left as given: the model reads text_config's "
+          "vocab_size and the top-level image_token_id (the test tokenizer's <image>); SmolVLM's crop markers "
+          "<fake_token_around_image> / <global-img> added as config fields of the test tokenizer's ids (PLACEHOLDERS)",
+          "text sliding_window 32 dropped: Llama's attention has no sliding window (its uncached forward attends to "
+          "every position), but transformers 5's DynamicCache(config) reads the field and keeps only the last 31 "
+          "keys, so cached and uncached generation (the tester's use_cache=False) differ past 32 tokens"]
+         if family == "smolvlm" else []) + (["tie_word_embeddings True -> False: re-drawing the output embeddings N(0, 0.5) (as make_tiny does) would "
           "re-draw the input ones too, and greedy decoding then repeats one token",
           "rope_scaling {'type': 'mrope', ...} -> rope_parameters {'rope_type': 'default', ...}: transformers 5's name"]
          if family.startswith("qwen") else [])
@@ -153,6 +174,7 @@ PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "qwen2_5_vl": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image
     "gemma3": {},  # the tower's 20 px square image, 4 tokens (pan-and-scan: tests/test_gemma3.py)
     "internvl": {"max_patches": 4},  # 64 px tiles, 64 tokens each: 1, or 2-4 + a thumbnail (in 512 positions)
+    "smolvlm": {},  # 16 px crops (the tower's image size), images split into up to 2 x 2 crops + the global one
 }
 
 
@@ -174,6 +196,8 @@ def tester_config(family: str, tok):
         fields.update(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta"))}
+    if family == "smolvlm":  # CHANGES: Llama attends to every position; a sliding_window makes the cache drop some
+        text.pop("sliding_window")
     for field, token in family_module(family).PLACEHOLDERS.items():
         fields[field] = tok.convert_tokens_to_ids(token)
     return CONFIG_CLASSES[family][0](**fields)

@@ -26,6 +26,7 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
+from .smolvlm import SmolVLMAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "llava": LlavaAdapter,
@@ -36,6 +37,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "qwen3_vl": Qwen3VLAdapter,  # qwen3_vl_moe too (its model_types)
     "gemma3": Gemma3Adapter,
     "internvl": InternVLAdapter,
+    "smolvlm": SmolVLMAdapter,
 }
 FAMILY_MEMBERS = ("PLACEHOLDERS", "CHAT_TEMPLATE", "processor", "tiny_model", "BENCH")  # what a family module holds
 

@@ -20,6 +20,7 @@ class Adapter:
     hooked_tower: ClassVar[bool] = False  # the engine hooks the tower's layers (``vision_layers`` is not None)
     stacks_videos: ClassVar[bool] = False  # the processor stacks a batch's videos in one tensor: one frame count each
     feature_prefix: int = 0  # non-patch tokens (a CLS hidden state) before each image's patches in the LLM features
+    video_with_images: ClassVar[bool] = True  # one processor call takes images and native videos together
 
     def __init__(self, model: nn.Module, processor):
         self.model = model
@@ -79,8 +80,9 @@ class Adapter:
         before the model (Gemma 3: ``num_crops``, which the processor computes, then leaves out). Default: none."""
         return {}
 
-    def video_token_mask(self, inputs) -> list[torch.Tensor]:
-        """Per batch row, [N_vis] bool over its visual tokens in sequence order: the native video's."""
+    def video_token_mask(self, inputs, reqs) -> list[torch.Tensor]:
+        """Per batch row, [N_vis] bool over its visual tokens in sequence order: the native video's (``reqs``: the
+        checked requests, in row order)."""
         ids = inputs["input_ids"]
         vis = torch.isin(ids, torch.tensor(self.visual_token_ids))
         video_id = self.config.video_token_id if self.video_token else None

@@ -211,7 +211,7 @@ class InternVLAdapter(Adapter):
     def video_tower_sequences(self, inputs) -> list[list[int]]:
         return [[self._tower_length()] * f for f in self._frames_per_video(inputs)]
 
-    def video_token_mask(self, inputs) -> list[torch.Tensor]:
+    def video_token_mask(self, inputs, reqs=None) -> list[torch.Tensor]:
         """Per batch row [N_vis] bool, the tokens of a native video: the row's visual items are its images then
         its video's frames, one ``<img>`` run each, in ``pixel_values`` order."""
         ids = inputs["input_ids"]
