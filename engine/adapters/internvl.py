@@ -31,6 +31,7 @@ class InternVLAdapter(Adapter):
     model_types = ("internvl",)
     cls_tower = True  # InternViT's CLS token; vision_prefix stays None (no stages inside the tower)
     hooked_tower = True
+    stacks_videos = True  # its processor stacks a batch's videos (pixel_values_videos [n, frames, C, H, W])
 
     @property
     def vision_layers(self):
