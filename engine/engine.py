@@ -26,11 +26,12 @@ from .fit import check_fit, tower_layers, vision_layer
 from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_logprob, next_positions, prefill,
                          sample)
 from .plan import Plan
+from .pre_llm import run_pre_llm_stages
 from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request, check_request
 from .video import VideoPrefetcher
 from .vocabulary import read_trained_words
 from .results import Result, answer_length, answer_text, build_results
-from .signals import reads, request_signals, tower_records, wants_tower_feats
+from .signals import reads, tower_records, wants_tower_feats
 from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
 
 
@@ -279,7 +280,7 @@ class Engine:
         state = self._make_state(batch)
         stack = self.adapter.new_deepstack()  # features added after the first LLM layers (None: not this family)
         feats, alive = self._encode(batch, inputs, state, stack)
-        feats, alive = self._pre_llm(batch, inputs, feats, alive, state)
+        feats, alive = run_pre_llm_stages(self, batch, inputs, feats, alive, state)
         embeds, attn, pos, n_text = self._llm_inputs(batch, inputs, feats, alive, state)
         cache = cache_kwargs(self.model, DynamicCache(config=self.adapter.text_config))
         forward = {**cache, **self._forward_inputs(inputs, state)}
@@ -350,74 +351,6 @@ class Engine:
             return self.adapter.encode_videos(inputs, **kwargs, **extra)
         finally:
             state.video_tower, state.tower = state.tower, images
-
-    def _pre_llm(self, batch, inputs, feats, alive, state):
-        for run in state.pre_llm_stages if state is not None else []:
-            if run.stage.where == "frames":
-                scored = frames.score_frames(self, run, batch)
-                state.frame_scoring.extend(scored)
-            elif reads(run.pruner, "llm.instruction"):  # the question's embeddings, metered apart
-                scored = frames.score_instruction(self, batch)
-                state.frame_scoring.extend(scored)
-            tower = self._tower_per_request(run, batch, inputs, state)
-            for b in range(len(batch.reqs)):
-                coords, frame_of = batch.coords[b][alive[b]], batch.frames[b][alive[b]]
-                if run.stage.where == "frames":
-                    before = None
-                    sel = frames.select_frames(state, run, b, feats[b], alive[b], coords, frame_of, scored[b].signals)
-                else:
-                    signals = {k: v if v.shape[0] == alive[b].numel() else v[alive[b]] for k, v in tower[b].items()}
-                    merges_features = reads(run.pruner, "tower.features")
-                    before = state.tower_feats[b] if merges_features and state.tower_feats else None
-                    if reads(run.pruner, "llm.instruction"):
-                        signals.update(scored[b].signals)
-                    if batch.reqs[b].priority is not None and reads(run.pruner, "request.priority"):
-                        signals["priority"] = batch.reqs[b].priority[alive[b]]
-                    signals.update(request_signals(self.adapter, run, batch.reqs[b].question,
-                                                   state.tower_feats[b] if state.tower_feats else None))
-                    sel = state.select(run, run.keep[b], feats[b] if before is None else before, coords,
-                                       sizes=state.sizes(b, alive[b].numel()), request=b,
-                                       frames=frame_of if batch.n_video(b) else None, **signals)
-                state.follow_tower_feats(b, sel, merged_before_projector=before is not None)
-                if sel.tokens is None:
-                    feats[b] = feats[b][sel.keep_idx]
-                elif before is not None:  # merged on the projector's input: project the merged tokens
-                    feats[b] = self.adapter.project(sel.tokens.to(before.dtype)).to(feats[b].dtype)
-                else:
-                    feats[b] = sel.tokens.to(feats[b].dtype)
-                alive[b] = state.record(run, b, alive[b], sel)
-        return feats, alive
-
-    def _tower_per_request(self, run, batch, inputs, state) -> list[dict]:
-        """A stage's tower signals (tower_score [N], keys [N, d]) mapped to each request's visual tokens."""
-        score, keys = state.tower_signals(run)
-        out = [{} for _ in batch.reqs]
-        video = self.video_tower_score(run, inputs, state)
-        for name, values in (("tower_score", score), ("keys", keys)):
-            if values is None:
-                continue
-            flat = values.dim() == 2  # [n, P] scores; [n, P, C] channels
-            per_image = self.adapter.tower_to_tokens(values[..., None] if flat else values, inputs)
-            for b, ims in enumerate(batch.images_of):
-                if ims:
-                    v = torch.cat([per_image[i] for i in ims])
-                    out[b][name] = v[:, 0] if flat else v
-        for b, vid in enumerate(batch.video_of):  # a native video's tokens: their scores beside the images'
-            if video is not None and vid is not None:
-                is_vid = batch.is_video[b]
-                score_b = torch.zeros(is_vid.numel(), device=video[vid].device)
-                if "tower_score" in out[b]:
-                    score_b[~is_vid] = out[b]["tower_score"].float().to(score_b.device)
-                score_b[is_vid] = video[vid].float()
-                out[b]["tower_score"] = score_b
-        return out
-
-    def video_tower_score(self, run, inputs, state) -> list[torch.Tensor] | None:
-        """Per native video [N_v] the stage's ``tower_score`` from the video tower pass, or None where none."""
-        if state.video_tower is None or not run.tower_layers:
-            return None
-        score = run.pruner.tower_score(state.video_tower, run.tower_layers)
-        return None if score is None else [v[:, 0] for v in self.adapter.video_tower_to_tokens(score[..., None], inputs)]
 
     def _llm_inputs(self, batch, inputs, feats, alive, state):
         """Embed, place the surviving visual features, drop pruned slots, left-pad again.
