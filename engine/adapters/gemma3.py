@@ -166,7 +166,7 @@ CHAT_TEMPLATE = (  # the test tokenizer's chat template in Gemma's turn format (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|> "
     "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-BENCH = None  # no benchmark configuration yet
+BENCH = {"model": "gemma-3-12b", "image": (896, 896)}  # eval/bench/configs/gemma-3-12b.json; 256 pooled tokens
 
 
 def gemma_tokenizer(tok):

@@ -4,8 +4,8 @@
     tokensieve bench --models all --device cuda --batch-sizes 1,8 --new-tokens 64 --layers 0 --vision-layers 0
     tokensieve bench --kernels                          # also the kernel micro-benchmark (kernels/bench.py; GPU)
 
-Models: the real configurations of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B, Qwen3-VL-8B
-and LLaVA-OneVision-7B (a 32-frame video) with random weights (``models.py``); ``--layers`` / ``--vision-layers`` cut the depth
+Models: the real configurations of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B, Qwen3-VL-8B,
+Gemma-3-12B and LLaVA-OneVision-7B (a 32-frame video) with random weights (``models.py``); ``--layers`` / ``--vision-layers`` cut the depth
 for a CPU (0: the full depth). Plans: none; FastV (K=2) at 192 / 128 / 64 of 576 visual tokens (as ratios
 for other token counts), fused and scored the peers' way (``scoring=eager``: layer K-1's attention matrix
 materialised, as FastV's repository does with output_attentions); CLS, VisionZip, DivPrune, ToMe at the
