@@ -67,18 +67,19 @@ def item_plans(field, n_items: int) -> list:
 
 
 def prune(features: Sequence[torch.Tensor], item_plans_: list, coords: Callable[[int], torch.Tensor],
-          frames: Callable[[int], torch.Tensor | None] = lambda i: None) -> list[torch.Tensor]:
+          frames: Callable[[int], torch.Tensor | None] = lambda i: None, with_index: bool = False) -> list:
     """Each item's features [N_i, D] -> its kept rows [k_i, D] in original order (no plan: as they are).
-    ``coords(i)`` [N_i, 3] and ``frames(i)`` [N_i] or None describe item i's tokens as the engine's adapter does."""
+    ``coords(i)`` [N_i, 3] and ``frames(i)`` [N_i] or None describe item i's tokens as the engine's adapter does.
+    ``with_index``: (rows, kept original indices [k_i]) per item."""
     out = []
     for i, (feats, plan) in enumerate(zip(features, item_plans_)):
         if plan is None:
-            out.append(feats)
-            continue
-        kept, tokens = plans.select(plan, feats, coords(i).to(feats.device), frames(i))
-        out.append(tokens)
-        logger.info("tokensieve: %s kept %d of %d visual tokens", plan, kept.numel(), feats.shape[0])
-        _log_kept(plan, feats.shape[0], kept)
+            kept, tokens = torch.arange(feats.shape[0]), feats
+        else:
+            kept, tokens = plans.select(plan, feats, coords(i).to(feats.device), frames(i))
+            logger.info("tokensieve: %s kept %d of %d visual tokens", plan, kept.numel(), feats.shape[0])
+            _log_kept(plan, feats.shape[0], kept)
+        out.append((tokens, kept) if with_index else tokens)
     return out
 
 

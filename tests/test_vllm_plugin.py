@@ -1,0 +1,185 @@
+"""tokensieve's vLLM plugin (serving/), checked against tokensieve's own engine on the shipped models.
+
+The vLLM side runs in vLLM's own environment (``.venv-vllm``, built by ``bash serving/vllm_env.sh``, which
+.ci/run calls): ``tests/vllm_check.py`` starts ONE vLLM engine per model per session and runs every check
+there; the engine side (the reference) runs here. Skipped, saying how to build it, only where that
+environment is absent. The pure part (``tokensieve.serving.plans``) is tested here without vLLM.
+"""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tokensieve
+from tokensieve.engine.plan import Plan
+from tokensieve.eval.shapeworld import report
+from tokensieve.serving import plans
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VLLM_PYTHON = os.environ.get("TOKENSIEVE_VLLM_PYTHON", os.path.join(ROOT, ".venv-vllm", "bin", "python"))
+MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
+PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
+         "dycoke:keep=0.25")
+N_QUESTIONS = 24  # world image questions, no plan, one batch
+N_KEPT = 3  # questions run alone under each plan (kept sets compared)
+BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "cls:keep=0.25",
+       "divprune:keep=auto,tau=0.5", "divprune:where=vision,layer=2,keep=0.5"]
+BAD_REASON = ["inside the language model", "unknown pruner 'nope'", "larger than the 64 visual tokens", "keep must be",
+              "is empty", "must be a plan string", "tower.cls", "keep=auto", "acts inside vLLM's vision tower"]
+
+
+def vllm_env() -> str:
+    if not os.path.isfile(VLLM_PYTHON):
+        pytest.skip(f"vLLM's environment is absent ({VLLM_PYTHON}): build it with `bash serving/vllm_env.sh` "
+                    "(.ci/run does; about 3 minutes, 4 GB)")
+    return VLLM_PYTHON
+
+
+# ---- the pure part, without vLLM ----------------------------------------------------------------------------
+@pytest.mark.parametrize("value,reason", list(zip(BAD, BAD_REASON)))
+def test_bad_plans_are_refused_naming_tokensieve_and_the_reason(value, reason):
+    with pytest.raises(plans.PlanRefused) as e:
+        plans.kept_count(plans.parse(value), 64)
+    assert str(e.value).startswith("tokensieve: ") and reason in str(e.value), str(e.value)
+
+
+def test_runs_in_vllm_is_every_pre_llm_pruner_that_reads_only_the_tokens():
+    assert set(plans.RUNS_IN_VLLM) == {"random", "uniform", "pool", "divprune", "dycoke", "vidcom2"}
+    assert plans.parse(None) is None
+    assert plans.kept_count(plans.parse("divprune:keep=0.25"), 64) == 16
+    assert plans.kept_count(plans.parse("divprune:keep=0.5;random:keep=8"), 64) == 8
+    assert plans.decode(plans.encode("pool:keep=0.5")) == "pool:keep=0.5" and plans.decode(plans.encode(None)) is None
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_select_keeps_what_the_engine_keeps(shipped_engine, plan):
+    """plans.select on the engine's own projected features keeps the engine's kept set (the engine: reference)."""
+    engine = shipped_engine("tiny-qwen2-vl")
+    q = report.held_out(n_images=1, n_videos=0)[0]
+    r = engine.generate(q.question, images=q.images, plan=plan, max_new_tokens=1)
+    inputs = engine.processor(images=q.images, text=["<|vision_start|><|image_pad|><|vision_end|>"], return_tensors="pt")
+    with torch.no_grad():
+        feats = engine.adapter.encode_images(dict(inputs))[0]
+    coords = engine.adapter.image_coords(dict(inputs))[0]
+    kept, tokens = plans.select(Plan.parse(plan), feats, coords)
+    assert kept.tolist() == r.kept[0].tolist()
+    assert tokens.shape == (kept.numel(), feats.shape[1])
+
+
+def test_nothing_in_tokensieve_imports_vllm():
+    """Every module of every package in setup.py's PACKAGES, except the plugin's vLLM glue, imported in one
+    process with vLLM installed (vLLM's environment when built, else this one): vllm stays unimported."""
+    python = VLLM_PYTHON if os.path.isfile(VLLM_PYTHON) else sys.executable
+    script = f"""
+import ast, importlib, os, sys
+tree = ast.parse(open({os.path.join(ROOT, 'setup.py')!r}).read())
+packages = next(ast.literal_eval(n.value) for n in ast.walk(tree)
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "PACKAGES")
+names = [pkg if f == "__init__.py" else pkg + "." + f[:-3] for pkg, folder in packages.items()
+         for f in sorted(os.listdir(os.path.join({ROOT!r}, folder))) if f.endswith(".py") and f != "__main__.py"]
+failed = []
+for n in names:
+    if not n.startswith("tokensieve.serving.vllm_"):
+        try:
+            importlib.import_module(n)
+        except ModuleNotFoundError as e:  # an optional dependency this environment lacks
+            failed.append(e.name)
+print(len(names), "vllm" in sys.modules, "vllm" in failed)
+"""
+    out = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd="/", timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    n, imported, failed = out.stdout.split()[-3:]
+    assert int(n) > 100 and imported == "False" and failed == "False", out.stdout + out.stderr[-2000:]
+
+
+# ---- vLLM against the engine ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def vllm_vs_engine(shipped_engine, tmp_path_factory):
+    """family -> (questions, engine answers / kept sets, the vLLM run's JSON): one vLLM start per model."""
+    runs = {}
+
+    def get(family: str):
+        if family not in runs:
+            runs[family] = _run(family, shipped_engine(MODELS[family]), tmp_path_factory.mktemp(f"vllm_{family}"))
+        return runs[family]
+
+    return get
+
+
+def _run(family, engine, tmp):
+    python = vllm_env()
+    questions = report.held_out(n_images=N_QUESTIONS, n_videos=0)
+    reqs = []
+    for i, q in enumerate(questions):
+        path = str(tmp / f"{i}.png")
+        q.images[0].save(path)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.question}]}]
+        reqs.append({"prompt": engine.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    tokenize=False), "image": path, "max_tokens": 2})
+    ref = {"none": [engine.generate(q.question, images=q.images, max_new_tokens=2) for q in questions]}
+    for p in PLANS:
+        ref[p] = [engine.generate(q.question, images=q.images, plan=p, max_new_tokens=2) for q in questions[:N_KEPT]]
+    singles = [[{**reqs[i], "plan": p}] for p in PLANS for i in range(N_KEPT)]
+    mixed = [{**reqs[i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[N_KEPT:2 * N_KEPT]
+    spec = {"model": tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
+            "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([python, os.path.join(ROOT, "tests", "vllm_check.py"), str(tmp / "spec.json"),
+                           str(tmp / "out.json")], capture_output=True, text=True, timeout=900, cwd=str(tmp),
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return questions, ref, json.loads((tmp / "out.json").read_text())
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_the_plugin_is_loaded_by_vllm_itself(vllm_vs_engine, family):
+    _, _, out = vllm_vs_engine(family)
+    assert out["entry_point"] == ["tokensieve.serving.vllm_plugin:register"]
+    assert out["model_class"].startswith("tokensieve.serving.vllm_"), out["model_class"]
+    assert all(len(k) == 1 for k in out["kept"][1:-1]), "each pruned request logs its kept set once"
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_no_plan_answers_as_the_engine(vllm_vs_engine, family):
+    questions, ref, out = vllm_vs_engine(family)
+    got = [r["token_ids"] for r in out["calls"][0]]
+    want = [r.token_ids.tolist() for r in ref["none"]]
+    assert got == want
+    assert all(not k for k in out["kept"][0]), "no plan: nothing pruned"
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_each_plan_keeps_the_engines_kept_set(vllm_vs_engine, family):
+    _, ref, out = vllm_vs_engine(family)
+    n_visual = ref["none"][0].stats["visual_tokens"]
+    for j, (p, i) in enumerate((p, i) for p in PLANS for i in range(N_KEPT)):
+        (logged,) = out["kept"][1 + j]
+        assert logged["n"] == n_visual
+        assert logged["kept"] == ref[p][i].kept[0].tolist(), (p, i)
+        single = out["calls"][1 + j][0]
+        assert single["prompt_len"] == out["calls"][0][i]["prompt_len"] - n_visual + len(logged["kept"])
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_a_batch_of_mixed_plans_answers_as_each_alone(vllm_vs_engine, family):
+    """One batch: every plan and no plan together; each request's prompt length and answer are the ones it
+    gets alone (the plan of one request never leaks into another's)."""
+    _, _, out = vllm_vs_engine(family)
+    mixed = out["calls"][-1]
+    alone = [c[0] for c in out["calls"][1:-1]] + out["calls"][0][N_KEPT:2 * N_KEPT]
+    assert [r["prompt_len"] for r in mixed] == [r["prompt_len"] for r in alone]
+    assert [r["token_ids"] for r in mixed] == [r["token_ids"] for r in alone]
+    assert sorted(json.dumps(k, sort_keys=True) for k in out["kept"][-1]) == sorted(
+        json.dumps(c[0], sort_keys=True) for c in out["kept"][1:-1])
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_bad_plans_get_one_clear_error_and_vllm_keeps_serving(vllm_vs_engine, family):
+    _, _, out = vllm_vs_engine(family)
+    for bad, reason in zip(out["bad"], BAD_REASON):
+        assert bad["error"] is not None and "tokensieve: " in bad["error"] and reason in bad["error"], bad
+    assert out["after_bad"]["token_ids"] == out["calls"][0][0]["token_ids"]
