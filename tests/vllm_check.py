@@ -4,7 +4,7 @@ check of the spec, results as JSON.
     .venv-vllm/bin/python tests/vllm_check.py spec.json out.json
 
 spec: {"model": dir, "max_model_len": int, "calls": [[request, ...], ...], "bad": [plan value, ...],
-       "after_bad": request}; a request is {"prompt": text, "image": png path, "plan": str | absent,
+       "after_bad": request, "stock": bool (no plugin: stock vLLM)}; a request is {"prompt": text, "image": png path, "plan": str | absent,
        "max_tokens": int}. Each call is one ``LLM.generate`` (a batch); the plugin's kept-index log
 (TOKENSIEVE_VLLM_KEPT_LOG) is read after each call.
 out: {"entry_point", "model_class", "calls": [[{"prompt_len", "token_ids", "text"}, ...], ...],
@@ -21,6 +21,8 @@ def main(spec_path: str, out_path: str) -> None:
     log = os.path.join(tempfile.mkdtemp(), "kept.jsonl")
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                        "TOKENSIEVE_VLLM_KEPT_LOG": log})
+    if spec.get("stock"):  # stock vLLM: no plugin loaded (VLLM_PLUGINS names the plugins to load: none)
+        os.environ["VLLM_PLUGINS"] = ""
     from importlib.metadata import entry_points
 
     from PIL import Image
