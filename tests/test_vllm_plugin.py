@@ -99,6 +99,22 @@ print(len(names), "vllm" in sys.modules, "vllm" in failed)
     assert int(n) > 100 and imported == "False" and failed == "False", out.stdout + out.stderr[-2000:]
 
 
+def test_the_torchvision_workaround_is_what_lets_torchvision_import_in_the_vllm_env():
+    """In vLLM's environment torchvision's operator library does not load (a CUDA build beside the CPU torch);
+    serving/tv_ops.py, run from the .pth line, declares its operators first: torchvision and transformers'
+    image code import, and only then (without the .pth line, ``-S`` plus the site directory by hand, it fails)."""
+    python = vllm_env()
+    check = ("import sys, torch, torchvision, transformers.image_utils; from torchvision import extension; "
+             "print('_tokensieve_tv_ops' in sys.modules, extension._has_ops(), hasattr(torch.ops.torchvision, 'nms'))")
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd="/", timeout=300)
+    assert out.stdout.split() == ["True", "False", "True"], out.stderr[-2000:]
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, cwd="/").stdout.strip()
+    bare = subprocess.run([python, "-S", "-c", f"import sys; sys.path.append({site!r}); import torchvision"],
+                          capture_output=True, text=True, cwd="/", timeout=300)
+    assert bare.returncode != 0 and "torchvision::nms does not exist" in bare.stderr
+
+
 # ---- vLLM against the engine ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def vllm_vs_engine(shipped_engine):

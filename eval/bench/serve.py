@@ -74,7 +74,7 @@ def wait_ready(proc: subprocess.Popen, timeout: float = 900) -> None:
 
 def one_request(model: str, url: str, prompt: str, plan: str | None, new_tokens: int) -> dict:
     """One streamed chat request -> {"ttft", "latency", "prompt_tokens"} (seconds)."""
-    body = {"model": model, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "max_tokens": new_tokens, "temperature": 0, "stream": True, "logprobs": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": prompt}]}]}
@@ -91,7 +91,8 @@ def one_request(model: str, url: str, prompt: str, plan: str | None, new_tokens:
         if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
-        if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+        choice = (chunk.get("choices") or [{}])[0]
+        if ttft is None and (choice.get("logprobs") or {}).get("content"):  # a generated token (its text may be "")
             ttft = time.perf_counter() - t0
         usage = chunk.get("usage") or usage
     return {"ttft": ttft, "latency": time.perf_counter() - t0, "prompt_tokens": usage["prompt_tokens"]}
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "requests": args.requests, "new_tokens": args.new_tokens}
     try:
         wait_ready(proc)
-        one_request(model, url, request["prompt"], None, 1)  # warm-up
+        for plan in plans:  # warm-up: each plan's prompt length once (a compiled server builds its graphs)
+            one_request(model, url, request["prompt"], plan, 1)
         for c in concurrency:
             for plan in plans:
                 rows.append(cell(model, url, request["prompt"], plan, c, args.requests, args.new_tokens))
