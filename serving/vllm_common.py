@@ -15,9 +15,15 @@ import torch
 
 from . import plans
 
-logger = logging.getLogger("tokensieve.serving")
+logger = logging.getLogger("vllm.tokensieve")  # under vLLM's logger: its handlers and level
 FIELD = "tokensieve_plan"  # the per-item processor output that carries the plan ([MAX_PLAN_BYTES] uint8)
 KEPT_LOG = "TOKENSIEVE_VLLM_KEPT_LOG"  # env: a file each pruned item appends one JSON line to (tests, debugging)
+
+
+def announce(model: str) -> None:
+    """One INFO line when vLLM builds one of tokensieve's models: the plugin is active, and what runs."""
+    logger.info("tokensieve: %s serves per-request plans (mm_processor_kwargs={'plan': ...}); pruners that run in "
+                "vLLM: %s", model, ", ".join(plans.RUNS_IN_VLLM))
 
 
 def request_plan(ctx, kwargs: Mapping[str, object]):
@@ -77,7 +83,7 @@ def prune(features: Sequence[torch.Tensor], item_plans_: list, coords: Callable[
             kept, tokens = torch.arange(feats.shape[0]), feats
         else:
             kept, tokens = plans.select(plan, feats, coords(i).to(feats.device), frames(i))
-            logger.info("tokensieve: %s kept %d of %d visual tokens", plan, kept.numel(), feats.shape[0])
+            logger.debug("tokensieve: %s kept %d of %d visual tokens", plan, kept.numel(), feats.shape[0])
             _log_kept(plan, feats.shape[0], kept)
         out.append((tokens, kept) if with_index else tokens)
     return out

@@ -59,6 +59,10 @@ class TokenSieveLlava(LlavaForConditionalGeneration):
         orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."},
     ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
 
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        common.announce(type(self).__name__)
+
     def embed_multimodal(self, **kwargs):
         field = kwargs.pop(common.FIELD, None)
         features = super().embed_multimodal(**kwargs)

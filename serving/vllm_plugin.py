@@ -1,14 +1,12 @@
 """The plugin vLLM loads by itself (entry point group ``vllm.general_plugins``, in every vLLM process).
 
 ``register()`` points vLLM's model registry at tokensieve's subclasses of vLLM's own model classes (by
-"module:Class" strings: nothing heavy is imported until vLLM builds the model). Requests without a plan run
-exactly vLLM's code.
+"module:Class" strings: nothing heavy is imported until vLLM builds the model). Requests without a plan get
+what stock vLLM computes: on LLaVA its code path exactly; on Qwen2-VL every item also carries its M-RoPE
+positions through vLLM's recompute, which gives an unpruned item its usual positions.
 """
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger("tokensieve.serving")
 
 MODELS = {  # architecture -> tokensieve's subclass of vLLM's class for it
     "LlavaForConditionalGeneration": "tokensieve.serving.vllm_llava:TokenSieveLlava",
@@ -20,10 +18,8 @@ def register() -> None:
     """Register the model classes (idempotent: vLLM may call it several times per process)."""
     from vllm import ModelRegistry
 
-    for arch, cls in MODELS.items():
-        ModelRegistry.register_model(arch, cls)
-    logger.info("tokensieve: vLLM plugin registered for %s (per-request mm_processor_kwargs={'plan': ...})",
-                ", ".join(MODELS))
+    for arch, cls in MODELS.items():  # vLLM may load plugins before its logging is set up: the models log
+        ModelRegistry.register_model(arch, cls)  # (vllm_common.announce) when vLLM builds one
 
 
 def enable_mrope_recompute() -> None:

@@ -98,6 +98,7 @@ class TokenSieveQwen2VL(Qwen2VLForConditionalGeneration, SupportsMultiModalPruni
         short_factor = longrope_as_mrope(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         enable_mrope_recompute()
+        common.announce(type(self).__name__)
         if short_factor is not None:
             scale_rotary(self.language_model, short_factor)
 

@@ -36,7 +36,11 @@ BAD_REASON = ["inside the language model", "unknown pruner 'nope'", "larger than
 
 
 def vllm_env() -> str:
-    if not os.path.isfile(VLLM_PYTHON):
+    """The vLLM environment's python; skip where serving/vllm_env.sh has not finished building it (its stamp)."""
+    venv = os.path.dirname(os.path.dirname(VLLM_PYTHON))
+    built = "TOKENSIEVE_VLLM_PYTHON" in os.environ or any(f.startswith(".tokensieve-vllm-") for f in os.listdir(venv)) \
+        if os.path.isdir(venv) else False
+    if not os.path.isfile(VLLM_PYTHON) or not built:
         pytest.skip(f"vLLM's environment is absent ({VLLM_PYTHON}): build it with `bash serving/vllm_env.sh` "
                     "(.ci/run does; about 3 minutes, 4 GB)")
     return VLLM_PYTHON
