@@ -42,7 +42,7 @@ def vllm_env() -> str:
         if os.path.isdir(venv) else False
     if not os.path.isfile(VLLM_PYTHON) or not built:
         pytest.skip(f"vLLM's environment is absent ({VLLM_PYTHON}): build it with `bash serving/vllm_env.sh` "
-                    "(.ci/run does; about 3 minutes, 4 GB)")
+                    "(.ci/run does; about 5 minutes here, 3.5 GB)")
     return VLLM_PYTHON
 
 
