@@ -22,6 +22,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(120)
+        shutil.rmtree(model, ignore_errors=True)
     rows = with_ideal(rows)
     with open(os.path.join(args.out, "serve_bench.md"), "w") as f:
         f.write(markdown(rows, meta))
