@@ -293,3 +293,17 @@ def test_vllm_serve_answers_a_bad_plan_with_a_400_and_keeps_serving(served):
     for bad, reason in zip(served["bad"], SERVE_BAD_REASON):
         assert bad["status"] == 400 and "tokensieve: " in bad["error"] and reason in bad["error"], bad
     assert served["after_bad"] == served["one"] and served["alive"]
+
+
+def test_serve_bench_puts_each_gain_next_to_its_token_ideal():
+    """eval/bench/serve.py's table: gain = requests/s over no plan at the same concurrency, ideal = prompt
+    tokens without a plan over the plan's (numbers worked by hand)."""
+    from tokensieve.eval.bench import serve
+
+    rows = serve.with_ideal([
+        {"plan": "none", "concurrency": 1, "rps": 2.0, "prompt_tokens": 600, "ttft_p50": 1, "ttft_p99": 1},
+        {"plan": "divprune:keep=0.25", "concurrency": 1, "rps": 5.0, "prompt_tokens": 168, "ttft_p50": 1, "ttft_p99": 1},
+        {"plan": "none", "concurrency": 8, "rps": 4.0, "prompt_tokens": 600, "ttft_p50": 1, "ttft_p99": 1},
+        {"plan": "divprune:keep=0.25", "concurrency": 8, "rps": 6.0, "prompt_tokens": 168, "ttft_p50": 1, "ttft_p99": 1}])
+    assert [(r["gain"], r["ideal"]) for r in rows] == [(1.0, 1.0), (2.5, 3.571), (1.0, 1.0), (1.5, 3.571)]
+    assert "| divprune:keep=0.25 | 8 | 168 | 6.0 | 1.5 | 3.571 |" in serve.markdown(rows, {"model": "m", "requests": 4})
