@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy
 import pytest
 import torch
 
@@ -27,6 +28,7 @@ VLLM_PYTHON = os.environ.get("TOKENSIEVE_VLLM_PYTHON", os.path.join(ROOT, ".venv
 MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
 PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
          "dycoke:keep=0.25")
+VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
 N_QUESTIONS = 24  # world image questions, no plan, one batch
 N_KEPT = 3  # questions run alone under each plan (kept sets compared)
 BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "cls:keep=0.25",
@@ -157,6 +159,15 @@ def _run(family, engine, tmp):
     mixed = [{**reqs[N_KEPT + i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[:N_KEPT]
     spec = {"model": tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
+    if family == "qwen2_vl":  # a world video, native (Qwen2-VL's temporal patches), under each video plan
+        video = report.held_out(n_images=0, n_videos=1)[0]
+        numpy.save(tmp / "video.npy", numpy.stack([numpy.asarray(im.convert("RGB")) for im in video.images]))
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": video.question}]}]
+        prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        spec["video_calls"] = [[{"prompt": prompt, "video": str(tmp / "video.npy"), "max_tokens": 2,
+                                 **({"plan": p} if p else {})}] for p in VIDEO_PLANS]
+        ref["video"] = [engine.generate(video.question, video=video.images, plan=p or None, max_new_tokens=2)
+                        for p in VIDEO_PLANS]
     return questions, ref, {**_vllm_check(spec, tmp), "dir": str(tmp)}
 
 
@@ -244,6 +255,19 @@ def test_a_batch_of_mixed_plans_keeps_the_engines_kept_sets(vllm_vs_engine, fami
     assert sorted(json.dumps([k["plan"], k["kept"]]) for k in out["kept"][-1]) == sorted(
         json.dumps([str(Plan.parse(p)), ref[p][i].kept[0].tolist()]) for p, i in pairs)
     assert mixed[len(pairs):] == unpruned[:N_KEPT]
+
+
+def test_a_qwen2_vl_video_keeps_the_engines_kept_sets(vllm_vs_engine):
+    """A world video as Qwen2-VL's native video: no plan answers as the engine; under dycoke, vidcom2 and divprune
+    vLLM keeps the engine's kept set (its frames: the temporal patches), with text + kept tokens in the prompt."""
+    _, ref, out = vllm_vs_engine("qwen2_vl")
+    calls, kept = out["video_calls"], out["video_calls_kept"]
+    n_visual = ref["video"][0].stats["visual_tokens"]
+    assert calls[0][0]["token_ids"] == list(ref["video"][0].token_ids) and kept[0] == []
+    for p, call, logged, r in list(zip(VIDEO_PLANS, calls, kept, ref["video"]))[1:]:
+        assert [k["kept"] for k in logged] == [r.kept[0].tolist()] and logged[0]["n"] == n_visual, p
+        assert call[0]["prompt_len"] == calls[0][0]["prompt_len"] - n_visual + r.kept[0].numel()
+        assert call[0]["token_ids"] == list(r.token_ids), p
 
 
 @pytest.mark.parametrize("family", list(MODELS))
