@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
         "demos/examples/README.md"]
-TOP = ("api", "engine", "eval", "demos", "docs", "examples", "kernels", "pruners", "tests", ".ci")
+TOP = ("api", "engine", "eval", "demos", "docs", "examples", "kernels", "pruners", "serving", "tests", ".ci")
 LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")  # [text](target) and ![alt](target)
 PATH = re.compile(r"`((?:[\w.-]+/)+[\w.-]+\.(?:py|md|png|json|jsonl|yaml|sh|txt|csv|mp4|jinja|safetensors))`")
 EXAMPLE = re.compile(r"\b(?:shapes|objects)_\w+\.(?:png|mp4)\b")
