@@ -6,6 +6,7 @@
 (d) a padded batch == the same requests one at a time
 (e) kept indices are in the request's original visual-token coordinates
 """
+import importlib
 import warnings
 
 import pytest
@@ -154,6 +155,8 @@ def _capture_last_row(model, layer, store, hide):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cos.dim() == 3 and cos.shape[-1] == hd:
             q, k = llama_rope(q, k, cos, sin)
+        elif cos.dim() == 3 and cos.shape[-1] < hd:  # GLM-4V: RoPE on part of each head, the model module's own
+            q, k = importlib.import_module(type(module).__module__).apply_rotary_pos_emb(q, k, cos, sin)
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, 1)
         logits = (q[:, :, -1:] @ k.transpose(-1, -2)).float() * module.scaling
