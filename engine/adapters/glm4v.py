@@ -22,6 +22,7 @@ class Glm4vAdapter(Qwen2VLAdapter):
     family = "glm4v"
     model_types = ("glm4v",)
     rope_layout = "interleaved"
+    video_with_images = False  # the model's forward takes every image token as an image and as a video token
 
     @property
     def visual_token_ids(self) -> tuple[int, ...]:
