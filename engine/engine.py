@@ -246,7 +246,7 @@ class Engine:
             return None
         state = RequestState(batch_size=len(batch.reqs), owner=[torch.arange(n) for n in batch.n_visual],
                              llm_depth=self.adapter.text_config.num_hidden_layers, mask_rules=self.adapter,
-                             own_masks=self.adapter.own_masks)
+                             own_masks=self.adapter.own_masks, rope_layout=self.adapter.rope_layout)
         counts = [r.plan.keep_counts(n, max(len(r.images), 1), batch.n_video(b))
                   for b, (r, n) in enumerate(zip(batch.reqs, batch.n_visual))]
         for i, stage in enumerate(plan.stages):

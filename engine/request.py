@@ -84,8 +84,9 @@ def check_request(req: Request, processor, adapter, default_plan: Plan, default_
         video = (decode_video if decode else probe_video)(req.video, default_nframes=DEFAULT_VIDEO_FRAMES)
     native = video is not None and mode == "native" and adapter.video_token is not None
     if native and pil and not adapter.video_with_images:
-        raise InputError(f"'{adapter.family}' cannot take images and a native video in one request (its processor "
-                         "writes both as pixel_values): give them in separate requests, or video_mode='frames'")
+        raise InputError(f"'{adapter.family}' cannot take images and a native video in one request (its processor or "
+                         "model cannot keep their pixels or tokens apart): give them in separate requests, or "
+                         "video_mode='frames'")
     frames = video.frames if video is not None and not native else []
     n_frames = len(video.indices) if video is not None and not native else 0  # frames entering as images
     image_token = adapter.image_token

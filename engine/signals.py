@@ -200,10 +200,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo rotary embeddings: x [B, H, S, d], cos/sin [B, S, d] (x_rot = x cos + rot(x) sin)."""
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Each interleaved pair (x[2i], x[2i+1]) -> (-x[2i+1], x[2i])."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Undo rotary embeddings: x [B, H, S, d], cos/sin [B, S, r] (x_rot = x cos + rot(x) sin on the first r <= d
+    dims, the rest passed through; ``layout``: rot pairs dims (i, i + r/2) "half", or (2i, 2i + 1) "interleaved")."""
+    r = cos.shape[-1]
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos - rotate_half(x) * sin
+    rot = x[..., :r]
+    turned = rotate_half(rot) if layout == "half" else rotate_pairs(rot)
+    return torch.cat([rot * cos - turned * sin, x[..., r:]], dim=-1)
 
 
 class SignalsMixin:
@@ -233,15 +242,15 @@ class SignalsMixin:
         rep = query.shape[1] // key.shape[1]
         if need == "last_query_norope":
             cos, sin = self.rope
-            q = unrotate(query[:, :, -1:], cos[:, -1:], sin[:, -1:])
-            k = unrotate(key, cos, sin)
+            q = unrotate(query[:, :, -1:], cos[:, -1:], sin[:, -1:], self.rope_layout)
+            k = unrotate(key, cos, sin, self.rope_layout)
             rows = [query.shape[2] - 1]
         elif need in ("text_rows", "all_rows"):
             q, k = query, key
             rows = None
         elif need == "text_rows_full":
             cos, sin = self.rope
-            q, k = unrotate(query, cos, sin), unrotate(key, cos, sin)
+            q, k = unrotate(query, cos, sin, self.rope_layout), unrotate(key, cos, sin, self.rope_layout)
             rows, causal = None, False
         else:
             raise ValueError(f"unknown attention need '{need}'")

@@ -81,6 +81,7 @@ class RequestState(SignalsMixin):
     importance: dict[int, object] = field(default_factory=dict)  # layer -> [B, H, Sk] or per-row list
     raters: dict[int, list] = field(default_factory=dict)  # LLM stage index -> per request [T] bool text raters
     rope: tuple | None = None  # (cos, sin) [B, S, d] of the current tokens, for RoPE-free scores
+    rope_layout: str = "half"  # how the LLM pairs the rotated dims (``Adapter.rope_layout``)
     layer_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer K-1 -> [B, S, Hq*d] (``llm.keys``)
     final_norm: object = None  # the LLM's final norm module (``llm.normed``), set by the engine when a stage reads it
     next_slot: int = 0

@@ -6,6 +6,7 @@
 (d) a padded batch == the same requests one at a time
 (e) kept indices are in the request's original visual-token coordinates
 """
+import importlib
 import warnings
 
 import pytest
@@ -152,7 +153,10 @@ def _capture_last_row(model, layer, store, hide):
         if hasattr(module, "q_norm"):  # Qwen3: an RMSNorm over each head's query and key before RoPE
             q, k = module.q_norm(q), module.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if cos.dim() == 3 and cos.shape[-1] == hd:
+        own = importlib.import_module(type(module).__module__)
+        if cos.dim() == 3 and hasattr(own, "rotate_half_llm"):  # GLM-4V: interleaved pairs, RoPE on part of each
+            q, k = own.apply_rotary_pos_emb(q, k, cos, sin)  # head (partial_rotary_factor): the model module's own
+        elif cos.dim() == 3 and cos.shape[-1] == hd:
             q, k = llama_rope(q, k, cos, sin)
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, 1)

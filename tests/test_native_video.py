@@ -13,7 +13,7 @@ from conftest import noise_image
 from reference import hidden_slots, reference_model
 from test_invariants import ATOL, _capture_last_row, assert_matches_recompute
 
-NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "glm4v")
 PROMPTS = ["what appeared first", "how many objects", "is there a red circle"]
 
 
@@ -37,9 +37,13 @@ def test_native_inputs_are_the_processors_video_inputs(native, engine_for):
         assert "pixel_values_videos" not in inputs and inputs["pixel_values"].shape[0] == 4
         return
     assert "pixel_values_videos" in inputs and "pixel_values" not in inputs
+    frames_mode = engine.prepare(PROMPTS[0], video=_video(0), video_mode="frames")
+    if native == "glm4v":  # frames are image tokens, typed video (2) by the processor (test_glm4v.py)
+        assert int((inputs["mm_token_type_ids"] == 2).sum()) > 0
+        assert "pixel_values_videos" not in frames_mode and int((frames_mode["mm_token_type_ids"] == 2).sum()) == 0
+        return
     vid = engine.model.config.video_token_id
     assert int((inputs["input_ids"] == vid).sum()) > 0
-    frames_mode = engine.prepare(PROMPTS[0], video=_video(0), video_mode="frames")
     assert "pixel_values_videos" not in frames_mode and int((frames_mode["input_ids"] == vid).sum()) == 0
 
 
@@ -118,7 +122,7 @@ def test_per_frame_results(native, engine_for):
     res = engine.generate(PROMPTS[0], video=_video(0), plan="uniform:keep=0.5", max_new_tokens=2)
     frames = res.frames
     assert frames.shape[0] == res.stats["visual_tokens"] and int(frames.min()) >= 0
-    n_grid = 2 if native.startswith("qwen") else 4  # Qwen: temporal patches of two frames
+    n_grid = 2 if native.startswith("qwen") or native == "glm4v" else 4  # Qwen, GLM-4V: temporal patches of two frames
     assert int(frames.max()) + 1 == n_grid
     expected = torch.bincount(frames[res.kept[0]], minlength=n_grid).tolist()
     assert res.stats["tokens_per_frame"] == expected and sum(expected) == len(res.kept[0])

@@ -26,6 +26,7 @@ from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, InternVL
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           SmolVLMConfig, SmolVLMForConditionalGeneration)
+from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
 from tokensieve.engine.adapters import family_module
 from tokensieve.testing import tokenizer_for
@@ -124,6 +125,18 @@ TESTER = {
                                        num_attention_heads=4, intermediate_size=32, dropout=0.1, attention_dropout=0.1,
                                        initializer_range=0.02),
                     use_cache=False, image_token_id=57, tie_word_embeddings=False, vocab_size=100, scale_factor=2)),
+    "glm4v": dict(  # RoPE on the whole head here (partial_rotary_factor's default 1.0; make_tiny's model: half)
+        source=(_TF, "tests/models/glm4v/test_modeling_glm4v.py", "be0b8861ae1cb4be6206193b2d69f80d8797e98f",
+                "Glm4vVisionText2TextModelTester"),
+        config=dict(text_config=dict(vocab_size=99, hidden_size=16, intermediate_size=22, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, output_channels=64,
+                                     hidden_act="silu", max_position_embeddings=512,
+                                     rope_scaling={"type": "default", "mrope_section": [2, 1, 1]}, rope_theta=10000,
+                                     tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+                    vision_config=dict(depth=2, hidden_act="silu", hidden_size=48, out_hidden_size=16,
+                                       intermediate_size=22, patch_size=14, spatial_merge_size=1, temporal_patch_size=2),
+                    image_token_id=7, video_token_id=8, video_start_token_id=3, video_end_token_id=4,
+                    image_start_token_id=5, image_end_token_id=6)),
 }
 
 CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
@@ -133,7 +146,8 @@ CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
                   "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
                   "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration),
                   "internvl": (InternVLConfig, InternVLForConditionalGeneration),
-                  "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration)}
+                  "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration),
+                  "glm4v": (Glm4vConfig, Glm4vForConditionalGeneration)}
 
 # the only changes, per family (applied by ``tester_config``); each line says why
 CHANGES = {
@@ -166,6 +180,12 @@ CHANGES["internvl"] += [
     "embeddings)",
     "text rope_theta 10000 -> rope_parameters {'rope_type': 'default', 'rope_theta': 10000.0}: transformers 5's name",
 ]
+CHANGES["glm4v"] += [
+    "tie_word_embeddings True -> False (text and top level): as the Qwen testers' (make_tiny's re-drawn output "
+    "embeddings)",
+    "rope_scaling {'type': 'default', ...} -> rope_parameters {'rope_type': 'default', ...}: transformers 5's name",
+    "placeholder ids also image/video start and end (<|begin_of_image|> ...): GLM-4V's PLACEHOLDERS",
+]
 PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "llava": {},  # the tower's 8 px image, patch 2: 16 tokens (the tester's image_seq_length)
     "llava_next": {},  # 16 px tiles, patch 2, the model's one tiling 32 x 32
@@ -175,6 +195,7 @@ PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "gemma3": {},  # the tower's 20 px square image, 4 tokens (pan-and-scan: tests/test_gemma3.py)
     "internvl": {"max_patches": 4},  # 64 px tiles, 64 tokens each: 1, or 2-4 + a thumbnail (in 512 positions)
     "smolvlm": {},  # 16 px crops (the tower's image size), images split into up to 2 x 2 crops + the global one
+    "glm4v": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image (as Qwen2.5-VL's)
 }
 
 

@@ -19,6 +19,7 @@ from types import ModuleType
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
+from .glm4v import Glm4vAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -38,6 +39,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "gemma3": Gemma3Adapter,
     "internvl": InternVLAdapter,
     "smolvlm": SmolVLMAdapter,
+    "glm4v": Glm4vAdapter,
 }
 FAMILY_MEMBERS = ("PLACEHOLDERS", "CHAT_TEMPLATE", "processor", "tiny_model", "BENCH")  # what a family module holds
 

@@ -21,6 +21,7 @@ class Adapter:
     stacks_videos: ClassVar[bool] = False  # the processor stacks a batch's videos in one tensor: one frame count each
     feature_prefix: int = 0  # non-patch tokens (a CLS hidden state) before each image's patches in the LLM features
     video_with_images: ClassVar[bool] = True  # one processor call takes images and native videos together
+    rope_layout: ClassVar[str] = "half"  # the LLM's RoPE pairs: "half" (i, i + r/2), "interleaved" (2i, 2i + 1)
 
     def __init__(self, model: nn.Module, processor):
         self.model = model
