@@ -216,6 +216,18 @@ class Adapter:
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+def with_input_of(module: nn.Module, call):
+    """(``call()``'s result, the first input ``module`` received during it), caught by a forward pre-hook on this
+    module instance, removed when the call ends (a projector's input, for pruners that merge before it)."""
+    caught = []
+    hook = module.register_forward_pre_hook(lambda m, args: caught.append(args[0]))
+    try:
+        out = call()
+    finally:
+        hook.remove()
+    return out, caught[0]
+
+
 def grid_coords(h: int, w: int, item: int = 0, newline: bool = False) -> torch.Tensor:
     """Raster coords [h*w (+h), 3] of an h x w grid; with ``newline`` one extra token ends each row."""
     cols = w + 1 if newline else w

@@ -22,7 +22,7 @@ patches in ``tower_to_tokens``, through the model's own ``pixel_shuffle``.
 """
 import torch
 
-from .base import Adapter, grid_coords
+from .base import Adapter, grid_coords, with_input_of
 from .llava_onevision import CHAT_TEMPLATE  # noqa: F401 (the family's: Qwen2's turns, <image> and <video>)
 
 
@@ -166,13 +166,8 @@ class InternVLAdapter(Adapter):
     def encode_images_and_tower(self, inputs, **kwargs):
         """The features, and the projector's input (the shuffled feature-layer states, [N_i, 4 * D_tower]) caught
         by a forward pre-hook on this model's projector for the duration of the call."""
-        caught = []
-        hook = self.model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: caught.append(args[0]))
-        try:
-            feats = self.encode_images(inputs, **kwargs)
-        finally:
-            hook.remove()
-        return feats, [f.reshape(-1, f.shape[-1]) for f in torch.split(caught[0], self.tiles_per_image(inputs))]
+        feats, tower = with_input_of(self.model.model.multi_modal_projector, lambda: self.encode_images(inputs, **kwargs))
+        return feats, [f.reshape(-1, f.shape[-1]) for f in torch.split(tower, self.tiles_per_image(inputs))]
 
     def project(self, tower_tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(tower_tokens)

@@ -6,7 +6,7 @@ the image's first visual token, placed as a non-patch token (col = grid width) i
 
 import torch
 
-from .base import Adapter, grid_coords
+from .base import Adapter, grid_coords, with_input_of
 
 
 class LlavaAdapter(Adapter):
@@ -37,13 +37,8 @@ class LlavaAdapter(Adapter):
     def encode_images_and_tower(self, inputs, **kwargs):
         """The features, and the projector's input (the feature layer's hidden states) caught by a forward
         pre-hook on this model's projector for the duration of the call."""
-        caught = []
-        hook = self.model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: caught.append(args[0]))
-        try:
-            feats = self.encode_images(inputs, **kwargs)
-        finally:
-            hook.remove()
-        return feats, list(caught[0])
+        feats, tower = with_input_of(self.model.model.multi_modal_projector, lambda: self.encode_images(inputs, **kwargs))
+        return feats, list(tower)
 
     def project(self, tower_tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(tower_tokens)

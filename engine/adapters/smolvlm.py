@@ -27,7 +27,7 @@ connector's input (the shuffled patches, one row per LLM token), caught by a for
 """
 import torch
 
-from .base import Adapter, grid_coords
+from .base import Adapter, grid_coords, with_input_of
 
 
 class SmolVLMAdapter(Adapter):
@@ -124,14 +124,9 @@ class SmolVLMAdapter(Adapter):
     def encode_images_and_tower(self, inputs, **kwargs):
         """The features, and the connector's input (the pixel-shuffled patches, one row per LLM token) caught by a
         forward pre-hook on its projection for the duration of the call."""
-        caught = []
-        proj = self.model.model.connector.modality_projection
-        hook = proj.register_forward_pre_hook(lambda m, args: caught.append(args[0]))
-        try:
-            feats = self.encode_images(inputs, **kwargs)
-        finally:
-            hook.remove()
-        rows = caught[0].reshape(-1, caught[0].shape[-1])  # [real crops * tokens, D_tower * scale^2], row order
+        feats, tower = with_input_of(self.model.model.connector.modality_projection,
+                                     lambda: self.encode_images(inputs, **kwargs))
+        rows = tower.reshape(-1, tower.shape[-1])  # [real crops * tokens, D_tower * scale^2], row order
         lengths = [n for b in range(inputs["input_ids"].shape[0]) for n in self._image_lengths(inputs, b)]
         return feats, list(torch.split(rows, lengths))
 
