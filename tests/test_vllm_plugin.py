@@ -331,3 +331,23 @@ def test_serve_bench_puts_each_gain_next_to_its_token_ideal():
         {"plan": "divprune:keep=0.25", "concurrency": 8, "rps": 6.0, "prompt_tokens": 168, "ttft_p50": 1, "ttft_p99": 1}])
     assert [(r["gain"], r["ideal"]) for r in rows] == [(1.0, 1.0), (2.5, 3.571), (1.0, 1.0), (1.5, 3.571)]
     assert "| divprune:keep=0.25 | 8 | 168 | 6.0 | 1.5 | 3.571 |" in serve.markdown(rows, {"model": "m", "requests": 4})
+
+
+def test_serve_bench_sends_each_request_an_image_of_its_own():
+    """A repeated image would be served from vLLM's encoder and prefix caches (whole 128-token blocks on CPU),
+    not measured: each variant decodes to the bench image with only pixel (0, 0) changed, and no two are alike."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tokensieve.eval.bench import serve
+
+    base = Image.new("RGB", (8, 8), (10, 20, 30))
+    urls = [serve.image_url({"images": [base]}, v) for v in (1, 2, 256, (1 << 24) - 1)]
+    assert len(set(urls)) == 4 and base.getpixel((0, 0)) == (10, 20, 30)
+    images = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) for u in urls]
+    assert [im.getpixel((0, 0)) for im in images] == [(1, 0, 0), (2, 0, 0), (0, 1, 0), (255, 255, 255)]
+    assert all(im.getpixel((x, y)) == (10, 20, 30) for im in images for x in range(8) for y in range(8) if (x, y) != (0, 0))
+    with pytest.raises(ValueError):
+        serve.image_url({"images": [base]}, 0)

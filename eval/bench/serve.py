@@ -7,9 +7,10 @@ at several concurrencies, with no plan and with pruning plans, next to the token
 
 The model: LLaVA-1.5-7B's real configuration (``configs/llava-1.5-7b.json``) with random weights and its depth
 cut to ``--layers`` / ``--vision-layers`` (``models.bench_engine``), saved to a temporary directory and served by
-the vLLM environment (``serving/vllm_env.sh``) with ``--trust-request-mm-kwargs``. Each request: one 336 px
-image (576 visual tokens), the bench prompt, ``--new-tokens`` greedy tokens, streamed; TTFT is the time to the
-first streamed token, requests/s the requests finished over the wall time of the cell. The token ideal of a plan is
+the vLLM environment (``serving/vllm_env.sh``) with ``--trust-request-mm-kwargs``. Each request: an image of
+its own (the 336 px bench image, pixel (0, 0) stamped per request: ``image_url``; 576 visual tokens), the bench
+prompt, ``--new-tokens`` greedy tokens, streamed; TTFT is the time to the first streamed token, requests/s the
+requests finished over the wall time of the cell. The token ideal of a plan is
 (prompt tokens without a plan) / (its prompt tokens): the speedup of a prefill whose cost is linear in tokens.
 The client is the standard library (threads, http.client); results: ``serve_bench.json``, ``serve_bench.md``,
 ``serve_bench.png``.
@@ -45,9 +46,17 @@ def build_model(out: str, layers: int, vision_layers: int) -> dict:
     return request
 
 
-def image_url(request: dict) -> str:
+def image_url(request: dict, variant: int) -> str:
+    """The bench image as a data URL, pixel (0, 0) stamped with ``variant`` (1 .. 2^24 - 1): each request sends an
+    image of its own, as distinct users do. The same image again would be served from vLLM's caches: its
+    encoder cache (no tower, no pruning) and its prefix cache, which on CPU reuses whole 128-token blocks, so a
+    repeated 581-token prompt prefills 69 tokens, a 149-token one 21 and a 68-token one all 68 (docs/serving.md)."""
+    if not 0 < variant < 1 << 24:
+        raise ValueError(f"variant {variant} outside 1 .. 2^24 - 1")
+    image = request["images"][0].convert("RGB")  # a copy
+    image.putpixel((0, 0), (variant & 255, (variant >> 8) & 255, variant >> 16))
     buf = io.BytesIO()
-    request["images"][0].save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -99,11 +108,13 @@ def one_request(model: str, url: str, prompt: str, plan: str | None, new_tokens:
     return {"ttft": ttft, "latency": time.perf_counter() - t0, "prompt_tokens": usage["prompt_tokens"]}
 
 
-def cell(model: str, url: str, prompt: str, plan: str | None, concurrency: int, n: int, new_tokens: int) -> dict:
-    """``n`` requests by ``concurrency`` clients at once -> requests/s, TTFT p50 / p99, prompt tokens."""
+def cell(model: str, urls: list[str], prompt: str, plan: str | None, concurrency: int, new_tokens: int) -> dict:
+    """One request per image of ``urls`` (each its own: ``image_url``), ``concurrency`` clients at once ->
+    requests/s, TTFT p50 / p99, prompt tokens."""
+    n = len(urls)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda _: one_request(model, url, prompt, plan, new_tokens), range(n)))
+        runs = list(pool.map(lambda url: one_request(model, url, prompt, plan, new_tokens), urls))
     wall = time.perf_counter() - t0
     ttfts = sorted(r["ttft"] for r in runs)
     return {"plan": plan or "none", "concurrency": concurrency, "requests": n, "rps": round(n / wall, 3),
@@ -167,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     model = tempfile.mkdtemp(prefix="tokensieve-serve-bench-")
     request = build_model(model, args.layers, args.vision_layers)
-    url = image_url(request)
+    variants = iter(range(1, 1 << 24))  # every request of the run, warm-up included, gets an image of its own
     log = open(os.path.join(args.out, "server.log"), "w")
     proc = start_server(model, log)
     rows = []
@@ -176,10 +187,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         wait_ready(proc)
         for plan in plans:  # warm-up: each plan's prompt length once (a compiled server builds its graphs)
-            one_request(model, url, request["prompt"], plan, 1)
+            one_request(model, image_url(request, next(variants)), request["prompt"], plan, 1)
         for c in concurrency:
             for plan in plans:
-                rows.append(cell(model, url, request["prompt"], plan, c, args.requests, args.new_tokens))
+                urls = [image_url(request, next(variants)) for _ in range(args.requests)]  # encoded before the clock
+                rows.append(cell(model, urls, request["prompt"], plan, c, args.new_tokens))
                 print(json.dumps(rows[-1]), flush=True)
                 with open(os.path.join(args.out, "serve_bench.json"), "w") as f:  # kept as it goes
                     json.dump({"meta": meta, "rows": with_ideal(list(rows))}, f, indent=1)
