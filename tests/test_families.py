@@ -119,7 +119,8 @@ def test_a_family_added_to_the_registry_alone_is_picked_up(monkeypatch, tmp_path
     monkeypatch.setitem(adapters.ADAPTERS, "fake_llava", adapter)
 
     assert testing.FAMILIES == ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                "gemma3", "internvl", "smolvlm", "glm4v", "fake_llava")
+                                "gemma3", "internvl", "smolvlm", "glm4v", "llava_onevision1_5",
+                                "fake_llava")
     assert bench_models.MODELS[-1] == "fake-7b"
     path = testing.make_tiny("fake_llava", tmp_path / "fake")
     saved = json.load(open(tmp_path / "fake" / "tokenizer.json"))

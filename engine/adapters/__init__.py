@@ -24,6 +24,7 @@ from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .llava_onevision1_5 import LlavaOnevision15Adapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -40,6 +41,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "internvl": InternVLAdapter,
     "smolvlm": SmolVLMAdapter,
     "glm4v": Glm4vAdapter,
+    "llava_onevision1_5": LlavaOnevision15Adapter,
 }
 FAMILY_MEMBERS = ("PLACEHOLDERS", "CHAT_TEMPLATE", "processor", "tiny_model", "BENCH")  # what a family module holds
 
