@@ -13,7 +13,7 @@ from conftest import noise_image
 from reference import hidden_slots, reference_model
 from test_invariants import ATOL, _capture_last_row, assert_matches_recompute
 
-NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "glm4v")
+NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "glm4v", "llava_onevision1_5")
 PROMPTS = ["what appeared first", "how many objects", "is there a red circle"]
 
 
@@ -123,6 +123,7 @@ def test_per_frame_results(native, engine_for):
     frames = res.frames
     assert frames.shape[0] == res.stats["visual_tokens"] and int(frames.min()) >= 0
     n_grid = 2 if native.startswith("qwen") or native == "glm4v" else 4  # Qwen, GLM-4V: temporal patches of two frames
+    # (LLaVA-OneVision-1.5: the tower has no temporal patch, one grid frame per frame)
     assert int(frames.max()) + 1 == n_grid
     expected = torch.bincount(frames[res.kept[0]], minlength=n_grid).tolist()
     assert res.stats["tokens_per_frame"] == expected and sum(expected) == len(res.kept[0])
