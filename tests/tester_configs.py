@@ -13,8 +13,8 @@ token, so images are resized to between the stated pixel counts instead.
 The files read are the versions the code index holds (commits cited), written before transformers' testers
 moved to ``tests/vlm_tester.py``'s ``VLMModelTester``: the Qwen testers pass their text fields at the top level
 of the config, here under ``text_config`` (where transformers 5 reads them); OneVision's tester gives no vision
-``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 / 2 / 4 / 3 / 2 layers,
-towers 2 layers): the invariant tests use plans whose layers exist at that depth.
+``model_type`` (the config's default, SigLIP, as here). Depth is the testers' own (LLM 2 / 2 / 2 / 3 / 4 / 2 / 4 / 3 / 2 / 2 layers,
+towers 2 layers; LLaVA-OneVision-1.5's is its conversion test's, the modeling tester read being full size): the invariant tests use plans whose layers exist at that depth.
 
     path = write_tester_model("qwen2_vl", "/tmp/tester-qwen2_vl")   # seeded, like tokensieve.testing.make_tiny
 """
@@ -27,6 +27,7 @@ from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, InternVL
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           SmolVLMConfig, SmolVLMForConditionalGeneration)
 from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
 
 from tokensieve.engine.adapters import family_module
 from tokensieve.testing import tokenizer_for
@@ -137,6 +138,22 @@ TESTER = {
                                        intermediate_size=22, patch_size=14, spatial_merge_size=1, temporal_patch_size=2),
                     image_token_id=7, video_token_id=8, video_start_token_id=3, video_end_token_id=4,
                     image_start_token_id=5, image_end_token_id=6)),
+    "llava_onevision1_5": dict(  # the folder's tiny configuration: its conversion test's ``original_config``, since
+        # the modeling tester read (test_modeling_llava_onevision1_5.py, commit 2e6378dcc233fcd21a223a92ba6a529262247473,
+        # LlavaOnevisionVision1_5Text2TextModelTester) builds the published checkpoint's size: a 36-layer, 4096-wide
+        # Qwen3 and a 24-block, 1024-wide tower (about 8B parameters), which no CPU test can run
+        source=(_TF, "tests/models/llava_onevision1_5/test_conversion_llava_onevision1_5.py",
+                "944af6dfc02e58c10f4f61a52818706fac4c5c4c", "LlavaOnevision1_5ConversionTest"),
+        config=dict(text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="silu",
+                                     max_position_embeddings=128, initializer_range=0.02, rms_norm_eps=1e-6,
+                                     use_cache=True, rope_theta=10000.0, attention_bias=False, attention_dropout=0.0,
+                                     use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                    vision_config=dict(depth=2, hidden_size=32, hidden_act="gelu", intermediate_size=64, num_heads=4,
+                                       in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=1,
+                                       text_hidden_size=32, layer_norm_eps=1e-5, initializer_range=0.02),
+                    image_token_id=98, video_token_id=97)),
 }
 
 CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
@@ -147,7 +164,8 @@ CONFIG_CLASSES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
                   "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration),
                   "internvl": (InternVLConfig, InternVLForConditionalGeneration),
                   "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration),
-                  "glm4v": (Glm4vConfig, Glm4vForConditionalGeneration)}
+                  "glm4v": (Glm4vConfig, Glm4vForConditionalGeneration),
+                  "llava_onevision1_5": (LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration)}
 
 # the only changes, per family (applied by ``tester_config``); each line says why
 CHANGES = {
@@ -186,6 +204,13 @@ CHANGES["glm4v"] += [
     "rope_scaling {'type': 'default', ...} -> rope_parameters {'rope_type': 'default', ...}: transformers 5's name",
     "placeholder ids also image/video start and end (<|begin_of_image|> ...): GLM-4V's PLACEHOLDERS",
 ]
+CHANGES["llava_onevision1_5"] += [
+    "text rope_theta 10000.0 -> rope_parameters {'rope_type': 'default', 'rope_theta': 10000.0}: transformers 5's name",
+    "text max_position_embeddings 128 -> 512: the engine refuses a prompt past the model's positions, and the video "
+    "tests' 4-frame clips take 140 visual tokens (35 a frame); 1-D default RoPE computes any position alike",
+    "placeholder ids also vision_start/vision_end (the config's defaults 151652 / 151653 are past the test "
+    "vocabulary): the family's PLACEHOLDERS (Qwen's)",
+]
 PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "llava": {},  # the tower's 8 px image, patch 2: 16 tokens (the tester's image_seq_length)
     "llava_next": {},  # 16 px tiles, patch 2, the model's one tiling 32 x 32
@@ -196,6 +221,7 @@ PROCESSOR = {  # processor settings (not tester configuration): why, per family
     "internvl": {"max_patches": 4},  # 64 px tiles, 64 tokens each: 1, or 2-4 + a thumbnail (in 512 positions)
     "smolvlm": {},  # 16 px crops (the tower's image size), images split into up to 2 x 2 crops + the global one
     "glm4v": {"pixels": (56 * 56, 14 * 14 * 64)},  # merge 1, patch 14: 16 to 64 tokens per image (as Qwen2.5-VL's)
+    "llava_onevision1_5": {"pixels": (32 * 32, 64 * 64)},  # patch 4, merge 2 (8 px a token): 16 to 64 tokens per image
 }
 
 
@@ -213,6 +239,9 @@ def tester_config(family: str, tok):
         fields.pop(v4_name, None)
     if family == "gemma3":
         fields.update(mm_tokens_per_image=4, tie_word_embeddings=False)
+    if family == "llava_onevision1_5":  # CHANGES["llava_onevision1_5"]'s own lines
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta"))}
+        text["max_position_embeddings"] = 512
     if family == "internvl":  # CHANGES["internvl"]'s own lines
         fields.update(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         text["tie_word_embeddings"] = fields["tie_word_embeddings"] = False
