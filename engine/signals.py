@@ -215,6 +215,26 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str 
     return torch.cat([rot * cos - turned * sin, x[..., r:]], dim=-1)
 
 
+
+def record_tower(rec, layer: int, want, query, key, value, scale: float) -> None:
+    """Record into ``rec`` (a TowerRecord) what ``want`` (a subset of {"cls", "keys", "values", "qk",
+    "received"}) asks of vision layer ``layer``, from its query / key / value [n, H, S, d] (the engine's tower
+    hooks, and the vLLM plugin's)."""
+    if "cls" in want:
+        rec.cls[layer], _ = attention_row(query[:, :, 0], key, scale=scale)
+    if "keys" in want:
+        rec.keys[layer] = key.float().mean(1)
+    if "values" in want:  # FlowCut's value signals: [n, H, S] and [n, S]
+        v = value.float()
+        rec.value_attn[layer] = (v[:, :, :1] @ v.transpose(-1, -2))[:, :, 0].softmax(-1)
+        rec.value_l1[layer] = v.mean(1).abs().sum(-1)
+    if "qk" in want:
+        rec.qk[layer] = (query.detach(), key.detach())
+    if "received" in want:  # [n, S], one tile at a time (an [H, S, S] softmax each)
+        got = torch.stack([(q.float() @ k.float().transpose(-1, -2) * scale).softmax(-1).mean((0, 1))
+                           for q, k in zip(query, key.repeat_interleave(query.shape[1] // key.shape[1], 1))])
+        rec.received[layer] = got
+
 class SignalsMixin:
     """Methods of RequestState that record and hand out attention signals."""
 
@@ -342,22 +362,7 @@ class SignalsMixin:
     # ---- vision tower -----------------------------------------------------------------------
     def record_vision(self, layer: int, query, key, value, scale: float) -> None:
         """query/key/value [n, H, S, d] of vision layer ``layer``: record what the stages asked for."""
-        want = self.tower_wants.get(layer, ())
-        rec = self.tower
-        if "cls" in want:
-            rec.cls[layer], _ = attention_row(query[:, :, 0], key, scale=scale)
-        if "keys" in want:
-            rec.keys[layer] = key.float().mean(1)
-        if "values" in want:  # FlowCut's value signals: [n, H, S] and [n, S]
-            v = value.float()
-            rec.value_attn[layer] = (v[:, :, :1] @ v.transpose(-1, -2))[:, :, 0].softmax(-1)
-            rec.value_l1[layer] = v.mean(1).abs().sum(-1)
-        if "qk" in want:
-            rec.qk[layer] = (query.detach(), key.detach())
-        if "received" in want:  # [n, S], one tile at a time (an [H, S, S] softmax each)
-            got = torch.stack([(q.float() @ k.float().transpose(-1, -2) * scale).softmax(-1).mean((0, 1))
-                               for q, k in zip(query, key.repeat_interleave(query.shape[1] // key.shape[1], 1))])
-            rec.received[layer] = got
+        record_tower(self.tower, layer, self.tower_wants.get(layer, ()), query, key, value, scale)
 
     def tower_signals(self, run, layers: list[int] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(tower_score [n, S - prefix], keys [n, S - prefix, d]) of a stage (from ``layers``, default all its

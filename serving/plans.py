@@ -3,23 +3,36 @@ kept tokens before the encoder runs, and run the pruner's selection on the proje
 
 Pure functions on tensors; nothing here imports vLLM (the vLLM glue: ``vllm_plugin``, ``vllm_models``).
 
-What runs in vLLM: ``pre_llm`` stages of the pruners that read no signal besides the visual tokens themselves
-(``RUNS_IN_VLLM``: random, uniform, pool, divprune, dycoke, vidcom2), the same ``Pruner.select`` the engine
-calls, on each multimodal item (an image, a video) by itself. What is refused, and why (``refusal``):
+What runs in vLLM: ``pre_llm`` stages, the same ``Pruner.select`` the engine calls, on each multimodal item (an
+image, a video) by itself:
+
+- the pruners that read no signal besides the visual tokens (``RUNS_IN_VLLM``: random, uniform, pool,
+  divprune, dycoke, vidcom2), on every family;
+- the pruners that read the vision tower (``TOWER_SIGNALS``: CLS attention, keys, values, q / k, the
+  projector's input), where the model records its tower (LLaVA-1.5: ``vllm_llava``, up to its feature layer,
+  the last layer vLLM builds); elsewhere those whose tower reads are optional, with the pruner's documented
+  surrogate, as the engine runs them on a family without a CLS tower (``RUNS_WITH_SURROGATE``).
+
+What is refused, and why (``refusal``):
 
 - LLM stages (fastv, sparsevlm, ...): they drop tokens inside the language model, which would change vLLM's
   paged KV cache mid-prefill: out of reach for a plugin;
 - vision-tower and frames stages: vLLM runs its own tower whole, and has no frame-scoring pass;
-- pruners that read signals (CLS attention, tower keys, the question's embeddings, ...): vLLM records none;
+- pruners that read other signals (the question's embeddings, a request's priority, ...): vLLM records none;
+  pruners that need a tower layer past the feature layer (PruMerge): vLLM does not build it;
 - ``keep=auto``: vLLM fixes the number of placeholder tokens before the encoder runs, so the count must follow
   from the plan and the item's token count alone.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..engine.errors import PlanError
 from ..engine.plan import Plan
+from ..engine.signals import tower_records
 from ..pruners import REGISTRY, Selection, StageInput, get_pruner
 
 PLAN_KEY = "plan"  # the mm_processor_kwargs key
@@ -33,26 +46,45 @@ class PlanRefused(ValueError):
         super().__init__(f"tokensieve: {reason}")
 
 
-def runs_in_vllm(name: str) -> str | None:
-    """None if pruner ``name`` can run in vLLM (a pre_llm stage reading only the tokens), else why not."""
+TOWER_SIGNALS = frozenset({"tower.cls", "tower.keys", "tower.values", "tower.qk", "tower.received",
+                           "tower.features", "tower.patches"})  # what a model that records its tower gives
+
+
+def runs_in_vllm(name: str, tower: bool = False) -> str | None:
+    """None if pruner ``name`` can run in vLLM (a pre_llm stage reading only the tokens, or tower signals: the
+    model's record where ``tower``, else the pruner's surrogate where the tower read is optional), else why not."""
     cls = REGISTRY[name]
     if "pre_llm" not in cls.wheres:
         return (f"{name} prunes inside the language model ({'/'.join(cls.wheres)}), which would change vLLM's "
                 "paged KV cache in the middle of the model; only pre-LLM pruners run in vLLM")
-    if cls.signals.reads:
-        return (f"{name} reads {', '.join(sorted(cls.signals.reads))}, which vLLM does not record; pruners that "
-                f"read only the visual tokens run in vLLM: {', '.join(RUNS_IN_VLLM)}")
+    other = cls.signals.reads - TOWER_SIGNALS
+    if other:
+        return (f"{name} reads {', '.join(sorted(other))}, which vLLM does not record; pruners that read only the "
+                f"visual tokens run in vLLM: {', '.join(RUNS_IN_VLLM)} (and, on LLaVA-1.5, the vision tower's "
+                f"signals: {', '.join(RUNS_WITH_TOWER)})")
+    required = cls.signals.of("tower", required=True)
+    if required and not tower:
+        return (f"{name} needs {', '.join(sorted(required))} of a vision tower with a CLS token, which the plugin "
+                "records in vLLM on LLaVA-1.5 only")
     return None
 
 
-RUNS_IN_VLLM = tuple(n for n, c in REGISTRY.items() if "pre_llm" in c.wheres and not c.signals.reads)
+def _pre_llm(reads) -> tuple:
+    return tuple(n for n, c in REGISTRY.items() if "pre_llm" in c.wheres and reads(c.signals))
 
 
-def parse(value) -> Plan | None:
-    """A request's ``plan`` value -> a Plan vLLM can run, or None (no plan: stock vLLM).
+RUNS_IN_VLLM = _pre_llm(lambda s: not s.reads)
+RUNS_WITH_TOWER = _pre_llm(lambda s: s.reads and s.reads <= TOWER_SIGNALS)
+RUNS_WITH_SURROGATE = _pre_llm(lambda s: s.reads and s.reads <= TOWER_SIGNALS and not s.of("tower", required=True))
+
+
+def parse(value, tower_last: int | None = None) -> Plan | None:
+    """A request's ``plan`` value -> a Plan vLLM can run, or None (no plan: stock vLLM). ``tower_last``: the
+    model records its vision tower up to this layer, its feature layer (None: it records none).
 
     Raises PlanRefused naming the reason: not a string, empty, malformed (tokensieve's parser's message),
-    an unknown pruner, a stage vLLM cannot run (``runs_in_vllm``), keep=auto, or too long to carry."""
+    an unknown pruner, a stage vLLM cannot run (``runs_in_vllm``, a tower layer past ``tower_last``),
+    keep=auto, or too long to carry."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -69,7 +101,9 @@ def parse(value) -> Plan | None:
     except PlanError as e:
         raise PlanRefused(f"bad plan {value!r}: {e}") from None
     for i, s in enumerate(plan.stages):
-        why = runs_in_vllm(s.pruner)
+        why = runs_in_vllm(s.pruner, tower=tower_last is not None)
+        if why is None and tower_last is not None:
+            why = _past_the_tower(s, tower_last)
         if why is None and s.where != "pre_llm":
             why = (f"a '{s.where}' stage acts inside vLLM's vision tower or frame sampling, which the plugin "
                    "does not reach; give where=pre_llm")
@@ -78,6 +112,24 @@ def parse(value) -> Plan | None:
         if why is not None:
             raise PlanRefused(f"plan {value!r}, stage {i} ({s.describe()}): {why}")
     return plan
+
+
+def tower_layers(stage, feature_layer: int) -> list[int]:
+    """The vision layers a pre_llm stage reads (the engine's ``fit.tower_layers`` on a CLS tower), [] for a
+    pruner that records nothing there."""
+    pruner = get_pruner(stage.pruner)
+    return pruner.tower_layers(feature_layer, stage.options) if tower_records(pruner) else []
+
+
+def _past_the_tower(stage, last: int) -> str | None:
+    try:
+        layers = tower_layers(stage, last)
+    except PlanError as e:
+        return str(e)
+    if layers and max(layers) > last:
+        return (f"{stage.pruner} reads vision layer {max(layers)}, past the feature layer {last}, the last layer "
+                "vLLM builds of this tower")
+    return None
 
 
 def kept_count(plan: Plan, n_tokens: int) -> int:
@@ -105,19 +157,40 @@ def decode(field: torch.Tensor) -> str | None:
     return data.decode() if data else None
 
 
+@dataclass
+class ItemTower:
+    """One item's vision-tower record, as a model that records its tower gives it to ``select``.
+
+    ``signals(stage)`` -> the stage's {"tower_score": [N] (or [N, C]), "keys": [N, d]} on the item's N original
+    tokens ({} where the stage reads none); ``features`` [N, D_tower]: the projector's input of those tokens;
+    ``project``: [k, D_tower] -> [k, D], the model's projector (for tokens merged before it)."""
+
+    signals: Callable
+    features: torch.Tensor | None = None
+    project: Callable | None = None
+
+
 def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch.Tensor | None = None,
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+           seed: int = 0, tower: ItemTower | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the plan's stages on one item's projected features, as the engine's pre_llm stages do.
 
-    tokens [N, D], coords [N, 3] (item, row, col), frames [N] (a video's frame of each token) or None ->
+    tokens [N, D], coords [N, 3] (item, row, col), frames [N] (a video's frame of each token) or None,
+    ``tower``: the item's tower record (None: pruners that read the tower use their surrogates) ->
     (kept [k] sorted original indices, features [k, D] in original order: rows of ``tokens``, or the merged
-    tokens of a merging pruner such as pool).
+    tokens of a merging pruner such as pool; a pruner that reads ``tower.features`` merges the projector's
+    input and the merged rows are projected, as the engine does).
     """
     alive = torch.arange(tokens.shape[0])
     sizes = torch.ones(tokens.shape[0])
+    before = tower.features if tower is not None else None  # the projector's input of the alive tokens
     for stage, keep in zip(plan.stages, plan.keep_counts(tokens.shape[0], 1, 0)):
-        sel = get_pruner(stage.pruner).select(StageInput(
-            tokens=tokens, keep=keep, coords=coords, options=stage.options, seed=seed, sizes=sizes, frames=frames))
+        pruner = get_pruner(stage.pruner)
+        signals = {k: v[alive.to(v.device)] for k, v in (tower.signals(stage) if tower else {}).items()}
+        if before is not None and "tower.patches" in pruner.signals.reads:
+            signals["patches"] = before
+        merges_before = before is not None and "tower.features" in pruner.signals.reads
+        sel = pruner.select(StageInput(tokens=before if merges_before else tokens, keep=keep, coords=coords,
+                                       options=stage.options, seed=seed, sizes=sizes, frames=frames, **signals))
         _check(sel, tokens.shape[0], keep, stage.describe())
         idx = sel.keep_idx.to(alive.device)
         if sel.groups is not None:
@@ -125,7 +198,14 @@ def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch
                                                         sizes * (sel.groups >= 0).cpu().float())
         else:
             sizes = sizes[idx]
-        tokens = tokens[sel.keep_idx] if sel.tokens is None else sel.tokens.to(tokens.dtype)
+        if sel.tokens is None:
+            tokens = tokens[sel.keep_idx]
+        elif merges_before:
+            tokens = tower.project(sel.tokens.to(before.dtype)).to(tokens.dtype)
+        else:
+            tokens = sel.tokens.to(tokens.dtype)
+        if before is not None:  # follows the tokens (the engine's follow_tower_feats)
+            before = before[sel.keep_idx] if sel.tokens is None else (sel.tokens if merges_before else None)
         alive, coords = alive[idx], coords[idx]
         frames = frames[idx] if frames is not None else None
     return alive, tokens

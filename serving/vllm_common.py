@@ -23,14 +23,16 @@ KEPT_LOG = "TOKENSIEVE_VLLM_KEPT_LOG"  # env: a file each pruned item appends on
 def announce(model: str) -> None:
     """One INFO line when vLLM builds one of tokensieve's models: the plugin is active, and what runs."""
     logger.info("tokensieve: %s serves per-request plans (mm_processor_kwargs={'plan': ...}); pruners that run in "
-                "vLLM: %s", model, ", ".join(plans.RUNS_IN_VLLM))
+                "vLLM: %s; with the tower's signals on LLaVA-1.5 (elsewhere their surrogates, where they have one): "
+                "%s", model, ", ".join(plans.RUNS_IN_VLLM), ", ".join(plans.RUNS_WITH_TOWER))
 
 
-def request_plan(ctx, kwargs: Mapping[str, object]):
+def request_plan(ctx, kwargs: Mapping[str, object], tower_last: int | None = None):
     """The request's plan (its mm_processor_kwargs merged over the server's ``--mm-processor-kwargs``), parsed
-    and checked: a Plan, None (no plan), or PlanRefused."""
+    and checked (``tower_last``: the model records its tower up to that layer): a Plan, None (no plan), or
+    PlanRefused."""
     merged = ctx.get_merged_mm_kwargs(kwargs)
-    return plans.parse(merged.get(plans.PLAN_KEY))
+    return plans.parse(merged.get(plans.PLAN_KEY), tower_last)
 
 
 def without_plan(kwargs: Mapping[str, object]) -> dict:
@@ -63,26 +65,28 @@ def shrink(updates: Sequence, plan) -> list:
     return [shrunk(u) for u in updates]
 
 
-def item_plans(field, n_items: int) -> list:
+def item_plans(field, n_items: int, tower_last: int | None = None) -> list:
     """The plan of each item from the batched field ([n, MAX_PLAN_BYTES] or a list of [MAX_PLAN_BYTES]);
-    None (absent field or no plan) per item."""
+    None (absent field or no plan) per item. ``tower_last``: as the processor's ``request_plan`` had it."""
     if field is None:
         return [None] * n_items
     rows = list(field) if not isinstance(field, torch.Tensor) or field.dim() == 2 else [field]
-    return [None if (text := plans.decode(r)) is None else plans.parse(text) for r in rows]
+    return [None if (text := plans.decode(r)) is None else plans.parse(text, tower_last) for r in rows]
 
 
 def prune(features: Sequence[torch.Tensor], item_plans_: list, coords: Callable[[int], torch.Tensor],
-          frames: Callable[[int], torch.Tensor | None] = lambda i: None, with_index: bool = False) -> list:
+          frames: Callable[[int], torch.Tensor | None] = lambda i: None, with_index: bool = False,
+          tower: Callable[[int], plans.ItemTower | None] = lambda i: None) -> list:
     """Each item's features [N_i, D] -> its kept rows [k_i, D] in original order (no plan: as they are).
-    ``coords(i)`` [N_i, 3] and ``frames(i)`` [N_i] or None describe item i's tokens as the engine's adapter does.
-    ``with_index``: (rows, kept original indices [k_i]) per item."""
+    ``coords(i)`` [N_i, 3] and ``frames(i)`` [N_i] or None describe item i's tokens as the engine's adapter does;
+    ``tower(i)``: item i's tower record (``plans.ItemTower``) or None. ``with_index``: (rows, kept original
+    indices [k_i]) per item."""
     out = []
     for i, (feats, plan) in enumerate(zip(features, item_plans_)):
         if plan is None:
             kept, tokens = torch.arange(feats.shape[0]), feats
         else:
-            kept, tokens = plans.select(plan, feats, coords(i).to(feats.device), frames(i))
+            kept, tokens = plans.select(plan, feats, coords(i).to(feats.device), frames(i), tower=tower(i))
             logger.debug("tokensieve: %s kept %d of %d visual tokens", plan, kept.numel(), feats.shape[0])
             _log_kept(plan, feats.shape[0], kept)
         out.append((tokens, kept) if with_index else tokens)

@@ -4,6 +4,12 @@ Registered by ``vllm_plugin.register`` for the architecture ``LlavaForConditiona
 ``ModelRegistry`` and ``MULTIMODAL_REGISTRY``, its documented extension points). Without a plan every method
 falls through to vLLM's.
 
+The CLIP tower's signals (CLS attention, keys, values, q / k) are recorded for the pruners that read them
+(``plans.RUNS_WITH_TOWER``: cls, visionzip, tome, flowcut, rollout, ...): forward hooks on this model's own
+attention input projections (``qkv_proj``) of the layers a request's plan reads, for the one tower call of a
+batch that has such a plan, and the projector's input, which pruners reading ``tower.features`` merge before
+projecting. The record is the engine's (``engine.signals.record_tower``) on the same q / k / v.
+
 Loading fix: checkpoints saved by transformers 5.x name the CLIP tower's weights ``vision_tower.embeddings...``
 (no ``.vision_model.``), which vLLM's mapper does not expect: ``hf_to_vllm_mapper`` inserts it.
 """
@@ -18,6 +24,9 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
+from ..engine.signals import record_tower, tower_records
+from ..pruners import TowerRecord, get_pruner
+from . import plans
 from . import vllm_common as common
 
 
@@ -25,7 +34,7 @@ class TokenSieveLlavaProcessor(LlavaMultiModalProcessor):
     """vLLM's LLaVA processor; with a plan, each image's placeholder run shrinks to the kept count."""
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
-        plan = common.request_plan(self.info.ctx, hf_kwargs)  # refused here: before any model work
+        plan = self._plan(hf_kwargs)  # refused here: before any model work
         out = super()._call_hf_processor(hf_data, common.without_plan(hf_kwargs))
         if "pixel_values" in out:
             out[common.FIELD] = common.plan_field(plan, len(out["pixel_values"]))
@@ -38,7 +47,17 @@ class TokenSieveLlavaProcessor(LlavaMultiModalProcessor):
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return common.shrink(updates, common.request_plan(self.info.ctx, hf_processor_mm_kwargs))
+        return common.shrink(updates, self._plan(hf_processor_mm_kwargs))
+
+    def _plan(self, kwargs):
+        return common.request_plan(self.info.ctx, kwargs, tower_last=feature_layer(self.info.get_hf_config()))
+
+
+def feature_layer(config) -> int:
+    """Index of the CLIP layer whose output the LLM features are (the engine's ``Adapter.feature_layer``)."""
+    fl = config.vision_feature_layer
+    fl = fl if isinstance(fl, int) else fl[-1]
+    return config.vision_config.num_hidden_layers + fl if fl < 0 else fl - 1
 
 
 def grid(side: int, n: int) -> torch.Tensor:
@@ -65,12 +84,77 @@ class TokenSieveLlava(LlavaForConditionalGeneration):
 
     def embed_multimodal(self, **kwargs):
         field = kwargs.pop(common.FIELD, None)
+        pixels = kwargs.get("pixel_values")
+        fl = feature_layer(self.config)
+        item_plans = common.item_plans(field, len(pixels) if pixels is not None else 0, fl) if field is not None else []
+        wants = tower_wants(item_plans, fl)
+        if wants and pixels is not None:
+            return self._embed_with_tower(item_plans, wants, **kwargs)
         features = super().embed_multimodal(**kwargs)
         if field is None or len(features) == 0:
             return features
-        item_plans = common.item_plans(field, len(features))
         if all(p is None for p in item_plans):
             return features
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        return common.prune(list(features), item_plans, lambda i: grid(side, features[i].shape[0]))
+
+    def _embed_with_tower(self, item_plans: list, wants: dict, **kwargs):
+        """Run the tower once with its record hooks on, project, and prune each image with its record."""
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        rec = TowerRecord(prefix=1)
+        layers = self.vision_tower.vision_model.encoder.layers
+        hooks = [layers[i].self_attn.qkv_proj.register_forward_hook(recorder(rec, i, want, layers[i].self_attn))
+                 for i, want in wants.items()]
+        try:
+            tower_out = self._process_image_pixels(image_input)  # [n, N, D_tower]: the projector's input
+        finally:
+            for h in hooks:
+                h.remove()
+        features = self.multi_modal_projector(tower_out)
         vc = self.config.vision_config
         side = vc.image_size // vc.patch_size
-        return common.prune(list(features), item_plans, lambda i: grid(side, features[i].shape[0]))
+        prefix = int(self.config.vision_feature_select_strategy == "full")
+        fl = feature_layer(self.config)
+
+        def tower(i: int):
+            return plans.ItemTower(signals=lambda stage: stage_signals(rec, stage, fl, i, prefix),
+                                   features=tower_out[i], project=self.multi_modal_projector)
+        return common.prune(list(features), item_plans, lambda i: grid(side, features[i].shape[0]), tower=tower)
+
+
+def tower_wants(item_plans: list, feature_layer_: int) -> dict[int, set]:
+    """{vision layer: the records ("cls", "keys", ...) the batch's plans read there}; {} if none reads the tower."""
+    wants: dict[int, set] = {}
+    for plan in item_plans:
+        for stage in plan.stages if plan is not None else []:
+            for layer in plans.tower_layers(stage, feature_layer_):
+                wants.setdefault(layer, set()).update(tower_records(get_pruner(stage.pruner)))
+    return wants
+
+
+def recorder(rec: TowerRecord, layer: int, want: set, attn):
+    """A forward hook on a CLIP layer's ``qkv_proj``: its q / k / v [n, H, S, d] into ``rec`` (engine's record)."""
+    def hook(module, args, out):
+        qkv = out[0] if isinstance(out, tuple) else out  # [n, S, 3 * H * d]
+        n, s = qkv.shape[:2]
+        q, k, v = (t.reshape(n, s, attn.num_heads_per_partition, attn.head_dim).transpose(1, 2)
+                   for t in qkv.chunk(3, dim=-1))
+        record_tower(rec, layer, want, q, k, v, attn.scale)
+    return hook
+
+
+def stage_signals(rec: TowerRecord, stage, feature_layer_: int, item: int, prefix: int) -> dict:
+    """A stage's tower signals on image ``item``'s LLM tokens (the engine's ``tower_signals`` then LLaVA's
+    ``tower_to_tokens``: the CLS token of the "full" strategy gets 0): {"tower_score": [N(, C)], "keys": [N, d]}."""
+    pruner = get_pruner(stage.pruner)
+    layers, needs = plans.tower_layers(stage, feature_layer_), tower_records(pruner)
+    if not layers:
+        return {}
+    out = {}
+    if needs - {"keys"}:
+        out["tower_score"] = pruner.tower_score(rec, layers)[item]
+    if "keys" in needs:
+        out["keys"] = rec.keys[layers[-1]][item, rec.prefix:]
+    if prefix:
+        out = {k: torch.cat([v.new_zeros(1, *v.shape[1:]), v]) for k, v in out.items()}
+    return out

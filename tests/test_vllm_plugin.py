@@ -28,13 +28,18 @@ VLLM_PYTHON = os.environ.get("TOKENSIEVE_VLLM_PYTHON", os.path.join(ROOT, ".venv
 MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
 PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
          "dycoke:keep=0.25")
+TOWER_PLANS = {  # family -> plans reading the vision tower: LLaVA-1.5 records it, Qwen2-VL's pruners use surrogates
+    "llava": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25", "flowcut:where=pre_llm,keep=0.25",
+              "rollout:where=pre_llm,keep=0.25", "vispruner:keep=0.25"),
+    "qwen2_vl": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25", "prumerge:keep=0.25"),
+}
 VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
 N_QUESTIONS = 24  # world image questions, no plan, one batch
 N_KEPT = 3  # questions run alone under each plan (kept sets compared)
-BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "cls:keep=0.25",
+BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "mmtok:keep=0.25",
        "divprune:keep=auto,tau=0.5", "divprune:where=vision,layer=2,keep=0.5"]
 BAD_REASON = ["inside the language model", "unknown pruner 'nope'", "larger than the 64 visual tokens", "keep must be",
-              "is empty", "must be a plan string", "tower.cls", "keep=auto", "acts inside vLLM's vision tower"]
+              "is empty", "must be a plan string", "request.keywords", "keep=auto", "acts inside vLLM's vision tower"]
 
 
 def vllm_env() -> str:
@@ -56,12 +61,34 @@ def test_bad_plans_are_refused_naming_tokensieve_and_the_reason(value, reason):
     assert str(e.value).startswith("tokensieve: ") and reason in str(e.value), str(e.value)
 
 
+def plans_of(family: str) -> tuple:
+    return PLANS + TOWER_PLANS.get(family, ())
+
+
 def test_runs_in_vllm_is_every_pre_llm_pruner_that_reads_only_the_tokens():
     assert set(plans.RUNS_IN_VLLM) == {"random", "uniform", "pool", "divprune", "dycoke", "vidcom2"}
+    assert set(plans.RUNS_WITH_TOWER) == {"cls", "visionzip", "vispruner", "prumerge", "tome", "flowcut", "rollout",
+                                          "fastvid", "holitom"}
+    assert set(plans.RUNS_WITH_SURROGATE) == {"cls", "visionzip", "vispruner", "prumerge", "tome", "fastvid"}
     assert plans.parse(None) is None
     assert plans.kept_count(plans.parse("divprune:keep=0.25"), 64) == 16
     assert plans.kept_count(plans.parse("divprune:keep=0.5;random:keep=8"), 64) == 8
     assert plans.decode(plans.encode("pool:keep=0.5")) == "pool:keep=0.5" and plans.decode(plans.encode(None)) is None
+
+
+@pytest.mark.parametrize("value,tower_last,reason", [
+    ("flowcut:where=pre_llm,keep=0.25", None, "needs tower.cls, tower.values of a vision tower with a CLS token"),
+    ("rollout:where=pre_llm,keep=0.25", None, "needs tower.qk"),
+    ("prumerge:keep=0.25", 22, "reads vision layer 23, past the feature layer 22"),
+    ("cls:layers=3/30,keep=0.25", 22, "ensemble layers must be in [0, 22]"),
+])
+def test_tower_plans_are_refused_where_the_model_cannot_record_them(value, tower_last, reason):
+    """A tower pruner without a surrogate on a model that records no tower (Qwen2-VL), a tower layer vLLM does
+    not build (PruMerge's, one past LLaVA's feature layer): refused before any work."""
+    with pytest.raises(plans.PlanRefused) as e:
+        plans.parse(value, tower_last)
+    assert reason in str(e.value), str(e.value)
+    assert plans.parse(value.replace("layers=3/30,", ""), 22 if tower_last is None else None) is not None
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -150,13 +177,13 @@ def _run(family, engine, tmp):
         reqs.append({"prompt": engine.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                                     tokenize=False), "image": path, "max_tokens": 2})
     ref = {"none": [engine.generate(q.question, images=q.images, max_new_tokens=2) for q in questions]}
-    for p in PLANS:
+    for p in plans_of(family):
         ref[p] = [engine.generate(q.question, images=q.images, plan=p, max_new_tokens=2)
                   for q in questions[:2 * N_KEPT]]
-    singles = [[{**reqs[i], "plan": p}] for p in PLANS for i in range(N_KEPT)]
+    singles = [[{**reqs[i], "plan": p}] for p in plans_of(family) for i in range(N_KEPT)]
     # one batch of images not seen before (vLLM's prefix cache would skip the encoder for seen ones) under every
     # plan, and seen images without a plan
-    mixed = [{**reqs[N_KEPT + i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[:N_KEPT]
+    mixed = [{**reqs[N_KEPT + i], "plan": p} for p in plans_of(family) for i in range(N_KEPT)] + reqs[:N_KEPT]
     spec = {"model": tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
     if family == "qwen2_vl":  # a world video, native (Qwen2-VL's temporal patches), under each video plan
@@ -233,7 +260,7 @@ def test_no_plan_answers_as_stock_vllm(vllm_vs_engine):
 def test_each_plan_keeps_the_engines_kept_set(vllm_vs_engine, family):
     _, ref, out = vllm_vs_engine(family)
     n_visual = ref["none"][0].stats["visual_tokens"]
-    for j, (p, i) in enumerate((p, i) for p in PLANS for i in range(N_KEPT)):
+    for j, (p, i) in enumerate((p, i) for p in plans_of(family) for i in range(N_KEPT)):
         (logged,) = out["kept"][1 + j]
         assert logged["n"] == n_visual
         assert logged["kept"] == ref[p][i].kept[0].tolist(), (p, i)
@@ -249,7 +276,7 @@ def test_a_batch_of_mixed_plans_keeps_the_engines_kept_sets(vllm_vs_engine, fami
     _, ref, out = vllm_vs_engine(family)
     n_visual = ref["none"][0].stats["visual_tokens"]
     mixed, unpruned = out["calls"][-1], out["calls"][0]
-    pairs = [(p, N_KEPT + i) for p in PLANS for i in range(N_KEPT)]
+    pairs = [(p, N_KEPT + i) for p in plans_of(family) for i in range(N_KEPT)]
     assert [r["prompt_len"] for r in mixed[:len(pairs)]] == [
         unpruned[i]["prompt_len"] - n_visual + ref[p][i].kept[0].numel() for p, i in pairs]
     assert sorted(json.dumps([k["plan"], k["kept"]]) for k in out["kept"][-1]) == sorted(
