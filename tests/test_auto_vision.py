@@ -175,7 +175,8 @@ def test_a_padded_image_tower_output_equals_the_unpadded_one(engine, plan):
 
 
 @pytest.mark.parametrize("plan", [TAU_PLAN.format(tau=0.5), MASS_PLAN.format(mass=0.5) + ";fastv:layer=2,keep=0.5",
-                                  "tome:where=vision,layer=1,keep=auto,tau=0.5"])
+                                  "tome:where=vision,layer=1,keep=auto,tau=0.5",
+                                  TAU_PLAN.format(tau=0.5) + ";uniform:where=vision,layer=2,keep=0.5"])
 def test_a_batch_with_different_budgets_equals_each_image_alone(engine, plan):
     images = _images(3)
     reqs = [dict(prompt=QUESTION, images=[im], plan=plan, max_new_tokens=4) for im in images]
