@@ -31,8 +31,19 @@ Rules (N tokens entering the stage, D their width):
 
 The budget each request got is reported in ``Result.stats["budgets"]``: per keep=auto stage, its rule, the
 parameter, the tokens entering, the rule's budget, the budget after the bounds, what the rule reached and
-which bound clipped it (None: neither). Vision-tower stages take no keep=auto rule: the images of one tower
-batch must keep one length (a budget per image would need a padded tower), so such a plan is refused.
+which bound clipped it (None: neither).
+
+Vision-tower stages (``where=vision``, towers the engine hooks with a CLS prefix: LLaVA-1.5) take the mass and tau
+rules too, per image: each image's budget comes from its own tower tokens entering the stage (tau: their hidden
+states; mass: the pruner's scores, e.g. cls's CLS attention). The images of one tower batch then keep different
+counts: the batch is padded (zero rows) to the largest, the padded keys are masked out of attention in the tower
+layers after the stage (a boolean mask handed to the engine's attention function, ``engine/hooks.py``), and each
+image's padding rows are dropped as its features leave the tower, before the LLM (the projector acts per token,
+so the kept rows are those of the image run alone). The CLS row stays. The stats hold one record per image,
+with ``image`` (its index in the request) added. Refused, one clear error each: a progressive pruner (flowcut,
+whose steps share one length per tower batch) with keep=auto at a vision stage, and a later stage reading the
+tower's attention records (``tower.*`` signals) after a keep=auto vision stage (those records would cover the
+padding).
 """
 from __future__ import annotations
 
@@ -77,7 +88,8 @@ def key_names(pruner) -> dict[str, str]:
 def parse_budget(item: dict, pruner, keep, where: str, label: str) -> AutoBudget | None:
     """Take the budget keys out of a stage's ``item`` (mutated) and check them; None for a fixed keep.
     Raises PlanError for rule keys without keep=auto, two rules, a value out of range, min above max, a score
-    rule on a pruner without scores, a rule at a vision stage, or keep=auto with no rule on a pruner without one."""
+    rule on a pruner without scores, a progressive pruner at a vision stage, or keep=auto with no rule on a pruner
+    without one."""
     names = key_names(pruner)
     given = {names[k]: item.pop(k) for k in list(item) if k in names}
     if keep != "auto":
@@ -102,9 +114,10 @@ def parse_budget(item: dict, pruner, keep, where: str, label: str) -> AutoBudget
     if rule == "mass" and not pruner.scored:
         raise PlanError(f"{label}: {pruner.name} gives no token scores, so the mass rule cannot apply; "
                         "use tau= (the redundancy rule)")
-    if rule != "own" and where == "vision":
-        raise PlanError(f"{label}: keep=auto at a vision-tower stage: the images of a tower batch keep one length; "
-                        "give where=pre_llm (or a fixed keep)")
+    if where == "vision" and pruner.progressive:
+        raise PlanError(f"{label}: keep=auto at a vision-tower stage: {pruner.name} prunes step by step through the "
+                        "tower with one length per tower batch and cannot give per-image budgets; give a fixed keep, "
+                        "or where=pre_llm")
     return AutoBudget(rule=rule, value=value, min=lo, max=hi)
 
 
@@ -249,11 +262,30 @@ def choose(budget: AutoBudget, tokens: torch.Tensor, coords: torch.Tensor, frame
 
 
 
+def check_after_vision_auto(stages) -> None:
+    """Raise PlanError for a stage that reads the tower's attention records after a keep=auto vision-tower stage
+    (those records cover the padded tower batch)."""
+    from ..pruners import get_pruner
+    from .signals import tower_records
+
+    auto = next((i for i, s in enumerate(stages) if s.where == "vision" and s.budget is not None), None)
+    for i, s in enumerate(stages):
+        if auto is not None and i > auto and tower_records(get_pruner(s.pruner)):
+            raise PlanError(f"stage {i} ({s.describe()}): {s.pruner} reads the vision tower's attention, which the "
+                            f"keep=auto vision-tower stage {auto} leaves padded (a budget per image); give stage "
+                            f"{auto} a fixed keep, or this stage a pruner that reads no tower signals")
+
+
 def budget_stats(stages, budgets: dict, b: int) -> list[dict]:
     """Request b's budgets, one record per keep=auto stage that ran on it (``budgets``: stage index -> per
-    request record or None), each with its stage index and pruner first."""
-    return [dict(stage=i, pruner=stages[i].pruner, **budgets[i][b]) for i in sorted(budgets)
-            if budgets[i][b] is not None]
+    request record, a list of per-image records at a vision-tower stage, or None), each with its stage index and
+    pruner first."""
+    out = []
+    for i in sorted(budgets):
+        recs = budgets[i][b]
+        for rec in recs if isinstance(recs, list) else [] if recs is None else [recs]:
+            out.append(dict(stage=i, pruner=stages[i].pruner, **rec))
+    return out
 
 
 def adaptive_names() -> str:

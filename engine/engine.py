@@ -326,6 +326,8 @@ class Engine:
         want_tower = state is not None and any(wants_tower_feats(r.pruner) for r in state.pre_llm_stages)
         per_image, per_tower = self.adapter.encode_images_and_tower(inputs, **kwargs, **extra) if want_tower and n_img \
             else (self.adapter.encode_images(inputs, **kwargs, **extra) if n_img else [], None)
+        if state is not None and state.vision_stages:  # per-image budgets padded the tower batch: drop the padding
+            per_image, per_tower = state.unpad_images(per_image), state.unpad_images(per_tower)
         per_video = self.video_features(inputs, state, kwargs, extra) if n_vid else []
         if want_tower:  # the projector's input per request (images only), for stages that merge before it
             state.tower_feats = [torch.cat([per_tower[i] for i in ims]) if per_tower is not None and ims

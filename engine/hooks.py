@@ -24,12 +24,20 @@ def _llm_hook(layer: int):
 
 
 def _vision_hook(layer: int, prefix: int):
+    """Before vision layer ``layer``: a vision stage's pruning, then, once a keep=auto stage padded the tower batch
+    (a budget per image), the mask hiding the padded keys, handed to the layer as its ``attention_mask``."""
     def hook(module, args, kwargs):
         state = kwargs.get(STATE_KWARG)
-        if state is None or layer not in state.vision_stages:
+        if state is None or (layer not in state.vision_stages and state.tower_mask is None):
             return None
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        return (state.before_vision_layer(layer, hidden, prefix), *args[1:]), kwargs
+        hidden = state.before_vision_layer(layer, hidden, prefix)
+        mask = state.tower_attention_mask()
+        if mask is None:
+            return (hidden, *args[1:]), kwargs
+        if len(args) > 1:  # (hidden_states, attention_mask, ...) as CLIP's encoder passes them
+            return (hidden, mask, *args[2:]), kwargs
+        return (hidden,), {**kwargs, "attention_mask": mask}
 
     return hook
 

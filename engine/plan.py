@@ -20,7 +20,7 @@ that default to it, else "vision"/"llm" must be spelled out with ``where=``.
 
 ``keep`` is an int count or a float ratio in (0, 1] of the visual tokens entering the stage, or
 "auto": a budget chosen per request by a rule, after which later stages give ratios. Any pruner at a
-frames, pre_llm or llm stage takes ``keep=auto,mass=M`` (importance mass; pruners with scores) or
+vision (per image), frames, pre_llm or llm stage takes ``keep=auto,mass=M`` (importance mass; pruners with scores) or
 ``keep=auto,tau=T`` (redundancy; per frame on a video), with optional bounds ``min=`` / ``max=`` (a count or a
 ratio); an adaptive pruner (prumerge) also takes plain ``keep=auto``, its own rule. Rules, formulas and costs:
 ``engine/budget.py``; the budget each request got: ``Result.stats["budgets"]``.
@@ -42,7 +42,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .budget import AutoBudget, parse_budget
+from .budget import AutoBudget, check_after_vision_auto, parse_budget
 from .errors import PlanError
 
 WHERES = ("vision", "frames", "pre_llm", "llm")
@@ -109,6 +109,7 @@ class Plan:
         for i, s in enumerate(stages[1:], 1):
             if isinstance(s.keep, int) and any(p.keep == "auto" for p in stages[:i]):
                 raise PlanError(f"stage {i} ({s.describe()}): after a keep=auto stage, give keep as a ratio")
+        check_after_vision_auto(stages)
         return cls(stages)
 
     def stage_dicts(self) -> list[dict]:

@@ -68,6 +68,7 @@ class RequestState(SignalsMixin):
     image_offset: list[int] = field(default_factory=list)  # first visual index of each image in its request
     tower_patches: dict[int, list[list[int]]] = field(default_factory=dict)  # vision layer -> per request, per image
     tower_feats: list = field(default_factory=list)  # per request [N_b, D_tower] projector input, or None
+    tower_mask: torch.Tensor | None = None  # [n_img, S] keys of the padded tower batch (keep=auto vision stages)
     # LLM side: [B, S] slot of each current token, validity, original visual index (-1: text/pad)
     seq: torch.Tensor | None = None
     valid: torch.Tensor | None = None
@@ -98,8 +99,9 @@ class RequestState(SignalsMixin):
 
     # ---- selection and its records -----------------------------------------------------------
     def select(self, run: StageRun, keep: int | None, tokens, coords, attn=None, request: int | None = None,
-               budget_frames=None, at_least: bool = False, **signals) -> Selection:
+               budget_frames=None, at_least: bool = False, image: int | None = None, **signals) -> Selection:
         """Run a stage's pruner on one request's tokens [N, D] (``request``: its row, for the budget records;
+        ``image``: at a vision stage, the image's index in the request, one budget record each;
         ``budget_frames`` [N]: the tokens' frames for a keep=auto rule where the pruner is not given them;
         ``at_least``: a step before a multi-step stage's last may keep more than ``keep``)."""
         auto = run.stage.budget is not None
@@ -116,7 +118,8 @@ class RequestState(SignalsMixin):
                                      lambda k: run.pruner.select(dataclasses.replace(inp, keep=k)))
             keep = None if rec["rule"] == "own" and rec["clipped"] is None else rec["kept"]
             if request is not None:
-                self.budgets.setdefault(run.index, [None] * self.batch_size)[request] = rec
+                per_request = self.budgets.setdefault(run.index, [None] * self.batch_size)
+                per_request[request] = rec if image is None else [*(per_request[request] or []), dict(image=image, **rec)]
         else:
             sel = run.pruner.select(inp)
         check_selection(sel, tokens.shape[0], keep, run.stage.describe(), at_most=run.stage.where == "frames",
@@ -155,8 +158,9 @@ class RequestState(SignalsMixin):
     def before_vision_layer(self, layer: int, hidden: torch.Tensor, prefix: int) -> torch.Tensor:
         """Prune patch tokens of every image before vision layer ``layer``.
 
-        hidden: [n_img, prefix + P, D] (prefix tokens, e.g. CLS, always stay) -> [n_img, prefix + k, D]
-        """
+        hidden: [n_img, prefix + P, D] (prefix tokens, e.g. CLS, always stay; image i's patches are its first
+        ``len(image_alive[i])`` rows after them, the rest padding) -> [n_img, prefix + k_max, D], image i's k_i
+        kept rows first, zero rows after them when the images keep different counts (``tower_mask``)."""
         run = self.vision_stages.get(layer)
         if run is None:
             return hidden
@@ -170,11 +174,13 @@ class RequestState(SignalsMixin):
         for i, alive in enumerate(self.image_alive):
             entering, keep_idx, groups, scores = per_request[self.image_owner[i]]
             n_in, n_kept = sum(map(len, entering)), sum(map(len, keep_idx))
-            sel = self.select(run, keeps[i], hidden[i, prefix:], self.image_coords[i][alive],
-                              tower_score=None if tower_score is None else tower_score[i],
-                              keys=None if keys is None else keys[i],
+            patches = hidden[i, prefix:prefix + alive.numel()]  # [P_i, D] without the padding
+            sel = self.select(run, keeps[i], patches, self.image_coords[i][alive],
+                              tower_score=None if tower_score is None else tower_score[i, :alive.numel()],
+                              keys=None if keys is None else keys[i, :alive.numel()],
                               sizes=sizes[self.image_owner[i]][n_in:n_in + len(alive)], prefix=prefix,
-                              layers_left=left, carry=run.carry[i] if left is not None else None)
+                              layers_left=left, carry=run.carry[i] if left is not None else None,
+                              request=self.image_owner[i], image=len(entering))
             if left is not None:
                 run.carry[i] = sel.carry
             idx = sel.keep_idx.cpu()
@@ -184,7 +190,7 @@ class RequestState(SignalsMixin):
             groups.append(torch.where(g >= 0, g + n_kept, -1))
             scores.append(sel.scores)
             self.image_alive[i] = alive[idx]
-            rows = hidden[i, prefix:][sel.keep_idx] if sel.tokens is None else sel.tokens.to(hidden.dtype)
+            rows = patches[sel.keep_idx] if sel.tokens is None else sel.tokens.to(hidden.dtype)
             new_rows.append(torch.cat([hidden[i, :prefix], rows]))
         for b, (entering, keep_idx, groups, scores) in enumerate(per_request):
             if entering:
@@ -198,7 +204,18 @@ class RequestState(SignalsMixin):
                     self.scores[run.index][b] = prev
         self.tower_patches[layer] = [[len(a) for a, o in zip(self.image_alive, self.image_owner) if o == b]
                                      for b in range(self.batch_size)]
-        return torch.stack(new_rows)
+        padded, self.tower_mask = pad_rows(new_rows)
+        return padded
+
+    def tower_attention_mask(self) -> torch.Tensor | None:
+        """[n_img, 1, 1, S] boolean SDPA mask of the padded tower batch (True: a real key), None when unpadded."""
+        return None if self.tower_mask is None else self.tower_mask[:, None, None, :]
+
+    def unpad_images(self, per_image: list | None) -> list | None:
+        """Per image [k_max, D] tower outputs (features or projector inputs) -> [k_i, D]: the padding dropped."""
+        if per_image is None or self.tower_mask is None:
+            return per_image
+        return [x[:a.numel()] for x, a in zip(per_image, self.image_alive)]
 
     def _vision_step(self, run: StageRun, layer: int) -> tuple[int | None, list[int] | None]:
         """(layers_left, the tower layers read) of a progressive stage's step before vision ``layer``: the
@@ -372,6 +389,19 @@ def check_selection(sel: Selection, n: int, keep: int | None, label: str, at_mos
     if sel.groups is not None and (sel.groups.numel() != n or not bool((sel.groups[idx] == torch.arange(
             idx.numel(), device=sel.groups.device)).all())):
         raise RuntimeError(f"{label}: merge groups must cover the {n} entering tokens and map kept tokens to themselves")
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per image [S_i, D] -> ([n, S_max, D] right-padded with zero rows, [n, S_max] bool real rows, or None when
+    every S_i is S_max)."""
+    width = max(r.shape[0] for r in rows)
+    if all(r.shape[0] == width for r in rows):
+        return torch.stack(rows), None
+    out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+    real = torch.zeros(len(rows), width, dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]], real[i, :r.shape[0]] = r, True
+    return out, real
 
 
 def left_pad_index(keep_slots: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:

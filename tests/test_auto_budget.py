@@ -191,7 +191,7 @@ def test_auto_plans_parse_and_round_trip(spec):
     ("fastv:layer=2,keep=auto,mass=0.9,tau=0.2", "not both"),
     ("divprune:keep=auto", "or a budget rule"),
     ("fastvid:keep=auto,tau=0.8", "or a budget rule"),
-    ("cls:where=vision,layer=1,keep=auto,tau=0.2", "vision-tower stage"),
+    ("flowcut:where=vision,keep=auto,mass=0.5", "vision-tower stage"),  # progressive: no per-image budgets
     ("divprune:keep=auto,tau=x", "tau must be a number"),
 ])
 def test_bad_auto_plans_are_one_clear_error(spec, words):
