@@ -124,3 +124,29 @@ def test_every_bench_configuration_builds_at_full_and_reduced_depth(name):
         if ds:  # distinct tower layers, all inside the tower, as many as the file's while the depth allows
             assert len(set(ds)) == len(ds) == len(raw["vision_config"]["deepstack_visual_indexes"])
             assert max(ds) < cfg.vision_config.depth and len(model.model.visual.deepstack_merger_list) == len(ds)
+
+
+@pytest.mark.parametrize("family", sorted(set(bench_models.bench_families().values())))
+def test_the_module_clock_times_every_bench_family(family, engine_for):
+    """The bench's forward hooks find each bench family's vision tower and language model (SmolVLM names them
+    ``vision_model`` / ``text_model``): one generate gives tower time, a prefill and one LLM call per later token."""
+    from conftest import noise_image
+
+    engine = engine_for(family)
+    clock = bench.ModuleClock(engine)
+    try:
+        res = engine.generate("what is the colour", images=[noise_image(0)], max_new_tokens=3)
+        took = clock.take()
+    finally:
+        clock.close()
+    assert took["vision"] > 0 and took["prefill"] > 0
+    assert len(took["decode_calls"]) == res.stats["new_tokens"] - 1
+
+
+def test_the_gpu_script_covers_every_bench_model():
+    """``eval/bench/gpu.sh`` names every registered family's bench model (and nothing the bench does not know)."""
+    import re
+
+    script = open(os.path.join(os.path.dirname(bench_models.__file__), "gpu.sh")).read()
+    named = {m for models in re.findall(r"--models (\S+)", script) for m in models.split(",")} - {"tiny"}
+    assert named == set(bench_models.bench_families())

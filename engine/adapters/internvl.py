@@ -239,7 +239,7 @@ def _runs(mask: torch.Tensor) -> list[int]:
 PLACEHOLDERS = {"image_token_id": "<image>"}  # config field -> the word-level test tokenizer's placeholder token
 TOKENS = {"context_image_token": "<image>", "start_image_token": "<|vision_start|>",
           "end_image_token": "<|vision_end|>", "video_token": "<video>"}  # the processor reads these off the tokenizer
-BENCH = None  # no benchmark configuration: InternVL3.5-8B-HF's config.json is not in the stored sources
+BENCH = {"model": "internvl3.5-8b", "image": (896, 448)}  # dynamic tiles: 2 x 448 px + thumbnail = 3 x 256 tokens
 
 
 def internvl_tokenizer(tok):

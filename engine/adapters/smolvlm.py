@@ -216,7 +216,7 @@ CHAT_TEMPLATE = (  # the test tokenizer's chat template in SmolVLM's turn format
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
     "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}assistant {% endif %}")
-BENCH = None  # no benchmark configuration yet
+BENCH = {"model": "smolvlm2-2.2b", "image": (768, 576)}  # 2 x 2 crops of 384 px + global = 5 x 81 tokens
 
 
 def processor(config, tok, longest_edge: int | None = None, **image):

@@ -4,7 +4,7 @@
     tokensieve bench --models all --device cuda --batch-sizes 1,8 --new-tokens 64 --layers 0 --vision-layers 0
     tokensieve bench --kernels                          # also the kernel micro-benchmark (kernels/bench.py; GPU)
 
-Models: the real configurations of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B, Qwen3-VL-8B,
+Models: the real configurations of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2.5-VL-7B, Qwen3-VL-8B, InternVL3.5-8B, SmolVLM2-2.2B,
 Gemma-3-12B and LLaVA-OneVision-7B (a 32-frame video) with random weights (``models.py``); ``--layers`` / ``--vision-layers`` cut the depth
 for a CPU (0: the full depth). Plans: none; FastV (K=2) at 192 / 128 / 64 of 576 visual tokens (as ratios
 for other token counts), fused and scored the peers' way (``scoring=eager``: layer K-1's attention matrix
@@ -37,6 +37,8 @@ import torch
 BUDGETS = (192, 128, 64)  # of LLaVA-1.5's 576 visual tokens; ratios of the token count on other models
 SPATIAL = ("cls", "visionzip", "divprune", "tome", "vispruner", "cdpruner", "mmtok")
 VIDEO_METHODS = ("dycoke", "fastvid", "keyscore", "vidcom2", "holitom", "prunevid")
+TOWERS = ("vision_tower", "visual", "vision_model")  # the inner model's vision tower, by family (SmolVLM: vision_model)
+LLMS = ("language_model", "text_model")  # its language model (SmolVLM: text_model)
 
 
 def candidate_plans(video: bool) -> list[str]:
@@ -77,11 +79,11 @@ class ModuleClock:
 
     def __init__(self, engine):
         inner = engine.model.model
-        tower = getattr(inner, "vision_tower", None) or getattr(inner, "visual")
+        tower, llm = (next(getattr(inner, n) for n in names if hasattr(inner, n)) for names in (TOWERS, LLMS))
         self.cuda = engine.model.device.type == "cuda"
         self.spans: dict[str, list] = {"vision": [], "llm": []}
         self._hooks = []
-        for name, module in (("vision", tower), ("llm", inner.language_model)):
+        for name, module in (("vision", tower), ("llm", llm)):
             self._hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: self._start(name)))
             self._hooks.append(module.register_forward_hook(lambda m, a, o, name=name: self._stop(name)))
 

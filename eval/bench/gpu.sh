@@ -17,6 +17,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # LLaVA-1.5-7B at batch 1 and 8 (the README's table), then the other families at batch 1
 python -m tokensieve bench --models llava-1.5-7b --layers 0 --vision-layers 0 --device cuda --dtype bfloat16 \
     --batch-sizes 1,8 --new-tokens 64 --repeats 3 --out "$out"
-python -m tokensieve bench --models llava-next-7b,qwen2.5-vl-7b,qwen3-vl-8b,gemma-3-12b,llava-onevision-7b --layers 0 --vision-layers 0 \
-    --device cuda --dtype bfloat16 --batch-sizes 1 --new-tokens 64 --repeats 3 --out "$out/others"
+python -m tokensieve bench --models llava-next-7b,qwen2.5-vl-7b,qwen3-vl-8b,gemma-3-12b,internvl3.5-8b,smolvlm2-2.2b,llava-onevision-7b \
+    --layers 0 --vision-layers 0 --device cuda --dtype bfloat16 --batch-sizes 1 --new-tokens 64 --repeats 3 --out "$out/others"
 python -m tokensieve.kernels.bench --out "$out"

@@ -1,4 +1,4 @@
-"""Models for the benchmark: the real configurations of four 7B VLMs (``eval/bench/configs/*.json``) with random
+"""Models for the benchmark: the real configurations of public VLMs (``eval/bench/configs/*.json``) with random
 weights, built in memory (speed does not depend on the weights), depth optionally cut for a CPU, with a
 processor of the checkpoint's geometry and the word-level test tokenizer (nothing is downloaded).
 
@@ -6,7 +6,9 @@ processor of the checkpoint's geometry and the word-level test tokenizer (nothin
 
 ``request`` is the benchmark's input for that model: one 336 px image (LLaVA-1.5: 576 visual tokens), one
 672 x 336 image (LLaVA-NeXT: base tile + 2 tiles), one 672 px image (Qwen2.5-VL: 576 tokens after the 2 x 2
-merger), or a 32-frame video (LLaVA-OneVision: 196 tokens a frame).
+merger), a 896 x 448 image (InternVL3.5: 2 tiles + thumbnail, 256 tokens each), a 768 x 576 image (SmolVLM2:
+2 x 2 crops + global, 81 tokens each), or a 32-frame video (LLaVA-OneVision: 196 tokens a frame); the others in
+their adapter's ``BENCH``.
 
 What the bench knows of a family is read from its adapter module (``tokensieve.engine.adapters``): ``BENCH``
 (the model's name, its configuration ``configs/<name>.json``, its input), ``PLACEHOLDERS`` and
