@@ -60,12 +60,12 @@ def runs_in_vllm(name: str, tower: bool = False) -> str | None:
     other = cls.signals.reads - TOWER_SIGNALS
     if other:
         return (f"{name} reads {', '.join(sorted(other))}, which vLLM does not record; pruners that read only the "
-                f"visual tokens run in vLLM: {', '.join(RUNS_IN_VLLM)} (and, on LLaVA-1.5, the vision tower's "
+                f"visual tokens run in vLLM: {', '.join(RUNS_IN_VLLM)} (and, on LLaVA-1.5 and LLaVA-NeXT, the vision tower's "
                 f"signals: {', '.join(RUNS_WITH_TOWER)})")
     required = cls.signals.of("tower", required=True)
     if required and not tower:
         return (f"{name} needs {', '.join(sorted(required))} of a vision tower with a CLS token, which the plugin "
-                "records in vLLM on LLaVA-1.5 only")
+                "records in vLLM on LLaVA-1.5 and LLaVA-NeXT only")
     return None
 
 

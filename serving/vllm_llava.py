@@ -30,8 +30,9 @@ from . import plans
 from . import vllm_common as common
 
 
-class TokenSieveLlavaProcessor(LlavaMultiModalProcessor):
-    """vLLM's LLaVA processor; with a plan, each image's placeholder run shrinks to the kept count."""
+class PlanProcessor:
+    """Mixed into a vLLM LLaVA-style processor (LLaVA-1.5, LLaVA-NeXT): with a plan, each image's placeholder run
+    shrinks to the kept count, and the plan travels to the encoder in the field ``common.FIELD``."""
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         plan = self._plan(hf_kwargs)  # refused here: before any model work
@@ -51,6 +52,14 @@ class TokenSieveLlavaProcessor(LlavaMultiModalProcessor):
 
     def _plan(self, kwargs):
         return common.request_plan(self.info.ctx, kwargs, tower_last=feature_layer(self.info.get_hf_config()))
+
+
+class TokenSieveLlavaProcessor(PlanProcessor, LlavaMultiModalProcessor):
+    """vLLM's LLaVA processor with tokensieve's plans."""
+
+
+VISION_MODEL_MAPPER = WeightsMapper(  # transformers 5.x saves CLIP towers without ``.vision_model.``
+    orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."})
 
 
 def feature_layer(config) -> int:
@@ -74,9 +83,7 @@ def grid(side: int, n: int) -> torch.Tensor:
 class TokenSieveLlava(LlavaForConditionalGeneration):
     """vLLM's LLaVA; ``embed_multimodal`` runs each image's plan on its projected features."""
 
-    hf_to_vllm_mapper = WeightsMapper(
-        orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."},
-    ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
+    hf_to_vllm_mapper = VISION_MODEL_MAPPER | LlavaForConditionalGeneration.hf_to_vllm_mapper
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -101,24 +108,20 @@ class TokenSieveLlava(LlavaForConditionalGeneration):
     def _embed_with_tower(self, item_plans: list, wants: dict, **kwargs):
         """Run the tower once with its record hooks on, project, and prune each image with its record."""
         image_input = self._parse_and_validate_image_input(**kwargs)
-        rec = TowerRecord(prefix=1)
-        layers = self.vision_tower.vision_model.encoder.layers
-        hooks = [layers[i].self_attn.qkv_proj.register_forward_hook(recorder(rec, i, want, layers[i].self_attn))
-                 for i, want in wants.items()]
-        try:
-            tower_out = self._process_image_pixels(image_input)  # [n, N, D_tower]: the projector's input
-        finally:
-            for h in hooks:
-                h.remove()
-        features = self.multi_modal_projector(tower_out)
+        tower_out, rec = with_tower_record(self, wants, lambda: self._process_image_pixels(image_input))
+        features = self.multi_modal_projector(tower_out)  # tower_out [n, N, D_tower]: the projector's input
         vc = self.config.vision_config
         side = vc.image_size // vc.patch_size
         prefix = int(self.config.vision_feature_select_strategy == "full")
         fl = feature_layer(self.config)
 
+        def signals(i: int, stage) -> dict:  # LLaVA's tower_to_tokens: the "full" strategy's CLS token gets 0
+            values = {k: v[i] for k, v in stage_values(rec, stage, fl).items()}
+            return {k: torch.cat([v.new_zeros(1, *v.shape[1:]), v]) for k, v in values.items()} if prefix else values
+
         def tower(i: int):
-            return plans.ItemTower(signals=lambda stage: stage_signals(rec, stage, fl, i, prefix),
-                                   features=tower_out[i], project=self.multi_modal_projector)
+            return plans.ItemTower(signals=lambda stage: signals(i, stage), features=tower_out[i],
+                                   project=self.multi_modal_projector)
         return common.prune(list(features), item_plans, lambda i: grid(side, features[i].shape[0]), tower=tower)
 
 
@@ -143,18 +146,28 @@ def recorder(rec: TowerRecord, layer: int, want: set, attn):
     return hook
 
 
-def stage_signals(rec: TowerRecord, stage, feature_layer_: int, item: int, prefix: int) -> dict:
-    """A stage's tower signals on image ``item``'s LLM tokens (the engine's ``tower_signals`` then LLaVA's
-    ``tower_to_tokens``: the CLS token of the "full" strategy gets 0): {"tower_score": [N(, C)], "keys": [N, d]}."""
+def with_tower_record(model, wants: dict, call):
+    """(``call()``'s result, the TowerRecord its CLIP tower pass filled): forward hooks on the model's own
+    ``qkv_proj`` of the layers in ``wants``, removed when the call ends."""
+    rec = TowerRecord(prefix=1)
+    layers = model.vision_tower.vision_model.encoder.layers
+    hooks = [layers[i].self_attn.qkv_proj.register_forward_hook(recorder(rec, i, want, layers[i].self_attn))
+             for i, want in wants.items()]
+    try:
+        return call(), rec
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def stage_values(rec: TowerRecord, stage, feature_layer_: int) -> dict:
+    """A stage's tower signals per tower sequence (the engine's ``tower_signals``): {"tower_score": [n, P(, C)],
+    "keys": [n, P, d]} over the patches ({} where the stage reads no tower layer)."""
     pruner = get_pruner(stage.pruner)
     layers, needs = plans.tower_layers(stage, feature_layer_), tower_records(pruner)
-    if not layers:
-        return {}
     out = {}
-    if needs - {"keys"}:
-        out["tower_score"] = pruner.tower_score(rec, layers)[item]
-    if "keys" in needs:
-        out["keys"] = rec.keys[layers[-1]][item, rec.prefix:]
-    if prefix:
-        out = {k: torch.cat([v.new_zeros(1, *v.shape[1:]), v]) for k, v in out.items()}
+    if layers and needs - {"keys"}:
+        out["tower_score"] = pruner.tower_score(rec, layers)
+    if layers and "keys" in needs:
+        out["keys"] = rec.keys[layers[-1]][:, rec.prefix:]
     return out

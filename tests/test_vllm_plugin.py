@@ -25,13 +25,14 @@ from tokensieve.serving import plans
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_PYTHON = os.environ.get("TOKENSIEVE_VLLM_PYTHON", os.path.join(ROOT, ".venv-vllm", "bin", "python"))
-MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
+MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl", "llava_next": None}  # None: make_tiny's random model
 PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
          "dycoke:keep=0.25")
 TOWER_PLANS = {  # family -> plans reading the vision tower: LLaVA-1.5 records it, Qwen2-VL's pruners use surrogates
     "llava": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25", "flowcut:where=pre_llm,keep=0.25",
               "rollout:where=pre_llm,keep=0.25", "vispruner:keep=0.25"),
     "qwen2_vl": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25", "prumerge:keep=0.25"),
+    "llava_next": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25"),
 }
 VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
 N_QUESTIONS = 24  # world image questions, no plan, one batch
@@ -153,20 +154,51 @@ def test_the_torchvision_workaround_is_what_lets_torchvision_import_in_the_vllm_
 def vllm_vs_engine(shipped_engine):
     """family -> (questions, engine answers / kept sets, the vLLM run's JSON): one vLLM start per model. Its
     files live in a directory of its own (not pytest's numbered ones, which a concurrent pytest may rotate away)."""
-    runs, dirs = {}, []
+    runs, dirs, engines = {}, [], []
 
     def get(family: str):
         if family not in runs:
             dirs.append(pathlib.Path(tempfile.mkdtemp(prefix=f"tokensieve-vllm-{family}-")))
-            runs[family] = _run(family, shipped_engine(MODELS[family]), dirs[-1])
+            name = MODELS[family]
+            if name:
+                engine, path = shipped_engine(name), tokensieve.shipped.path(name)
+            else:
+                vllm_env()
+                path = vllm_tiny(family, dirs[-1] / "model")
+                engines.append(tokensieve.load(path))
+                engine = engines[-1]
+            runs[family] = _run(family, engine, path, dirs[-1])
         return runs[family]
 
     yield get
+    for e in engines:
+        e.close()
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _run(family, engine, tmp):
+def vllm_tiny(family: str, folder: pathlib.Path) -> str:
+    """``make_tiny``'s random model of ``family`` with 32-dim text attention heads (vLLM's CPU attention has no
+    kernel for make_tiny's 16), re-drawn from the same seed."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    from tokensieve.testing import make_tiny
+
+    path = make_tiny(family, folder)
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config()
+    text.num_attention_heads = text.num_key_value_heads = text.hidden_size // 32
+    text.head_dim = 32
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():  # as make_tiny: a visible spread in the logits
+        model.get_output_embeddings().weight.normal_(0, 0.5)
+    model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval().save_pretrained(path)
+    return str(path)
+
+
+def _run(family, engine, model_path, tmp):
     vllm_env()
     questions = report.held_out(n_images=N_QUESTIONS, n_videos=0)
     reqs = []
@@ -184,7 +216,7 @@ def _run(family, engine, tmp):
     # one batch of images not seen before (vLLM's prefix cache would skip the encoder for seen ones) under every
     # plan, and seen images without a plan
     mixed = [{**reqs[N_KEPT + i], "plan": p} for p in plans_of(family) for i in range(N_KEPT)] + reqs[:N_KEPT]
-    spec = {"model": tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
+    spec = {"model": model_path, "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
     if family == "qwen2_vl":  # a world video, native (Qwen2-VL's temporal patches), under each video plan
         video = report.held_out(n_images=0, n_videos=1)[0]
@@ -225,34 +257,39 @@ def test_no_plan_answers_as_the_engine(vllm_vs_engine, family):
     assert all(not k for k in out["kept"][0]), "no plan: nothing pruned"
 
 
-def stock_llava_checkpoint(folder: pathlib.Path) -> str:
-    """tiny-llava with its tower weights under the names stock vLLM expects (``vision_tower.vision_model.``):
-    the same model, loadable without the plugin's weight mapper."""
+def stock_checkpoint(src: str, folder: pathlib.Path) -> str:
+    """A LLaVA-style checkpoint with its tower weights under the names stock vLLM expects
+    (``vision_tower.vision_model.``; transformers 5 saves them without): the same model, loadable without the
+    plugin's weight mapper."""
+    import re
+
     from safetensors.torch import load_file, save_file
 
-    src = tokensieve.shipped.path("tiny-llava")
     for f in os.listdir(src):
         if f != "model.safetensors":
             shutil.copy(os.path.join(src, f), folder / f)
     weights = load_file(os.path.join(src, "model.safetensors"))
-    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
-               for k, v in weights.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tower = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
+    save_file({tower.sub(r"\1vision_model.", k): v for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
     return str(folder)
 
 
-def test_no_plan_answers_as_stock_vllm(vllm_vs_engine):
-    """The plugin's no-plan answers on the world's questions are stock vLLM's (no plugin loaded, tiny-llava with
-    the weight names stock vLLM reads), token for token."""
-    _, _, out = vllm_vs_engine("llava")
+@pytest.mark.parametrize("family,arch", [("llava", "llava:LlavaForConditionalGeneration"),
+                                         ("llava_next", "llava_next:LlavaNextForConditionalGeneration")])
+def test_no_plan_answers_as_stock_vllm(vllm_vs_engine, family, arch):
+    """The plugin's no-plan answers on the world's questions are stock vLLM's (no plugin loaded, the same model
+    with the weight names stock vLLM reads), token for token."""
+    _, _, out = vllm_vs_engine(family)
     spec = json.loads((pathlib.Path(out["dir"]) / "spec.json").read_text())
     folder = pathlib.Path(tempfile.mkdtemp(prefix="tokensieve-vllm-stock-"))
     try:
-        spec = {"model": stock_llava_checkpoint(folder), "max_model_len": spec["max_model_len"],
+        spec = {"model": stock_checkpoint(spec["model"], folder), "max_model_len": spec["max_model_len"],
                 "calls": spec["calls"][:1], "stock": True}
         stock = _vllm_check(spec, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    assert stock["model_class"] == "vllm.model_executor.models.llava:LlavaForConditionalGeneration"
+    assert stock["model_class"] == "vllm.model_executor.models." + arch
     assert stock["calls"][0] == out["calls"][0]
 
 
@@ -299,8 +336,10 @@ def test_a_qwen2_vl_video_keeps_the_engines_kept_sets(vllm_vs_engine):
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_bad_plans_get_one_clear_error_and_vllm_keeps_serving(vllm_vs_engine, family):
-    _, _, out = vllm_vs_engine(family)
+    _, ref, out = vllm_vs_engine(family)
+    n_visual = ref["none"][0].stats["visual_tokens"]
     for bad, reason in zip(out["bad"], BAD_REASON):
+        reason = reason.replace("the 64 visual", f"the {n_visual} visual")
         assert bad["error"] is not None and "tokensieve: " in bad["error"] and reason in bad["error"], bad
     assert out["after_bad"]["token_ids"] == out["calls"][0][0]["token_ids"]
 
