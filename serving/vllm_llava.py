@@ -31,19 +31,23 @@ from . import vllm_common as common
 
 
 class PlanProcessor:
-    """Mixed into a vLLM LLaVA-style processor (LLaVA-1.5, LLaVA-NeXT): with a plan, each image's placeholder run
-    shrinks to the kept count, and the plan travels to the encoder in the field ``common.FIELD``."""
+    """Mixed into a vLLM LLaVA-style processor (LLaVA-1.5, NeXT, OneVision): with a plan, each item's placeholder
+    run shrinks to the kept count, and the plan travels to the encoder in a per-item field (``plan_fields``)."""
+
+    plan_fields = {"image": ("pixel_values", common.FIELD)}  # modality -> (HF output counting its items, field)
+    records_tower = True  # the model records its (CLS) tower: pruners reading it get its signals
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         plan = self._plan(hf_kwargs)  # refused here: before any model work
         out = super()._call_hf_processor(hf_data, common.without_plan(hf_kwargs))
-        if "pixel_values" in out:
-            out[common.FIELD] = common.plan_field(plan, len(out["pixel_values"]))
+        for key, field in self.plan_fields.values():
+            if key in out:
+                out[field] = common.plan_field(plan, len(out[key]))
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        config[common.FIELD] = MultiModalFieldConfig.batched("image")
+        config.update({field: MultiModalFieldConfig.batched(m) for m, (_, field) in self.plan_fields.items()})
         return config
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -51,7 +55,8 @@ class PlanProcessor:
         return common.shrink(updates, self._plan(hf_processor_mm_kwargs))
 
     def _plan(self, kwargs):
-        return common.request_plan(self.info.ctx, kwargs, tower_last=feature_layer(self.info.get_hf_config()))
+        last = feature_layer(self.info.get_hf_config()) if self.records_tower else None
+        return common.request_plan(self.info.ctx, kwargs, tower_last=last)
 
 
 class TokenSieveLlavaProcessor(PlanProcessor, LlavaMultiModalProcessor):

@@ -11,6 +11,7 @@ Tower signals (CLS pruners) are recorded as on LLaVA-1.5 (``vllm_llava``), per t
 """
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import torch
@@ -31,10 +32,13 @@ class TokenSieveLlavaNextProcessor(PlanProcessor, LlavaNextMultiModalProcessor):
 
 def pack(model, image_size: torch.Tensor, per_tile: torch.Tensor, newline: float) -> torch.Tensor:
     """[n_tiles, P, C] values per tile of one image -> [N, C] in the order vLLM packs its features: the model's
-    own ``_merge_image_patch_embeddings`` with a stand-in whose ``image_newline`` is ``newline`` in every channel."""
-    stand_in = SimpleNamespace(config=model.config, image_newline=torch.full((per_tile.shape[-1],), float(newline)))
-    return LlavaNextForConditionalGeneration._merge_image_patch_embeddings(stand_in, image_size, per_tile,
-                                                                           strategy="spatial_unpad")
+    own ``_merge_image_patch_embeddings`` with a stand-in whose ``image_newline`` is ``newline`` in every channel
+    (OneVision's takes it as an argument)."""
+    line = torch.full((per_tile.shape[-1],), float(newline))
+    merge = type(model)._merge_image_patch_embeddings
+    kwargs = {"image_newline": line} if "image_newline" in inspect.signature(merge).parameters else {}
+    return merge(SimpleNamespace(config=model.config, image_newline=line), image_size, per_tile,
+                 strategy="spatial_unpad", **kwargs)
 
 
 def image_coords(model, image_size: torch.Tensor, n_tiles: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 MODELS = {  # architecture -> tokensieve's subclass of vLLM's class for it
     "LlavaForConditionalGeneration": "tokensieve.serving.vllm_llava:TokenSieveLlava",
     "LlavaNextForConditionalGeneration": "tokensieve.serving.vllm_llava_next:TokenSieveLlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "tokensieve.serving.vllm_llava_onevision:TokenSieveLlavaOnevision",
     "Qwen2VLForConditionalGeneration": "tokensieve.serving.vllm_qwen2_vl:TokenSieveQwen2VL",
 }
 

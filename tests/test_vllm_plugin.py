@@ -25,7 +25,9 @@ from tokensieve.serving import plans
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_PYTHON = os.environ.get("TOKENSIEVE_VLLM_PYTHON", os.path.join(ROOT, ".venv-vllm", "bin", "python"))
-MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl", "llava_next": None}  # None: make_tiny's random model
+MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl", "llava_next": None,  # None: make_tiny's random model
+          "llava_onevision": None}
+VIDEO_FAMILIES = ("qwen2_vl", "llava_onevision")  # native video in vLLM
 PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
          "dycoke:keep=0.25")
 TOWER_PLANS = {  # family -> plans reading the vision tower: LLaVA-1.5 records it, Qwen2-VL's pruners use surrogates
@@ -33,6 +35,7 @@ TOWER_PLANS = {  # family -> plans reading the vision tower: LLaVA-1.5 records i
               "rollout:where=pre_llm,keep=0.25", "vispruner:keep=0.25"),
     "qwen2_vl": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25", "prumerge:keep=0.25"),
     "llava_next": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25"),
+    "llava_onevision": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25"),  # SigLIP: surrogates
 }
 VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
 N_QUESTIONS = 24  # world image questions, no plan, one batch
@@ -218,7 +221,7 @@ def _run(family, engine, model_path, tmp):
     mixed = [{**reqs[N_KEPT + i], "plan": p} for p in plans_of(family) for i in range(N_KEPT)] + reqs[:N_KEPT]
     spec = {"model": model_path, "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
-    if family == "qwen2_vl":  # a world video, native (Qwen2-VL's temporal patches), under each video plan
+    if family in VIDEO_FAMILIES:  # a world video, native (the family's frames), under each video plan
         video = report.held_out(n_images=0, n_videos=1)[0]
         numpy.save(tmp / "video.npy", numpy.stack([numpy.asarray(im.convert("RGB")) for im in video.images]))
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": video.question}]}]
@@ -245,7 +248,8 @@ def test_the_plugin_is_loaded_by_vllm_itself(vllm_vs_engine, family):
     _, _, out = vllm_vs_engine(family)
     assert out["entry_point"] == ["tokensieve.serving.vllm_plugin:register"]
     assert out["model_class"].startswith("tokensieve.serving.vllm_"), out["model_class"]
-    assert all(len(k) == 1 for k in out["kept"][1:-1]), "each pruned request logs its kept set once"
+    assert all(len(k) == 1 for k in out["kept"][1:-1]), ("each pruned request logs its kept set once",
+                                                          [len(k) for k in out["kept"]])
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -321,10 +325,12 @@ def test_a_batch_of_mixed_plans_keeps_the_engines_kept_sets(vllm_vs_engine, fami
     assert mixed[len(pairs):] == unpruned[:N_KEPT]
 
 
-def test_a_qwen2_vl_video_keeps_the_engines_kept_sets(vllm_vs_engine):
-    """A world video as Qwen2-VL's native video: no plan answers as the engine; under dycoke, vidcom2 and divprune
-    vLLM keeps the engine's kept set (its frames: the temporal patches), with text + kept tokens in the prompt."""
-    _, ref, out = vllm_vs_engine("qwen2_vl")
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_a_native_video_keeps_the_engines_kept_sets(vllm_vs_engine, family):
+    """A world video as the family's native video: no plan answers as the engine; under dycoke, vidcom2 and
+    divprune vLLM keeps the engine's kept set (its frames: Qwen2-VL's temporal patches, OneVision's pooled
+    frames), with text + kept tokens in the prompt."""
+    _, ref, out = vllm_vs_engine(family)
     calls, kept = out["video_calls"], out["video_calls_kept"]
     n_visual = ref["video"][0].stats["visual_tokens"]
     assert calls[0][0]["token_ids"] == list(ref["video"][0].token_ids) and kept[0] == []
