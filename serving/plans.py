@@ -13,6 +13,10 @@ calls, on each multimodal item (an image, a video) by itself. What is refused, a
 - pruners that read signals (CLS attention, tower keys, the question's embeddings, ...): vLLM records none;
 - ``keep=auto``: vLLM fixes the number of placeholder tokens before the encoder runs, so the count must follow
   from the plan and the item's token count alone.
+- a ``positions=`` that is not the one vLLM gives the family (``VLLM_POSITIONS``, ``check_positions``): vLLM
+  numbers a pruned LLaVA prompt's tokens contiguously and keeps Qwen's original 3-D M-RoPE positions. A plan
+  that names none gets the same in tokensieve's engine (each pruner's ``official_positions`` is contiguous; the
+  M-RoPE families run it as original), so both paths agree.
 """
 from __future__ import annotations
 
@@ -48,11 +52,26 @@ def runs_in_vllm(name: str) -> str | None:
 RUNS_IN_VLLM = tuple(n for n, c in REGISTRY.items() if "pre_llm" in c.wheres and not c.signals.reads)
 
 
-def parse(value) -> Plan | None:
+VLLM_POSITIONS = {"llava": "contiguous", "qwen2_vl": "original"}  # tokensieve family -> how vLLM numbers a pruned
+# prompt: LLaVA's placeholders are shrunk, so the kept tokens are numbered 0..L-1; Qwen2-VL's kept tokens keep
+# their (t, h, w) M-RoPE positions (``recompute_mrope_positions``; docs/serving.md, "Positions")
+
+
+def check_positions(plan: Plan, family: str) -> None:
+    """Refuse (PlanRefused) a plan whose ``positions=`` is not the convention vLLM gives ``family``'s pruned prompts."""
+    runs = VLLM_POSITIONS.get(family)
+    if runs is not None and plan.positions_given and plan.positions != runs:
+        raise PlanRefused(f"plan '{plan}' asks for positions={plan.positions}, but vLLM numbers a pruned {family} "
+                          f"prompt's tokens {'contiguously' if runs == 'contiguous' else 'at their original positions'}"
+                          f" (positions={runs}); give positions={runs} or leave it out")
+
+
+def parse(value, family: str | None = None) -> Plan | None:
     """A request's ``plan`` value -> a Plan vLLM can run, or None (no plan: stock vLLM).
 
     Raises PlanRefused naming the reason: not a string, empty, malformed (tokensieve's parser's message),
-    an unknown pruner, a stage vLLM cannot run (``runs_in_vllm``), keep=auto, or too long to carry."""
+    an unknown pruner, a stage vLLM cannot run (``runs_in_vllm``), keep=auto, too long to carry, or (``family``
+    given: the tokensieve family of the served model) a ``positions=`` vLLM does not give it (``check_positions``)."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -77,6 +96,8 @@ def parse(value) -> Plan | None:
             why = "keep=auto decides the count from the features, but vLLM fixes it before the encoder runs"
         if why is not None:
             raise PlanRefused(f"plan {value!r}, stage {i} ({s.describe()}): {why}")
+    if family is not None:
+        check_positions(plan, family)
     return plan
 
 
