@@ -22,7 +22,7 @@ from . import attention, frames, hooks
 from .adapters import Adapter, adapter_for
 from .batch import Batch, assemble, build_batch, process
 from .errors import InputError, named
-from .fit import check_fit, tower_layers, vision_layer
+from .fit import check_fit, contiguous_positions, tower_layers, vision_layer
 from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_logprob, next_positions, prefill,
                          sample)
 from .plan import Plan
@@ -32,7 +32,7 @@ from .video import VideoPrefetcher
 from .vocabulary import read_trained_words
 from .results import Result, answer_length, answer_text, build_results
 from .signals import reads, tower_records, wants_tower_feats
-from .state import STATE_KWARG, RequestState, StageRun, left_pad_index
+from .state import STATE_KWARG, RequestState, StageRun, left_pad_index, renumbered
 
 
 class Engine:
@@ -358,7 +358,8 @@ class Engine:
         """Embed, place the surviving visual features, drop pruned slots, left-pad again.
 
         Returns embeds [B, S, D], attention mask [B, S], position ids [..., B, S] (original
-        positions, gathered) and the number of text tokens per request.
+        positions, gathered; with ``positions=contiguous`` 0..L-1 over each request's kept sequence) and the
+        number of text tokens per request.
         """
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         embeds = self.adapter.embed(ids)
@@ -380,6 +381,8 @@ class Engine:
         index, valid = left_pad_index(keep_slots, ids.device)
         embeds = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
         pos = pos.gather(-1, index.expand(*pos.shape[:-2], *index.shape))
+        if contiguous_positions(self.adapter, batch.reqs[0].plan):  # 1-D positions (M-RoPE families refuse it)
+            pos = renumbered(valid).to(pos.dtype)
         state.seq, state.valid = index, valid
         state.slot_groups = self.adapter.attention_groups(inputs)
         state.vis_orig = torch.where(valid, vis_orig.gather(1, index), -1)

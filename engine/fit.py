@@ -63,6 +63,12 @@ def surrogates(adapter_cls, pruner) -> list[str]:
     return sorted(n for n in pruner.signals.of("tower") if not given(n))
 
 
+def contiguous_positions(ad, plan: Plan) -> bool:
+    """Whether the model behind adapter ``ad`` numbers ``plan``'s pruned LLM sequence 0..L-1 (``Plan.positions``;
+    a family that refuses it runs a default contiguous as original)."""
+    return plan.positions == "contiguous" and not ad.contiguous_refused
+
+
 def check_fit(ad, plan: Plan) -> None:
     """Raise PlanError naming the first stage that the model behind adapter ``ad`` cannot run."""
     n_vision = len(ad.vision_layers) if ad.vision_layers is not None else 0
@@ -71,6 +77,9 @@ def check_fit(ad, plan: Plan) -> None:
         if reason:
             raise PlanError(f"stage {i} ({stage.describe()}): {reason}")
     plan.check(ad.text_config.num_hidden_layers, n_vision, ad.vision_prefix is not None)
+    if plan.positions_given and plan.positions == "contiguous" and ad.contiguous_refused:
+        raise PlanError(f"positions=contiguous does not run on '{ad.family}': {ad.contiguous_refused}; "
+                        "give positions=original or leave it out")
     seen_vision = False
     for i, stage in enumerate(plan.stages):
         pruner, where = get_pruner(stage.pruner), f"stage {i} ({stage.describe()})"

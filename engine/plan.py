@@ -31,6 +31,15 @@ model; it is never rescaled, so a plan means the same thing on every model. Wher
 layer (FEATHER's 8 in a 4-layer LLM) the plan is refused before any work, with the valid range and the
 layer at the paper's depth ratio (8/32 of 4 layers: layer=1).
 
+Positions (``positions=original|contiguous``, on vision, frames and pre_llm stages; an LLM stage takes none:
+the sequence is built by then): after pruning before the LLM, ``original`` keeps each kept token's position in
+the unpruned prompt; ``contiguous`` numbers each request's kept sequence (text + kept visual tokens) 0..L-1, as
+if the pruned prompt had been the input, which is what the official pre-LLM codes do on LLaVA (they prune before
+LLaVA's ``prepare_inputs_labels_for_multimodal`` numbers the sequence). Not given: the pruner's
+``official_positions``, that of the plan's last stage before the LLM (``Plan.positions``); families that keep
+original positions (``Adapter.contiguous_refused``: M-RoPE, Gemma 3's sliding window) refuse an explicit
+``contiguous`` and run a default one as ``original``. Stages that give it must agree.
+
 A request with no image and no video runs unpruned whatever its plan (there is nothing to prune); the
 plan is still checked against the model.
 """
@@ -46,7 +55,8 @@ from .budget import AutoBudget, check_after_vision_auto, parse_budget
 from .errors import PlanError
 
 WHERES = ("vision", "frames", "pre_llm", "llm")
-_STAGE_KEYS = {"pruner", "where", "layer", "keep"}
+POSITIONS = ("original", "contiguous")  # the position conventions of a stage before the LLM (module docstring)
+_STAGE_KEYS = {"pruner", "where", "layer", "keep", "positions"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class Stage:
     options: dict[str, Any] = field(default_factory=dict)
     layer_is_default: bool = field(default=False, compare=False)  # no layer was given: the pruner's default
     budget: AutoBudget | None = None  # keep="auto": its rule and bounds (engine/budget.py)
+    positions: str | None = None  # "original" / "contiguous" as the plan gives it; None: not given
 
     def keep_count(self, n_in: int | None) -> int | None:
         """Concrete number of tokens kept out of ``n_in`` entering the stage (None: decided at run time)."""
@@ -110,7 +121,26 @@ class Plan:
             if isinstance(s.keep, int) and any(p.keep == "auto" for p in stages[:i]):
                 raise PlanError(f"stage {i} ({s.describe()}): after a keep=auto stage, give keep as a ratio")
         check_after_vision_auto(stages)
+        given = {s.positions for s in stages if s.positions is not None}
+        if len(given) > 1:
+            raise PlanError(f"stages give different positions ({' and '.join(sorted(given))}); a request's LLM "
+                            "sequence is numbered one way: give positions= once, or the same on each stage")
         return cls(stages)
+
+    @property
+    def positions(self) -> str | None:
+        """The position convention of the LLM sequence this plan builds: the one its stages give, else the
+        ``official_positions`` of the pruner of its last stage before the LLM; None: no such stage."""
+        from ..pruners import REGISTRY
+
+        before = [s for s in self.stages if s.where != "llm"]
+        given = [s.positions for s in before if s.positions is not None]
+        return given[0] if given else (REGISTRY[before[-1].pruner].official_positions if before else None)
+
+    @property
+    def positions_given(self) -> bool:
+        """Whether a stage of this plan names its positions (else ``positions`` is the pruners' default)."""
+        return any(s.positions is not None for s in self.stages)
 
     def stage_dicts(self) -> list[dict]:
         """The stages as the dicts ``Plan.parse`` takes (what a plan file holds): ``Plan.parse(p.stage_dicts()) == p``."""
@@ -273,6 +303,7 @@ def _make_stage(i: int, item: dict) -> Stage:
             raise PlanError(f"stage {i} ({name}): layer must be an int, got {layer!r}")
     elif layer is not None:
         raise PlanError(f"stage {i} ({name}): a '{where}' stage takes no layer")
+    positions = _positions(i, name, where, item.get("positions"))
     options = {k: v for k, v in item.items() if k not in _STAGE_KEYS}
     unknown = set(options) - set(pruner.option_names)
     if unknown:
@@ -280,7 +311,19 @@ def _make_stage(i: int, item: dict) -> Stage:
                         f"{name} takes {sorted(pruner.option_names) or 'none'} (tokensieve pruners lists them)")
     options = {k: pruner.options[k].validate(v, f"stage {i} ({name}): {k}") for k, v in options.items()}
     return Stage(pruner=name, where=where, keep=keep, layer=layer, options=options, layer_is_default=layer_is_default,
-                 budget=budget)
+                 budget=budget, positions=positions)
+
+
+def _positions(i: int, name: str, where: str, value) -> str | None:
+    """A stage's ``positions=`` value, checked: one of POSITIONS, and only on a stage before the LLM."""
+    if value is None:
+        return None
+    if where == "llm":
+        raise PlanError(f"stage {i} ({name}): positions= applies to stages that prune before the LLM sequence is "
+                        "built (vision, frames, pre_llm); an LLM stage keeps the positions its tokens entered with")
+    if value not in POSITIONS:
+        raise PlanError(f"stage {i} ({name}): positions must be one of {', '.join(POSITIONS)}, got {value!r}")
+    return value
 
 
 def _stage_to_str(s: Stage) -> str:
@@ -289,6 +332,7 @@ def _stage_to_str(s: Stage) -> str:
         from ..pruners import REGISTRY
         parts += [f"budget_{kv}" if kv.split("=")[0] in REGISTRY[s.pruner].options else kv for kv in s.budget.keys()]
     parts += [f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.options.items()]
+    parts += [f"positions={s.positions}"] if s.positions is not None else []
     return f"{s.pruner}:{','.join(parts)}"
 
 

@@ -416,6 +416,12 @@ def left_pad_index(keep_slots: list[torch.Tensor], device) -> tuple[torch.Tensor
     return index, valid
 
 
+def renumbered(valid: torch.Tensor) -> torch.Tensor:
+    """Contiguous positions of a left-padded batch: validity [B, S] -> [B, S], each row's valid tokens 0..L_b-1
+    (pads 0), as if its kept sequence had been the input (``positions=contiguous``). Decode continues from L_b."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather along the sequence axis. x: [B, S, ...] or [1, S, ...]; index: [B, S'] -> [B, S', ...]."""
     if x.shape[0] != index.shape[0]:

@@ -32,7 +32,8 @@ pruning layers their query rows still count in PageRank's first step (dist is un
 the engine removes them, so the first LLM stage matches exactly and later ones differ by those rows. Its
 last step (rate 0: every visual token dropped from layer l1 + 8 on) is not a stage (keep >= 1). Its merged
 tokens enter the LLM in the output order above, at consecutive positions; here in original order at their
-representatives' original positions (the engine's rule for every pruner). The official repository merges
+representatives' slots, numbered consecutively before the LLM (``official_positions``; at an LLM stage their
+original positions, the engine's rule there). The official repository merges
 video frames only (images pass unmerged in ``llava_arch.py``); the paper also merges images, as here.
 The official code runs in the model dtype (bf16 features, fp32 attention); here fp32 throughout.
 """
@@ -92,6 +93,7 @@ def pagerank_importance(attn: torch.Tensor) -> torch.Tensor:
 
 class AIMPruner(Pruner):
     name = "aim"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     wheres = ("pre_llm", "llm")
     default_where = "pre_llm"
     default_layer = 15

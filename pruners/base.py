@@ -176,6 +176,10 @@ class Pruner:
     adaptive: ClassVar[bool] = False  # may be given plain keep="auto" (its own rule)
     scored: ClassVar[bool] = False  # its Selection.scores rank the N entering tokens at keep=N (keep=auto,mass=)
     progressive: ClassVar[bool] = False  # prunes step by step inside the vision tower (``vision_steps``)
+    # how its official code numbers the LLM sequence after a stage before the LLM: "contiguous" (0..L-1 over the
+    # pruned prompt: LLaVA-codebase methods, which prune before the sequence is built) or "original" (each kept
+    # token at its unpruned position); a plan's default (``Plan.positions``), cited per pruner in docs/pruners.md
+    official_positions: ClassVar[str] = "original"
 
     # Read-only views of ``signals`` under the names of the class flags it replaced, for readers outside the
     # engine (the CLI, reports); the engine reads ``signals`` (engine/signals.py). A subclass setting one fails.

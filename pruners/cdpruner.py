@@ -113,6 +113,7 @@ def cdpruner_select(features: torch.Tensor, image_embeds: torch.Tensor, text_emb
 
 class CDPrunerPruner(Pruner):
     name = "cdpruner"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     wheres = ("pre_llm",)
     options: ClassVar[dict] = {
         "theta": Option("float", "relevance weight of the official code's commented-out variant (relevance -> "

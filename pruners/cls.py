@@ -15,6 +15,7 @@ from .options import Option
 
 class ClsPruner(Pruner):
     name = "cls"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     options = {"layers": Option("ints", "tower layers whose CLS attention is summed (VTC-CLS's ensemble; "

@@ -32,6 +32,7 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
 
 class DivPrunePruner(Pruner):
     name = "divprune"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
 
     def select(self, inp: StageInput) -> Selection:
         return Selection(keep_idx=max_min_diverse(inp.tokens, inp.keep).sort().values)

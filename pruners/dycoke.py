@@ -154,6 +154,7 @@ def dycoke_ttm(tokens: torch.Tensor, frames: torch.Tensor, keep: int, window: in
 
 class DyCokePruner(Pruner):
     name = "dycoke"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm",)
     default_where = "pre_llm"

@@ -209,6 +209,7 @@ def fastvid_select(tokens: torch.Tensor, frames: torch.Tensor, scores: torch.Ten
 
 class FastVIDPruner(Pruner):
     name = "fastvid"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm",)
     default_where = "pre_llm"

@@ -77,6 +77,7 @@ def top(acc: torch.Tensor, k: int) -> torch.Tensor:
 
 class FlowCutPruner(Pruner):
     name = "flowcut"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     default_where = "vision"

@@ -273,6 +273,7 @@ def official_keep(tokens: torch.Tensor, frames: torch.Tensor, coords: torch.Tens
 
 class HoliTomPruner(Pruner):
     name = "holitom"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     wheres = ("pre_llm",)
     default_where = "pre_llm"
     options = {

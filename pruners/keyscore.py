@@ -135,6 +135,7 @@ class ClipScorer:
 
 class KeyScorePruner(FrameBudgetPruner):
     name = "keyscore"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     signals = Signals("frames.clip")
     options = {

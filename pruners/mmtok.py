@@ -140,6 +140,7 @@ def padding_patches(width: int, height: int, side_px: int = 336, patch: int = 14
 
 class MMTokPruner(Pruner):
     name = "mmtok"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     wheres = ("pre_llm",)
     options: ClassVar[dict] = {
         "alpha": Option("float", "weight of covering the image's own tokens beside the text (official alpha)", 0.5,

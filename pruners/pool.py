@@ -14,6 +14,7 @@ from .merge import merge_groups
 
 class PoolPruner(Pruner):
     name = "pool"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
 
     def select(self, inp: StageInput) -> Selection:
         keep_idx = lattice(inp.coords, inp.keep).to(inp.tokens.device)

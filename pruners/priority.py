@@ -13,6 +13,7 @@ from .base import Pruner, Selection, Signals, StageInput
 
 class PriorityPruner(Pruner):
     name = "priority"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm",)
     signals = Signals("request.priority")

@@ -120,6 +120,7 @@ def merge_neighbours(tokens: torch.Tensor, keys: torch.Tensor, scores: torch.Ten
 
 class PruMergePruner(Pruner):
     name = "prumerge"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm",)
     options = {

@@ -320,6 +320,7 @@ def prunevid_select(text_attn: torch.Tensor, spans: torch.Tensor | None, coords:
 
 class PruneVidPruner(Pruner):
     name = "prunevid"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     wheres = ("pre_llm", "llm")
     default_where = "pre_llm"
     default_layer = 11  # the official selected_layer = 10: its attention, pruned after it

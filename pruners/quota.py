@@ -204,6 +204,7 @@ class RelevanceScorer:
 
 class QuotaPruner(FrameBudgetPruner):
     name = "quota"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     signals = Signals("frames.relevance")
     options = {

@@ -7,6 +7,7 @@ from .options import Option
 
 class RandomPruner(Pruner):
     name = "random"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     options = {"seed": Option("int", "seed of the draw (default: the request's seed)", None, low=0)}
 
     def select(self, inp: StageInput) -> Selection:

@@ -24,6 +24,7 @@ def cls_rollout(qk_by_layer: list, prefix: int = 1):
 
 class RolloutPruner(Pruner):
     name = "rollout"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     signals = Signals(required=("tower.qk",))

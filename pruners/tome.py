@@ -63,6 +63,7 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, 
 
 class ToMePruner(Pruner):
     name = "tome"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     wheres = ("vision", "pre_llm")
     signals = Signals("tower.keys")
 

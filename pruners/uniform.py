@@ -5,6 +5,7 @@ from .grid import lattice
 
 class UniformPruner(Pruner):
     name = "uniform"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
 
     def select(self, inp: StageInput) -> Selection:
         return Selection(keep_idx=lattice(inp.coords, inp.keep).to(inp.tokens.device))

@@ -183,6 +183,7 @@ def official_keep(tokens: torch.Tensor, frames: torch.Tensor, coords: torch.Tens
 
 class VidCom2Pruner(Pruner):
     name = "vidcom2"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm",)
     default_where = "pre_llm"

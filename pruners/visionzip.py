@@ -95,6 +95,7 @@ def cls_slots(coords: torch.Tensor, tower_score: torch.Tensor | None) -> torch.T
 
 class VisionZipPruner(Pruner):
     name = "visionzip"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("vision", "pre_llm")
     options: ClassVar[dict] = {

@@ -84,6 +84,7 @@ def vispruner_select(scores: torch.Tensor, feats: torch.Tensor, keep: int, impor
 
 class VisPrunerPruner(Pruner):
     name = "vispruner"
+    official_positions = "contiguous"  # what its official code does: docs/pruners.md, "Positions"
     scored = True  # Selection.scores rank the entering tokens (keep=auto,mass=: engine/budget.py)
     wheres = ("pre_llm", "vision")
     options: ClassVar[dict] = {

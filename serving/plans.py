@@ -22,6 +22,10 @@ What is refused, and why (``refusal``):
   pruners that need a tower layer past the feature layer (PruMerge): vLLM does not build it;
 - ``keep=auto``: vLLM fixes the number of placeholder tokens before the encoder runs, so the count must follow
   from the plan and the item's token count alone.
+- a ``positions=`` that is not the one vLLM gives the family (``VLLM_POSITIONS``, ``check_positions``): vLLM
+  numbers a pruned LLaVA prompt's tokens contiguously and keeps Qwen's original 3-D M-RoPE positions. A plan
+  that names none gets the same in tokensieve's engine (each pruner's ``official_positions`` is contiguous; the
+  M-RoPE families run it as original), so both paths agree.
 """
 from __future__ import annotations
 
@@ -76,15 +80,30 @@ def _pre_llm(reads) -> tuple:
 RUNS_IN_VLLM = _pre_llm(lambda s: not s.reads)
 RUNS_WITH_TOWER = _pre_llm(lambda s: s.reads and s.reads <= TOWER_SIGNALS)
 RUNS_WITH_SURROGATE = _pre_llm(lambda s: s.reads and s.reads <= TOWER_SIGNALS and not s.of("tower", required=True))
+VLLM_POSITIONS = {"llava": "contiguous", "llava_next": "contiguous", "llava_onevision": "contiguous",
+                  "qwen2_vl": "original", "qwen2_5_vl": "original", "qwen3_vl": "original"}  # tokensieve family ->
+# how vLLM numbers a pruned prompt: LLaVA-style placeholders are shrunk, so the kept tokens are numbered 0..L-1;
+# Qwen's kept tokens keep their (t, h, w) M-RoPE positions (``recompute_mrope_positions``; docs/serving.md)
 
 
-def parse(value, tower_last: int | None = None) -> Plan | None:
+def check_positions(plan: Plan, family: str) -> None:
+    """Refuse (PlanRefused) a plan whose ``positions=`` is not the convention vLLM gives ``family``'s pruned prompts."""
+    runs = VLLM_POSITIONS.get(family)
+    if runs is not None and plan.positions_given and plan.positions != runs:
+        raise PlanRefused(f"plan '{plan}' asks for positions={plan.positions}, but vLLM numbers a pruned {family} "
+                          f"prompt's tokens {'contiguously' if runs == 'contiguous' else 'at their original positions'}"
+                          f" (positions={runs}); give positions={runs} or leave it out")
+
+
+def parse(value, tower_last: int | None = None, family: str | None = None) -> Plan | None:
     """A request's ``plan`` value -> a Plan vLLM can run, or None (no plan: stock vLLM). ``tower_last``: the
-    model records its vision tower up to this layer, its feature layer (None: it records none).
+    model records its vision tower up to this layer, its feature layer (None: it records none); ``family``: the
+    tokensieve family of the served model.
 
     Raises PlanRefused naming the reason: not a string, empty, malformed (tokensieve's parser's message),
     an unknown pruner, a stage vLLM cannot run (``runs_in_vllm``, a tower layer past ``tower_last``),
-    keep=auto, or too long to carry."""
+    keep=auto, too long to carry, or (``family`` given) a ``positions=`` vLLM does not give it
+    (``check_positions``)."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -111,6 +130,8 @@ def parse(value, tower_last: int | None = None) -> Plan | None:
             why = "keep=auto decides the count from the features, but vLLM fixes it before the encoder runs"
         if why is not None:
             raise PlanRefused(f"plan {value!r}, stage {i} ({s.describe()}): {why}")
+    if family is not None:
+        check_positions(plan, family)
     return plan
 
 

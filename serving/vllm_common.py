@@ -27,12 +27,13 @@ def announce(model: str) -> None:
                 "%s", model, ", ".join(plans.RUNS_IN_VLLM), ", ".join(plans.RUNS_WITH_TOWER))
 
 
-def request_plan(ctx, kwargs: Mapping[str, object], tower_last: int | None = None):
+def request_plan(ctx, kwargs: Mapping[str, object], tower_last: int | None = None, family: str | None = None):
     """The request's plan (its mm_processor_kwargs merged over the server's ``--mm-processor-kwargs``), parsed
-    and checked (``tower_last``: the model records its tower up to that layer): a Plan, None (no plan), or
-    PlanRefused."""
+    and checked (``tower_last``: the model records its tower up to that layer; ``family``: the served model's
+    tokensieve family, whose position convention in vLLM the plan must not contradict): a Plan, None (no plan),
+    or PlanRefused."""
     merged = ctx.get_merged_mm_kwargs(kwargs)
-    return plans.parse(merged.get(plans.PLAN_KEY), tower_last)
+    return plans.parse(merged.get(plans.PLAN_KEY), tower_last, family)
 
 
 def without_plan(kwargs: Mapping[str, object]) -> dict:

@@ -36,6 +36,7 @@ class PlanProcessor:
 
     plan_fields = {"image": ("pixel_values", common.FIELD)}  # modality -> (HF output counting its items, field)
     records_tower = True  # the model records its (CLS) tower: pruners reading it get its signals
+    family = "llava"  # tokensieve's family (``plans.VLLM_POSITIONS``: how vLLM numbers its pruned prompts)
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         plan = self._plan(hf_kwargs)  # refused here: before any model work
@@ -56,7 +57,7 @@ class PlanProcessor:
 
     def _plan(self, kwargs):
         last = feature_layer(self.info.get_hf_config()) if self.records_tower else None
-        return common.request_plan(self.info.ctx, kwargs, tower_last=last)
+        return common.request_plan(self.info.ctx, kwargs, tower_last=last, family=self.family)
 
 
 class TokenSieveLlavaProcessor(PlanProcessor, LlavaMultiModalProcessor):

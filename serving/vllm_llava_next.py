@@ -29,6 +29,8 @@ from .vllm_llava import VISION_MODEL_MAPPER, PlanProcessor, feature_layer, stage
 class TokenSieveLlavaNextProcessor(PlanProcessor, LlavaNextMultiModalProcessor):
     """vLLM's LLaVA-NeXT processor with tokensieve's plans (an image's whole packed run is one item)."""
 
+    family = "llava_next"
+
 
 def pack(model, image_size: torch.Tensor, per_tile: torch.Tensor, newline: float) -> torch.Tensor:
     """[n_tiles, P, C] values per tile of one image -> [N, C] in the order vLLM packs its features: the model's

@@ -31,6 +31,7 @@ class TokenSieveLlavaOnevisionProcessor(PlanProcessor, LlavaOnevisionMultiModalP
 
     plan_fields = FIELDS
     records_tower = False  # SigLIP: no CLS token; tower pruners use their surrogates
+    family = "llava_onevision"
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         """vLLM's OneVision calls the Hugging Face processor here, not through ``_call_hf_processor``."""

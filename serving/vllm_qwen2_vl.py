@@ -34,7 +34,7 @@ class TokenSieveQwen2VLProcessor(Qwen2VLMultiModalProcessor):
     """vLLM's Qwen2-VL processor; with a plan, each image's / video's placeholder run shrinks to the kept count."""
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
-        plan = common.request_plan(self.info.ctx, hf_kwargs)  # refused here: before any model work
+        plan = common.request_plan(self.info.ctx, hf_kwargs, family="qwen2_vl")  # refused here: before any model work
         out = super()._call_hf_processor(hf_data, common.without_plan(hf_kwargs))
         for modality, grid in GRIDS.items():
             if grid in out:
@@ -48,7 +48,8 @@ class TokenSieveQwen2VLProcessor(Qwen2VLMultiModalProcessor):
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return common.shrink(updates, common.request_plan(self.info.ctx, hf_processor_mm_kwargs))
+        plan = common.request_plan(self.info.ctx, hf_processor_mm_kwargs, family="qwen2_vl")
+        return common.shrink(updates, plan)
 
 
 def longrope_as_mrope(config) -> list[float] | None:

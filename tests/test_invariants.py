@@ -71,8 +71,8 @@ def test_b_keep_everything_is_identity(family, engine_for, where):
 
 
 
-@pytest.mark.parametrize("plan", ["fastv:layer=2,keep=0.25", "random:keep=0.5;fastv:layer=1,keep=6",
-                                  "uniform:keep=12", "fastv:layer=1,keep=10;fastv:layer=3,keep=3"])
+@pytest.mark.parametrize("plan", ["fastv:layer=2,keep=0.25", "random:keep=0.5,positions=original;fastv:layer=1,keep=6",
+                                  "uniform:keep=12,positions=original", "fastv:layer=1,keep=10;fastv:layer=3,keep=3"])
 def test_c_cached_decode_equals_uncached_recompute(family, engine_for, tiny_path, plan):
     engine = engine_for(family)
     req = _requests(family)[0]
@@ -117,7 +117,7 @@ def test_e_kept_in_original_coordinates_fastv_matches_eager_attention(family, en
     engine = engine_for(family)
     req = _requests(family)[0]
     res = engine.generate(req["prompt"], images=req["images"],
-                          plan=f"uniform:keep=16;fastv:layer=2,keep=5,scoring={scoring}", max_new_tokens=2)
+                          plan=f"uniform:keep=16,positions=original;fastv:layer=2,keep=5,scoring={scoring}", max_new_tokens=2)
     uni, fast = res.kept
     assert set(fast.tolist()) <= set(uni.tolist()) and len(uni) == 16 and len(fast) == 5
     # reference: eager transformers over the sequence with the uniform-dropped tokens hidden from every layer

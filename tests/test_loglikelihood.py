@@ -10,7 +10,7 @@ from reference import alive_per_layer, extend_inputs, hidden_slots, reference_mo
 PROMPT = "what is the colour of the circle"
 
 
-@pytest.mark.parametrize("plan", [None, "uniform:keep=0.5", "uniform:keep=0.5;fastv:layer=2,keep=0.5"])
+@pytest.mark.parametrize("plan", [None, "uniform:keep=0.5,positions=original", "uniform:keep=0.5,positions=original;fastv:layer=2,keep=0.5"])
 @pytest.mark.parametrize("continuation", ["red", " red circle"])
 def test_loglikelihood_is_the_references_sum(family, engine_for, tiny_path, plan, continuation):
     engine = engine_for(family)

@@ -75,7 +75,7 @@ def test_b_keep_everything_is_identity(native, engine_for, plan):
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("plan", ["fastv:layer=2,keep=0.25", "uniform:keep=0.5;fastv:layer=1,keep=6"])
+@pytest.mark.parametrize("plan", ["fastv:layer=2,keep=0.25", "uniform:keep=0.5,positions=original;fastv:layer=1,keep=6"])
 def test_c_cached_decode_equals_uncached_recompute(native, engine_for, tiny_path, plan):
     engine = engine_for(native)
     req = _requests(1)[0]
@@ -99,7 +99,7 @@ def test_d_padded_batch_equals_one_at_a_time(native, engine_for, plan):
 def test_e_fastv_kept_set_is_topk_of_eager_attention(native, engine_for, tiny_path):
     engine = engine_for(native)
     req = _requests(1)[0]
-    res = engine.generate(req["prompt"], video=req["video"], plan="uniform:keep=16;fastv:layer=2,keep=5",
+    res = engine.generate(req["prompt"], video=req["video"], plan="uniform:keep=16,positions=original;fastv:layer=2,keep=5",
                           max_new_tokens=2)
     uni, fast = res.kept
     inputs = engine.prepare(req["prompt"], video=req["video"])

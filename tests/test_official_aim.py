@@ -203,7 +203,7 @@ def test_engine_merge_then_two_llm_stages_against_official(engine_for, tiny_path
         lambda mod, args, kwargs: hidden.append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True)
     try:
         res = engine.generate(prompt, images=[img], max_new_tokens=1,
-                              plan="aim:keep=16;aim:where=llm,layer=2,keep=12;aim:where=llm,layer=3,keep=8")
+                              plan="aim:keep=16,positions=original;aim:where=llm,layer=2,keep=12;aim:where=llm,layer=3,keep=8")
     finally:
         h.remove()
     assert res.kept[0].tolist() == ids_sorted.tolist()

@@ -188,7 +188,7 @@ def test_video_no_plan_matches_transformers(engine_for, tiny_path, engines, path
         assert res.stats["frames"] == 4 and res.kept == []
 
 
-@pytest.mark.parametrize("plan", ["fastv:layer=2,keep=0.25", "uniform:keep=0.5;fastv:layer=1,keep=6"])
+@pytest.mark.parametrize("plan", ["fastv:layer=2,keep=0.25", "uniform:keep=0.5,positions=original;fastv:layer=1,keep=6"])
 def test_video_cached_decode_equals_uncached_recompute(engine_for, tiny_path, plan):
     engine = engine_for("smolvlm")
     res = engine.generate(PROMPTS[0], video=_video(0), plan=plan, max_new_tokens=5, output_logits=True)

@@ -116,8 +116,8 @@ def test_b_keep_everything_is_identity(family, tester_engine, where):
 
 
 @pytest.mark.parametrize("plan, min_layers", [("fastv:layer={last},keep=0.25", 2),
-                                              ("random:keep=0.5;fastv:layer=1,keep=0.5", 2),
-                                              ("uniform:keep=0.5", 2),
+                                              ("random:keep=0.5,positions=original;fastv:layer=1,keep=0.5", 2),
+                                              ("uniform:keep=0.5,positions=original", 2),
                                               ("fastv:layer=1,keep=0.6;fastv:layer=2,keep=0.3", 3)])
 def test_c_cached_decode_equals_uncached_recompute(family, tester_engine, tester_path, plan, min_layers):
     engine = tester_engine(family)
@@ -153,7 +153,7 @@ def test_e_kept_in_original_coordinates_fastv_matches_eager_attention(family, te
     n_uni = max(4, 3 * slots.numel() // 4)
     n_fast, layer = max(2, n_uni // 3), _depth(engine) - 1
     res = engine.generate(req["prompt"], images=req["images"], max_new_tokens=2,
-                          plan=f"uniform:keep={n_uni};fastv:layer={layer},keep={n_fast},scoring={scoring}")
+                          plan=f"uniform:keep={n_uni},positions=original;fastv:layer={layer},keep={n_fast},scoring={scoring}")
     uni, fast = res.kept
     assert set(fast.tolist()) <= set(uni.tolist()) and len(uni) == n_uni and len(fast) == n_fast
     hide = hidden_slots(inputs["input_ids"], engine.adapter.visual_token_ids, [uni] * _depth(engine))

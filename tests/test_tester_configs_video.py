@@ -66,7 +66,7 @@ def test_b_keep_everything_is_identity(family, tester_engine, plan):
         assert b.kept[0].tolist() == list(range(a.stats["visual_tokens"]))
 
 
-@pytest.mark.parametrize("plan", ["dycoke:keep=0.5", "random:keep=0.5;fastv:layer=1,keep=0.5",
+@pytest.mark.parametrize("plan", ["dycoke:keep=0.5,positions=original", "random:keep=0.5,positions=original;fastv:layer=1,keep=0.5",
                                   "fastv:layer={last},keep=0.25"])
 def test_c_cached_decode_equals_uncached_recompute(family, tester_engine, tester_path, plan):
     engine = tester_engine(family)
@@ -100,7 +100,7 @@ def test_e_fastv_on_a_video_keeps_top_k_of_eager_attention(family, tester_engine
     n_uni = 3 * slots.numel() // 4
     n_fast, layer = n_uni // 3, _depth(engine) - 1
     res = engine.generate(req["prompt"], video=req["video"], max_new_tokens=2,
-                          plan=f"uniform:keep={n_uni};fastv:layer={layer},keep={n_fast}")
+                          plan=f"uniform:keep={n_uni},positions=original;fastv:layer={layer},keep={n_fast}")
     uni, fast = res.kept
     hide = hidden_slots(inputs["input_ids"], engine.adapter.visual_token_ids, [uni] * _depth(engine))
     ref = reference_model(tester_path(family), hide)

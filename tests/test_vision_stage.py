@@ -28,7 +28,7 @@ def _tower_features(model, pixel_values, layer, keep_idx):
 def test_vision_stage_matches_hand_run_tower(engine_for, tiny_path):
     engine = engine_for("llava")
     img = noise_image(5)
-    plan = "uniform:where=vision,layer=1,keep=16;fastv:layer=2,keep=6"
+    plan = "uniform:where=vision,layer=1,keep=16,positions=original;fastv:layer=2,keep=6"
     res = engine.generate("what is the colour", images=[img], plan=plan, max_new_tokens=5, output_logits=True)
     lattice = [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
     assert res.kept[0].tolist() == lattice  # original (8x8 patch grid) coordinates

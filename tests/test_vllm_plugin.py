@@ -95,6 +95,24 @@ def test_tower_plans_are_refused_where_the_model_cannot_record_them(value, tower
     assert plans.parse(value.replace("layers=3/30,", ""), 22 if tower_last is None else None) is not None
 
 
+def test_positions_other_than_vllms_are_refused_and_the_default_is_vllms():
+    """vLLM numbers a pruned LLaVA prompt 0..L-1 and keeps Qwen2-VL's original M-RoPE positions: a plan asking for
+    the other convention is refused for that family; a plan naming none means the same in the engine (the pruners'
+    official convention is contiguous, which the M-RoPE adapters run as original)."""
+    from tokensieve.engine.adapters import ADAPTERS
+
+    for family, runs in plans.VLLM_POSITIONS.items():
+        other = {"original": "contiguous", "contiguous": "original"}[runs]
+        with pytest.raises(plans.PlanRefused, match=f"positions={other}, but vLLM numbers a pruned {family}"):
+            plans.parse(f"divprune:keep=0.25,positions={other}", family=family)
+        assert plans.parse(f"divprune:keep=0.25,positions={runs}", family=family).positions == runs
+        assert plans.parse("divprune:keep=0.25", family=family) is not None
+        for name in plans.RUNS_IN_VLLM + plans.RUNS_WITH_TOWER:  # the engine's default on that family is what vLLM does
+            engine_runs = Plan.parse(f"{name}:keep=0.5").positions
+            engine_runs = "original" if ADAPTERS[family].contiguous_refused else engine_runs
+            assert engine_runs == runs, (family, name)
+
+
 @pytest.mark.parametrize("plan", PLANS)
 def test_select_keeps_what_the_engine_keeps(shipped_engine, plan):
     """plans.select on the engine's own projected features keeps the engine's kept set (the engine: reference)."""

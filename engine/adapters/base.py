@@ -210,6 +210,10 @@ class Adapter:
         return n_cached + n_new
 
     # ---- positions --------------------------------------------------------------------------
+    # Why this family's pruned prompts keep their original positions (an explicit ``positions=contiguous`` is
+    # refused with it, a default one runs as ``original``); None: both conventions run (1-D positions).
+    contiguous_refused: ClassVar[str | None] = None
+
     def position_ids(self, inputs) -> torch.Tensor:
         """Prefill position ids exactly as ``generate`` builds them: [B, L], or [P, B, L] for M-RoPE."""
         mask = inputs["attention_mask"]

@@ -45,6 +45,8 @@ CROPS = "num_crops"  # the image processor's name for each image's pan-and-scan 
 
 class Gemma3Adapter(Adapter):
     family = "gemma3"
+    contiguous_refused = ("the engine builds its sliding-window masks on the tokens' original positions; "
+                          "a contiguous numbering would need the window in the new positions, which it does not do")
     model_types = ("gemma3",)
     hooked_tower = True  # SigLIP layers hooked: CLS-free tower records (tower.received)
     own_masks = True  # every layer's mask is the engine's whenever a plan runs (sliding window, image blocks)

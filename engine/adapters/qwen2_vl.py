@@ -6,6 +6,9 @@ from .base import Adapter, grid_coords
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
+    contiguous_refused = ("its M-RoPE gives each visual token a (t, h, w) position, which has no 0..L-1 renumbering "
+                          "that keeps the grid; kept tokens keep their original 3-D positions (as vLLM's Qwen path "
+                          "does: EVS, recompute_mrope_positions)")
     model_types = ("qwen2_vl",)
 
     @property
