@@ -106,12 +106,16 @@ def decode(field: torch.Tensor) -> str | None:
 
 
 def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch.Tensor | None = None,
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+           seed: int = 0, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the plan's stages on one item's projected features, as the engine's pre_llm stages do.
 
     tokens [N, D], coords [N, 3] (item, row, col), frames [N] (a video's frame of each token) or None ->
     (kept [k] sorted original indices, features [k, D] in original order: rows of ``tokens``, or the merged
     tokens of a merging pruner such as pool).
+
+    ``extra`` [N, E] (e.g. Qwen3-VL's DeepStack channels): carried along, never read by the pruners; the
+    features come back as [k, D + E], each kept token's extra channels its own row, or for a merged token
+    the mean over the original tokens it stands for (as the engine's ``deepstack.group_mean``).
     """
     alive = torch.arange(tokens.shape[0])
     sizes = torch.ones(tokens.shape[0])
@@ -121,14 +125,27 @@ def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch
         _check(sel, tokens.shape[0], keep, stage.describe())
         idx = sel.keep_idx.to(alive.device)
         if sel.groups is not None:
+            extra = None if extra is None else _group_mean(extra, sizes, sel.groups, idx.numel())
             sizes = torch.zeros(idx.numel()).index_add_(0, sel.groups.clamp(min=0).cpu(),
                                                         sizes * (sel.groups >= 0).cpu().float())
         else:
             sizes = sizes[idx]
+            extra = None if extra is None else extra[sel.keep_idx]
         tokens = tokens[sel.keep_idx] if sel.tokens is None else sel.tokens.to(tokens.dtype)
         alive, coords = alive[idx], coords[idx]
         frames = frames[idx] if frames is not None else None
-    return alive, tokens
+    return alive, tokens if extra is None else torch.cat([tokens, extra.to(tokens.dtype)], dim=1)
+
+
+def _group_mean(extra: torch.Tensor, sizes: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """extra [N, E] of tokens standing for ``sizes`` [N] originals each, merged into ``groups`` [N] (-1: dropped)
+    -> [k, E]: per merged token, the mean over all the originals it now stands for."""
+    live = (groups >= 0).to(extra.device)
+    g = groups.clamp(min=0).to(extra.device)
+    w = (sizes.to(extra.device, extra.dtype) * live)[:, None]
+    total = extra.new_zeros(k, extra.shape[1]).index_add_(0, g, extra * w)
+    count = extra.new_zeros(k).index_add_(0, g, w[:, 0])
+    return total / count.clamp(min=1e-12)[:, None]
 
 
 def _check(sel: Selection, n: int, keep: int, label: str) -> None:

@@ -29,6 +29,7 @@ MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
 PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
          "dycoke:keep=0.25")
 VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # native video through the plugin (tests/test_vllm_qwen.py: the others)
 N_QUESTIONS = 24  # world image questions, no plan, one batch
 N_KEPT = 3  # questions run alone under each plan (kept sets compared)
 BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "cls:keep=0.25",
@@ -139,7 +140,9 @@ def vllm_vs_engine(shipped_engine):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _run(family, engine, tmp):
+def _run(family, engine, tmp, model: str | None = None):
+    """Every check of ``family`` in one vLLM start on ``model`` (default: the shipped checkpoint), and the engine's
+    reference answers -> (questions, reference, the vLLM run's JSON)."""
     vllm_env()
     questions = report.held_out(n_images=N_QUESTIONS, n_videos=0)
     reqs = []
@@ -157,14 +160,15 @@ def _run(family, engine, tmp):
     # one batch of images not seen before (vLLM's prefix cache would skip the encoder for seen ones) under every
     # plan, and seen images without a plan
     mixed = [{**reqs[N_KEPT + i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[:N_KEPT]
-    spec = {"model": tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
+    spec = {"model": model or tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
-    if family == "qwen2_vl":  # a world video, native (Qwen2-VL's temporal patches), under each video plan
+    if family in VIDEO_FAMILIES:  # a world video, native (Qwen's temporal patches), under each video plan
         video = report.held_out(n_images=0, n_videos=1)[0]
         numpy.save(tmp / "video.npy", numpy.stack([numpy.asarray(im.convert("RGB")) for im in video.images]))
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": video.question}]}]
         prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        spec["video_calls"] = [[{"prompt": prompt, "video": str(tmp / "video.npy"), "max_tokens": 2,
+        meta = {} if family == "qwen2_vl" else {"video_fps": 2.0}  # the engine's rate for a frame list
+        spec["video_calls"] = [[{"prompt": prompt, "video": str(tmp / "video.npy"), "max_tokens": 2, **meta,
                                  **({"plan": p} if p else {})}] for p in VIDEO_PLANS]
         ref["video"] = [engine.generate(video.question, video=video.images, plan=p or None, max_new_tokens=2)
                         for p in VIDEO_PLANS]
@@ -260,7 +264,12 @@ def test_a_batch_of_mixed_plans_keeps_the_engines_kept_sets(vllm_vs_engine, fami
 def test_a_qwen2_vl_video_keeps_the_engines_kept_sets(vllm_vs_engine):
     """A world video as Qwen2-VL's native video: no plan answers as the engine; under dycoke, vidcom2 and divprune
     vLLM keeps the engine's kept set (its frames: the temporal patches), with text + kept tokens in the prompt."""
-    _, ref, out = vllm_vs_engine("qwen2_vl")
+    check_video(vllm_vs_engine("qwen2_vl"))
+
+
+def check_video(run) -> None:
+    """``run`` (``_run``'s result) of a native-video family: the video checks above."""
+    _, ref, out = run
     calls, kept = out["video_calls"], out["video_calls_kept"]
     n_visual = ref["video"][0].stats["visual_tokens"]
     assert calls[0][0]["token_ids"] == list(ref["video"][0].token_ids) and kept[0] == []
