@@ -12,6 +12,7 @@ MODELS = {  # architecture -> tokensieve's subclass of vLLM's class for it
     "LlavaForConditionalGeneration": "tokensieve.serving.vllm_llava:TokenSieveLlava",
     "Qwen2VLForConditionalGeneration": "tokensieve.serving.vllm_qwen2_vl:TokenSieveQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "tokensieve.serving.vllm_qwen2_5_vl:TokenSieveQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "tokensieve.serving.vllm_qwen3_vl:TokenSieveQwen3VL",
 }
 
 

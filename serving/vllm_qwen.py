@@ -33,16 +33,20 @@ class PlanProcessor:
     """In front of vLLM's Qwen processor: with a plan, each image's / video's placeholder run shrinks to the
     kept count; the plan travels to the model as a per-item field."""
 
-    def _call_hf_processor(self, hf_data, hf_kwargs, *args, **kwargs):
-        plan = common.request_plan(self.info.ctx, hf_kwargs)  # refused here: before any model work
+    def _get_hf_mm_inputs(self, mm_items, hf_kwargs):
+        """vLLM's first step of processing (every Qwen processor's, Qwen3-VL's too, which calls the Hugging Face
+        processor itself): the plan is checked here, before any model work, taken out of the processor's
+        kwargs, and joins the processed data as one plan field per item (vLLM's passthrough data)."""
+        plan = common.request_plan(self.info.ctx, hf_kwargs)
         if plan is not None and evs_on(self.info.ctx.model_config):
             raise common.plans.PlanRefused("this server runs vLLM's own video pruning (--video-pruning-rate), "
                                            "which a plan cannot be combined with; start it without that flag")
-        out = super()._call_hf_processor(hf_data, common.without_plan(hf_kwargs), *args, **kwargs)
-        for modality, grid in GRIDS.items():
-            if grid in out:
-                out[FIELDS[modality]] = common.plan_field(plan, len(out[grid]))
-        return out
+        hf_data, kwargs, passthrough = super()._get_hf_mm_inputs(mm_items, common.without_plan(hf_kwargs))
+        passthrough = dict(passthrough)
+        for modality, field in FIELDS.items():
+            if n := mm_items.get_count(modality, strict=False):
+                passthrough[field] = common.plan_field(plan, n)
+        return hf_data, kwargs, passthrough
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))

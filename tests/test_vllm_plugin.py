@@ -30,6 +30,7 @@ PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep
          "dycoke:keep=0.25")
 VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # native video through the plugin (tests/test_vllm_qwen.py: the others)
+NO_PLAN_VIDEO = {"qwen3_vl": ("",)}  # families whose videos run in vLLM without a plan only (a plan is refused)
 N_QUESTIONS = 24  # world image questions, no plan, one batch
 N_KEPT = 3  # questions run alone under each plan (kept sets compared)
 BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "cls:keep=0.25",
@@ -162,16 +163,19 @@ def _run(family, engine, tmp, model: str | None = None):
     mixed = [{**reqs[N_KEPT + i], "plan": p} for p in PLANS for i in range(N_KEPT)] + reqs[:N_KEPT]
     spec = {"model": model or tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
-    if family in VIDEO_FAMILIES:  # a world video, native (Qwen's temporal patches), under each video plan
+    video_plans = VIDEO_PLANS if family in VIDEO_FAMILIES else NO_PLAN_VIDEO.get(family, ())
+    if video_plans:  # a world video, native (Qwen's temporal patches), under each video plan
         video = report.held_out(n_images=0, n_videos=1)[0]
         numpy.save(tmp / "video.npy", numpy.stack([numpy.asarray(im.convert("RGB")) for im in video.images]))
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": video.question}]}]
         prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         meta = {} if family == "qwen2_vl" else {"video_fps": 2.0}  # the engine's rate for a frame list
         spec["video_calls"] = [[{"prompt": prompt, "video": str(tmp / "video.npy"), "max_tokens": 2, **meta,
-                                 **({"plan": p} if p else {})}] for p in VIDEO_PLANS]
+                                 **({"plan": p} if p else {})}] for p in video_plans]
         ref["video"] = [engine.generate(video.question, video=video.images, plan=p or None, max_new_tokens=2)
-                        for p in VIDEO_PLANS]
+                        for p in video_plans]
+        if family in NO_PLAN_VIDEO:
+            spec["bad_video"] = [p for p in VIDEO_PLANS if p]
     return questions, ref, {**_vllm_check(spec, tmp), "dir": str(tmp)}
 
 
