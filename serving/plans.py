@@ -64,8 +64,8 @@ def runs_in_vllm(name: str, tower: bool = False) -> str | None:
     other = cls.signals.reads - TOWER_SIGNALS
     if other:
         return (f"{name} reads {', '.join(sorted(other))}, which vLLM does not record; pruners that read only the "
-                f"visual tokens run in vLLM: {', '.join(RUNS_IN_VLLM)} (and, on LLaVA-1.5 and LLaVA-NeXT, the vision tower's "
-                f"signals: {', '.join(RUNS_WITH_TOWER)})")
+                f"visual tokens run in vLLM: {', '.join(RUNS_IN_VLLM)} (and, on LLaVA-1.5 and LLaVA-NeXT, the vision "
+                f"tower's signals: {', '.join(RUNS_WITH_TOWER)})")
     required = cls.signals.of("tower", required=True)
     if required and not tower:
         return (f"{name} needs {', '.join(sorted(required))} of a vision tower with a CLS token, which the plugin "
@@ -192,7 +192,8 @@ class ItemTower:
 
 
 def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch.Tensor | None = None,
-           seed: int = 0, tower: ItemTower | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           seed: int = 0, tower: ItemTower | None = None,
+           extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the plan's stages on one item's projected features, as the engine's pre_llm stages do.
 
     tokens [N, D], coords [N, 3] (item, row, col), frames [N] (a video's frame of each token) or None,
@@ -200,6 +201,10 @@ def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch
     (kept [k] sorted original indices, features [k, D] in original order: rows of ``tokens``, or the merged
     tokens of a merging pruner such as pool; a pruner that reads ``tower.features`` merges the projector's
     input and the merged rows are projected, as the engine does).
+
+    ``extra`` [N, E] (e.g. Qwen3-VL's DeepStack channels): carried along, never read by the pruners; the
+    features come back as [k, D + E], each kept token's extra channels its own row, or for a merged token
+    the mean over the original tokens it stands for (as the engine's ``deepstack.group_mean``).
     """
     alive = torch.arange(tokens.shape[0])
     sizes = torch.ones(tokens.shape[0])
@@ -215,10 +220,12 @@ def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch
         _check(sel, tokens.shape[0], keep, stage.describe())
         idx = sel.keep_idx.to(alive.device)
         if sel.groups is not None:
+            extra = None if extra is None else _group_mean(extra, sizes, sel.groups, idx.numel())
             sizes = torch.zeros(idx.numel()).index_add_(0, sel.groups.clamp(min=0).cpu(),
                                                         sizes * (sel.groups >= 0).cpu().float())
         else:
             sizes = sizes[idx]
+            extra = None if extra is None else extra[sel.keep_idx]
         if sel.tokens is None:
             tokens = tokens[sel.keep_idx]
         elif merges_before:
@@ -229,7 +236,18 @@ def select(plan: Plan, tokens: torch.Tensor, coords: torch.Tensor, frames: torch
             before = before[sel.keep_idx] if sel.tokens is None else (sel.tokens if merges_before else None)
         alive, coords = alive[idx], coords[idx]
         frames = frames[idx] if frames is not None else None
-    return alive, tokens
+    return alive, tokens if extra is None else torch.cat([tokens, extra.to(tokens.dtype)], dim=1)
+
+
+def _group_mean(extra: torch.Tensor, sizes: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """extra [N, E] of tokens standing for ``sizes`` [N] originals each, merged into ``groups`` [N] (-1: dropped)
+    -> [k, E]: per merged token, the mean over all the originals it now stands for."""
+    live = (groups >= 0).to(extra.device)
+    g = groups.clamp(min=0).to(extra.device)
+    w = (sizes.to(extra.device, extra.dtype) * live)[:, None]
+    total = extra.new_zeros(k, extra.shape[1]).index_add_(0, g, extra * w)
+    count = extra.new_zeros(k).index_add_(0, g, w[:, 0])
+    return total / count.clamp(min=1e-12)[:, None]
 
 
 def _check(sel: Selection, n: int, keep: int, label: str) -> None:

@@ -77,17 +77,21 @@ def item_plans(field, n_items: int, tower_last: int | None = None) -> list:
 
 def prune(features: Sequence[torch.Tensor], item_plans_: list, coords: Callable[[int], torch.Tensor],
           frames: Callable[[int], torch.Tensor | None] = lambda i: None, with_index: bool = False,
-          tower: Callable[[int], plans.ItemTower | None] = lambda i: None) -> list:
+          tower: Callable[[int], plans.ItemTower | None] = lambda i: None, main: int | None = None) -> list:
     """Each item's features [N_i, D] -> its kept rows [k_i, D] in original order (no plan: as they are).
     ``coords(i)`` [N_i, 3] and ``frames(i)`` [N_i] or None describe item i's tokens as the engine's adapter does;
     ``tower(i)``: item i's tower record (``plans.ItemTower``) or None. ``with_index``: (rows, kept original
-    indices [k_i]) per item."""
+    indices [k_i]) per item. ``main``: the plan reads only the first ``main`` channels (the LLM's visual
+    tokens), the rest ride along (``plans.select``'s ``extra``)."""
     out = []
     for i, (feats, plan) in enumerate(zip(features, item_plans_)):
         if plan is None:
             kept, tokens = torch.arange(feats.shape[0]), feats
         else:
-            kept, tokens = plans.select(plan, feats, coords(i).to(feats.device), frames(i), tower=tower(i))
+            d = feats.shape[1] if main is None else main
+            extra = feats[:, d:] if d < feats.shape[1] else None
+            kept, tokens = plans.select(plan, feats[:, :d], coords(i).to(feats.device), frames(i), tower=tower(i),
+                                        extra=extra)
             logger.debug("tokensieve: %s kept %d of %d visual tokens", plan, kept.numel(), feats.shape[0])
             _log_kept(plan, feats.shape[0], kept)
         out.append((tokens, kept) if with_index else tokens)

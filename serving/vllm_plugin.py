@@ -2,8 +2,8 @@
 
 ``register()`` points vLLM's model registry at tokensieve's subclasses of vLLM's own model classes (by
 "module:Class" strings: nothing heavy is imported until vLLM builds the model). Requests without a plan get
-what stock vLLM computes: on LLaVA its code path exactly; on Qwen2-VL every item also carries its M-RoPE
-positions through vLLM's recompute, which gives an unpruned item its usual positions.
+what stock vLLM computes: on LLaVA its code path exactly; on the Qwen families (``vllm_qwen``) every item also
+carries its M-RoPE positions through vLLM's recompute, which gives an unpruned item its usual positions.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ MODELS = {  # architecture -> tokensieve's subclass of vLLM's class for it
     "LlavaNextForConditionalGeneration": "tokensieve.serving.vllm_llava_next:TokenSieveLlavaNext",
     "LlavaOnevisionForConditionalGeneration": "tokensieve.serving.vllm_llava_onevision:TokenSieveLlavaOnevision",
     "Qwen2VLForConditionalGeneration": "tokensieve.serving.vllm_qwen2_vl:TokenSieveQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "tokensieve.serving.vllm_qwen2_5_vl:TokenSieveQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "tokensieve.serving.vllm_qwen3_vl:TokenSieveQwen3VL",
 }
 
 

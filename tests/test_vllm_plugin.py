@@ -27,7 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_PYTHON = os.environ.get("TOKENSIEVE_VLLM_PYTHON", os.path.join(ROOT, ".venv-vllm", "bin", "python"))
 MODELS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl", "llava_next": None,  # None: make_tiny's random model
           "llava_onevision": None}
-VIDEO_FAMILIES = ("qwen2_vl", "llava_onevision")  # native video in vLLM
 PLANS = ("divprune:keep=0.25", "random:keep=16", "uniform:keep=0.11", "pool:keep=0.5", "vidcom2:keep=0.25",
          "dycoke:keep=0.25")
 TOWER_PLANS = {  # family -> plans reading the vision tower: LLaVA-1.5 records it, Qwen2-VL's pruners use surrogates
@@ -38,6 +37,9 @@ TOWER_PLANS = {  # family -> plans reading the vision tower: LLaVA-1.5 records i
     "llava_onevision": ("cls:keep=0.25", "visionzip:keep=0.25", "tome:keep=0.25"),  # SigLIP: surrogates
 }
 VIDEO_PLANS = ("", "dycoke:keep=0.25", "vidcom2:keep=0.25", "divprune:keep=0.11")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")  # native video through the plugin (Qwen2.5-VL:
+# tests/test_vllm_qwen.py)
+NO_PLAN_VIDEO = {"qwen3_vl": ("",)}  # families whose videos run in vLLM without a plan only (a plan is refused)
 N_QUESTIONS = 24  # world image questions, no plan, one batch
 N_KEPT = 3  # questions run alone under each plan (kept sets compared)
 BAD = ["fastv:keep=0.25", "nope:keep=4", "divprune:keep=1000", "divprune:keep=", "", 5, "mmtok:keep=0.25",
@@ -188,7 +190,7 @@ def vllm_vs_engine(shipped_engine):
                 path = vllm_tiny(family, dirs[-1] / "model")
                 engines.append(tokensieve.load(path))
                 engine = engines[-1]
-            runs[family] = _run(family, engine, path, dirs[-1])
+            runs[family] = _run(family, engine, dirs[-1], model=path)
         return runs[family]
 
     yield get
@@ -219,7 +221,9 @@ def vllm_tiny(family: str, folder: pathlib.Path) -> str:
     return str(path)
 
 
-def _run(family, engine, model_path, tmp):
+def _run(family, engine, tmp, model: str | None = None):
+    """Every check of ``family`` in one vLLM start on ``model`` (default: the shipped checkpoint), and the engine's
+    reference answers -> (questions, reference, the vLLM run's JSON)."""
     vllm_env()
     questions = report.held_out(n_images=N_QUESTIONS, n_videos=0)
     reqs = []
@@ -237,17 +241,21 @@ def _run(family, engine, model_path, tmp):
     # one batch of images not seen before (vLLM's prefix cache would skip the encoder for seen ones) under every
     # plan, and seen images without a plan
     mixed = [{**reqs[N_KEPT + i], "plan": p} for p in plans_of(family) for i in range(N_KEPT)] + reqs[:N_KEPT]
-    spec = {"model": model_path, "max_model_len": 1024,
+    spec = {"model": model or tokensieve.shipped.path(MODELS[family]), "max_model_len": 1024,
             "calls": [reqs] + singles + [mixed], "bad": BAD, "after_bad": reqs[0]}
-    if family in VIDEO_FAMILIES:  # a world video, native (the family's frames), under each video plan
+    video_plans = VIDEO_PLANS if family in VIDEO_FAMILIES else NO_PLAN_VIDEO.get(family, ())
+    if video_plans:  # a world video, native (the family's frames), under each video plan
         video = report.held_out(n_images=0, n_videos=1)[0]
         numpy.save(tmp / "video.npy", numpy.stack([numpy.asarray(im.convert("RGB")) for im in video.images]))
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": video.question}]}]
         prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        spec["video_calls"] = [[{"prompt": prompt, "video": str(tmp / "video.npy"), "max_tokens": 2,
-                                 **({"plan": p} if p else {})}] for p in VIDEO_PLANS]
+        meta = {"video_fps": 2.0} if family in ("qwen2_5_vl", "qwen3_vl") else {}  # the engine's rate for frames
+        spec["video_calls"] = [[{"prompt": prompt, "video": str(tmp / "video.npy"), "max_tokens": 2, **meta,
+                                 **({"plan": p} if p else {})}] for p in video_plans]
         ref["video"] = [engine.generate(video.question, video=video.images, plan=p or None, max_new_tokens=2)
-                        for p in VIDEO_PLANS]
+                        for p in video_plans]
+        if family in NO_PLAN_VIDEO:
+            spec["bad_video"] = [p for p in VIDEO_PLANS if p]
     return questions, ref, {**_vllm_check(spec, tmp), "dir": str(tmp)}
 
 
@@ -343,12 +351,17 @@ def test_a_batch_of_mixed_plans_keeps_the_engines_kept_sets(vllm_vs_engine, fami
     assert mixed[len(pairs):] == unpruned[:N_KEPT]
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", [f for f in VIDEO_FAMILIES if f in MODELS])
 def test_a_native_video_keeps_the_engines_kept_sets(vllm_vs_engine, family):
     """A world video as the family's native video: no plan answers as the engine; under dycoke, vidcom2 and
     divprune vLLM keeps the engine's kept set (its frames: Qwen2-VL's temporal patches, OneVision's pooled
     frames), with text + kept tokens in the prompt."""
-    _, ref, out = vllm_vs_engine(family)
+    check_video(vllm_vs_engine(family))
+
+
+def check_video(run) -> None:
+    """``run`` (``_run``'s result) of a native-video family: the video checks above."""
+    _, ref, out = run
     calls, kept = out["video_calls"], out["video_calls_kept"]
     n_visual = ref["video"][0].stats["visual_tokens"]
     assert calls[0][0]["token_ids"] == list(ref["video"][0].token_ids) and kept[0] == []

@@ -4,12 +4,15 @@ check of the spec, results as JSON.
     .venv-vllm/bin/python tests/vllm_check.py spec.json out.json
 
 spec: {"model": dir, "max_model_len": int, "calls": [[request, ...], ...], "bad": [plan value, ...],
-       "after_bad": request, "stock": bool (no plugin: stock vLLM), "video_calls": [[request, ...], ...]}; a
+       "after_bad": request, "stock": bool (no plugin: stock vLLM), "video_calls": [[request, ...], ...],
+       "bad_video": [plan, ...] (each on video_calls[0][0], expected refused)}; a
        request is {"prompt": text, "image": png path | "video": .npy path of [T, H, W, 3] uint8 frames,
-       "plan": str | absent, "max_tokens": int}. Each call is one ``LLM.generate`` (a batch); the plugin's kept-index log
+       "video_fps": float | absent (send the video's metadata: all frames, at that rate), "plan": str | absent,
+       "max_tokens": int}. Each call is one ``LLM.generate`` (a batch); the plugin's kept-index log
 (TOKENSIEVE_VLLM_KEPT_LOG) is read after each call.
 out: {"entry_point", "model_class", "calls": [[{"prompt_len", "token_ids", "text"}, ...], ...],
-      "kept": [[{"plan", "n", "kept"}, ...] per call], "video_calls", "video_calls_kept" (the same), "bad": [{"plan", "error", "type"}], "after_bad": {...}}
+      "kept": [[{"plan", "n", "kept"}, ...] per call], "video_calls", "video_calls_kept" (the same), "bad": [{"plan", "error", "type"}], "bad_video": [{"plan", "error"}],
+      "after_bad": {...}}
 """
 import json
 import os
@@ -38,8 +41,18 @@ def main(spec_path: str, out_path: str) -> None:
 
     def request(r):
         extra = {"mm_processor_kwargs": {"plan": r["plan"]}} if "plan" in r else {}
-        media = {"video": np.load(r["video"])} if "video" in r else {"image": Image.open(r["image"]).convert("RGB")}
+        media = {"video": video(r)} if "video" in r else {"image": Image.open(r["image"]).convert("RGB")}
         return {"prompt": r["prompt"], "multi_modal_data": media, **extra}
+
+    def video(r):
+        """The frames, with the metadata families that need it read (frames as given, at ``video_fps``: the
+        engine's rate for a frame list), as the engine's ``video_inputs`` passes them."""
+        frames = np.load(r["video"])
+        if "video_fps" not in r:
+            return frames
+        n = len(frames)
+        return frames, {"fps": r["video_fps"], "duration": n / r["video_fps"], "total_num_frames": n,
+                        "frames_indices": list(range(n)), "video_backend": "opencv", "do_sample_frames": False}
 
     def generate(reqs):
         params = [SamplingParams(max_tokens=r.get("max_tokens", 1), temperature=0) for r in reqs]
@@ -63,6 +76,12 @@ def main(spec_path: str, out_path: str) -> None:
             out["bad"].append({"plan": bad, "error": None, "type": None})
         except Exception as e:  # noqa: BLE001 - the test reads the type and message
             out["bad"].append({"plan": bad, "error": str(e), "type": type(e).__name__})
+    for bad in spec.get("bad_video", []):  # plans on a video the plugin cannot prune: refused, per request
+        try:
+            generate([{**spec["video_calls"][0][0], "plan": bad}])
+            out.setdefault("bad_video", []).append({"plan": bad, "error": None})
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            out.setdefault("bad_video", []).append({"plan": bad, "error": str(e)})
     if "after_bad" in spec:
         out["after_bad"] = generate([spec["after_bad"]])[0]
     json.dump(out, open(out_path, "w"))

@@ -4,11 +4,14 @@ at several concurrencies, with no plan and with pruning plans, next to the token
     python -m tokensieve.eval.bench.serve --out runs/serve_bench                  # the full table (long)
     python -m tokensieve.eval.bench.serve --out /tmp/sb --layers 1 --vision-layers 1 \\
         --concurrency 1,2 --requests 4 --plans none,divprune:keep=0.25          # a smoke run
+    python -m tokensieve.eval.bench.serve --model qwen2.5-vl-7b --out runs/serve_bench_qwen   # Qwen2.5-VL-7B widths
 
-The model: LLaVA-1.5-7B's real configuration (``configs/llava-1.5-7b.json``) with random weights and its depth
-cut to ``--layers`` / ``--vision-layers`` (``models.bench_engine``), saved to a temporary directory and served by
-the vLLM environment (``serving/vllm_env.sh``) with ``--trust-request-mm-kwargs``. Each request: an image of
-its own (the 336 px bench image, pixel (0, 0) stamped per request: ``image_url``; 576 visual tokens), the bench
+The model (``--model``, one of ``SERVED``): a real configuration (``configs/<model>.json``: LLaVA-1.5-7B by
+default, or Qwen2.5-VL-7B) with random weights and its depth cut to ``--layers`` / ``--vision-layers``
+(``models.bench_engine``), saved to a temporary directory and served by the vLLM environment
+(``serving/vllm_env.sh``) with ``--trust-request-mm-kwargs``. Each request: an image of its own (the model's
+bench image, pixel (0, 0) stamped per request: ``image_url``; 576 visual tokens on either model: LLaVA-1.5's
+336 px image, 24 x 24 patches; Qwen2.5-VL's 672 px image, 48 x 48 patches of 14 px merged 2 x 2), the bench
 prompt, ``--new-tokens`` greedy tokens, streamed; TTFT is the time to the first streamed token, requests/s the
 requests finished over the wall time of the cell. The token ideal of a plan is
 (prompt tokens without a plan) / (its prompt tokens): the speedup of a prefill whose cost is linear in tokens.
@@ -36,11 +39,14 @@ VLLM = os.environ.get("TOKENSIEVE_VLLM_BIN", os.path.join(ROOT, ".venv-vllm", "b
 PORT = 18478
 
 
-def build_model(out: str, layers: int, vision_layers: int) -> dict:
-    """Save the reduced-depth random LLaVA-1.5-7B (model, processor) to ``out``; returns the bench request."""
+SERVED = ("llava-1.5-7b", "qwen2.5-vl-7b")  # bench models whose family the plugin serves (serving/vllm_plugin.py)
+
+
+def build_model(out: str, layers: int, vision_layers: int, name: str = "llava-1.5-7b") -> dict:
+    """Save the reduced-depth random bench model ``name`` (model, processor) to ``out``; returns the bench request."""
     from .models import bench_engine
 
-    engine, request = bench_engine("llava-1.5-7b", layers=layers, vision_layers=vision_layers, device="cpu")
+    engine, request = bench_engine(name, layers=layers, vision_layers=vision_layers, device="cpu")
     engine.model.save_pretrained(out)
     engine.processor.save_pretrained(out)
     return request
@@ -164,8 +170,9 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=4, help="LLM layers kept of LLaVA-1.5-7B's 32")
-    ap.add_argument("--vision-layers", type=int, default=4, help="vision tower layers kept of its 24")
+    ap.add_argument("--model", default="llava-1.5-7b", choices=SERVED, help="the bench model's configuration")
+    ap.add_argument("--layers", type=int, default=4, help="LLM layers kept (LLaVA-1.5-7B has 32, Qwen2.5-VL-7B 28)")
+    ap.add_argument("--vision-layers", type=int, default=4, help="vision tower layers kept (24; Qwen2.5-VL's 32)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--plans", default="none,divprune:keep=0.25,divprune:keep=0.11")
     ap.add_argument("--requests", type=int, default=64, help="requests per cell")
@@ -177,12 +184,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     os.makedirs(args.out, exist_ok=True)
     model = tempfile.mkdtemp(prefix="tokensieve-serve-bench-")
-    request = build_model(model, args.layers, args.vision_layers)
+    request = build_model(model, args.layers, args.vision_layers, args.model)
     variants = iter(range(1, 1 << 24))  # every request of the run, warm-up included, gets an image of its own
     log = open(os.path.join(args.out, "server.log"), "w")
     proc = start_server(model, log)
     rows = []
-    meta = {"model": f"llava-1.5-7b widths, {args.layers} LLM / {args.vision_layers} vision layers, random weights",
+    meta = {"model": f"{args.model} widths, {args.layers} LLM / {args.vision_layers} vision layers, random weights",
             "requests": args.requests, "new_tokens": args.new_tokens}
     try:
         wait_ready(proc)
