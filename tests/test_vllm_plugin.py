@@ -323,6 +323,29 @@ def test_no_plan_answers_as_stock_vllm(vllm_vs_engine, family, arch):
     assert stock["calls"][0] == out["calls"][0]
 
 
+def test_chunked_prefill_and_prefix_caching_give_the_same_answers_and_kept_sets(vllm_vs_engine):
+    """The LLaVA run's single-plan and mixed-plan calls again, with the prompt prefilled in chunks of 16 tokens
+    (each pruned prompt of about 30 to 80 tokens takes 2 to 5 steps, its image's kept features sliced across
+    them) and prefix caching on, each call twice (the second served from the prefix cache where whole blocks
+    match): the same tokens, prompt lengths and kept sets as the unchunked run."""
+    _, _, out = vllm_vs_engine("llava")
+    spec = json.loads((pathlib.Path(out["dir"]) / "spec.json").read_text())
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tokensieve-vllm-chunked-"))
+    calls = spec["calls"][1:]
+    try:
+        chunked = _vllm_check({"model": spec["model"], "max_model_len": spec["max_model_len"],
+                               "calls": calls + calls, "llm_kwargs": {
+                                   "enable_chunked_prefill": True, "max_num_batched_tokens": 16,
+                                   "enable_prefix_caching": True}}, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    n = len(calls)
+    for got in (chunked["calls"][:n], chunked["calls"][n:]):
+        assert got == out["calls"][1:]
+    key = lambda logs: sorted(json.dumps([k["plan"], k["kept"]]) for k in logs)  # noqa: E731
+    assert [key(k) for k in chunked["kept"][:n]] == [key(k) for k in out["kept"][1:]]
+
+
 @pytest.mark.parametrize("family", list(MODELS))
 def test_each_plan_keeps_the_engines_kept_set(vllm_vs_engine, family):
     _, ref, out = vllm_vs_engine(family)

@@ -3,7 +3,8 @@ check of the spec, results as JSON.
 
     .venv-vllm/bin/python tests/vllm_check.py spec.json out.json
 
-spec: {"model": dir, "max_model_len": int, "calls": [[request, ...], ...], "bad": [plan value, ...],
+spec: {"model": dir, "max_model_len": int, "llm_kwargs": {...} (more vllm.LLM arguments, e.g. chunked prefill),
+       "calls": [[request, ...], ...], "bad": [plan value, ...],
        "after_bad": request, "stock": bool (no plugin: stock vLLM), "video_calls": [[request, ...], ...],
        "bad_video": [plan, ...] (each on video_calls[0][0], expected refused)}; a
        request is {"prompt": text, "image": png path | "video": .npy path of [T, H, W, 3] uint8 frames,
@@ -34,7 +35,8 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=spec["model"], max_model_len=spec["max_model_len"], enforce_eager=True, dtype="float32",
-              limit_mm_per_prompt={"image": 1, "video": int("video_calls" in spec)}, seed=0)
+              limit_mm_per_prompt={"image": 1, "video": int("video_calls" in spec)}, seed=0,
+              **spec.get("llm_kwargs", {}))
     out = {"entry_point": [e.value for e in entry_points(group="vllm.general_plugins") if e.name == "tokensieve"],
            "model_class": llm.apply_model(lambda m: type(m).__module__ + ":" + type(m).__name__)[0],
            "calls": [], "kept": [], "bad": []}
