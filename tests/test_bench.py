@@ -126,6 +126,21 @@ def test_every_bench_configuration_builds_at_full_and_reduced_depth(name):
             assert max(ds) < cfg.vision_config.depth and len(model.model.visual.deepstack_merger_list) == len(ds)
 
 
+@pytest.mark.parametrize("name", list(bench_models.bench_families()))
+def test_every_bench_configuration_takes_the_test_tokenizers_placeholder_ids(name):
+    """The bench prompt goes through the test tokenizer, so the model's image / video token ids must be its ids,
+    under whichever name the file gives them (Gemma 3's file says ``image_token_id``, its config class stores
+    ``image_token_index``): a real checkpoint's id left in would leave the prompt with no visual tokens."""
+    from tokensieve.engine.adapters import family_module
+    from tokensieve.testing import tokenizer_for
+
+    family = bench_models.bench_families()[name]
+    tok = tokenizer_for(family)
+    cfg = bench_models._config(name, tok, 1, 1)
+    for field, token in family_module(family).PLACEHOLDERS.items():
+        assert getattr(cfg, field) == tok.convert_tokens_to_ids(token), (field, token)
+
+
 @pytest.mark.parametrize("family", sorted(set(bench_models.bench_families().values())))
 def test_the_module_clock_times_every_bench_family(family, engine_for):
     """The bench's forward hooks find each bench family's vision tower and language model (SmolVLM names them

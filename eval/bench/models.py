@@ -48,7 +48,9 @@ def _config(name: str, tok, layers: int | None, vision_layers: int | None):
     raw = json.load(open(os.path.join(CONFIGS, f"{name}.json")))
     aliases = CONFIG_MAPPING[raw["model_type"]].attribute_map  # e.g. image_token_id -> the file's image_token_index
     for field, token in family_module(raw["model_type"]).PLACEHOLDERS.items():  # the test tokenizer's ids stand in
-        raw[aliases.get(field, field)] = tok.convert_tokens_to_ids(token)
+        keys = [k for k in dict.fromkeys((field, aliases.get(field, field))) if k in raw]  # the file's name(s) of it
+        for key in keys or [aliases.get(field, field)]:
+            raw[key] = tok.convert_tokens_to_ids(token)
     text, vision = raw["text_config"], raw["vision_config"]
     text.update(pad_token_id=0, bos_token_id=2, eos_token_id=3)
     if layers:
