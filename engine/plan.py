@@ -198,6 +198,9 @@ def _layer_error(i: int, s: Stage, part: str, n_layers: int) -> str:
     from ..pruners.base import DEFAULT_LAYER_DEPTH
 
     valid = f"[1, {n_layers - 1}]"
+    if n_layers < 2:  # a stage acts before a layer after the first: there is none
+        return (f"stage {i} ({s.describe()}): this model's {part} has {n_layers} layer, and a stage there acts "
+                "before a layer after the first: it needs at least 2 layers")
     if not s.layer_is_default:
         return f"stage {i} ({s.describe()}): {part} layer must be in {valid}"
     scaled = min(max(1, round(s.layer * n_layers / DEFAULT_LAYER_DEPTH)), n_layers - 1)

@@ -56,6 +56,9 @@ def test_keep_counts_and_layer_check():
     assert p.keep_counts(128, n_images=2) == [32, 32, 3]  # vision counts per image
     with pytest.raises(PlanError, match="LLM layer must be in"):
         Plan.parse("fastv:layer=9,keep=3").check(n_llm_layers=4, n_vision_layers=3, supports_vision_stages=True)
+    for plan in ("fastv:layer=1,keep=3", "fastv:keep=3"):  # a one-layer LLM: no valid layer, not "[1, 0]"
+        with pytest.raises(PlanError, match="LLM has 1 layer, and a stage there acts before a layer after the first"):
+            Plan.parse(plan).check(n_llm_layers=1, n_vision_layers=3, supports_vision_stages=True)
     with pytest.raises(PlanError, match="no vision-tower stages"):
         Plan.parse("uniform:where=vision,layer=1,keep=3").check(4, 3, supports_vision_stages=False)
     with pytest.raises(PlanError, match="must come after"):
