@@ -44,14 +44,16 @@ def table(rows: list[dict]) -> str:
 
 
 def budget_lines(row: dict) -> list[str]:
-    """One line per keep=auto stage of a row: "budget: <plan> stage 0 divprune tau=0.2 -> 39 of 64 tokens
-    (reached 0.198)", with the bound that clipped it."""
+    """One line per keep=auto stage of a row (per image at a vision-tower stage): "budget: <plan> stage 0
+    divprune tau=0.2 -> 39 of 64 tokens (reached 0.198)", with the bound that clipped it and, for a vision-tower
+    stage's record, the image it is of ("image 1")."""
     out = []
     for b in row.get("budgets", ()):
         rule = b["rule"] if b["value"] is None else f"{b['rule']}={b['value']:g}"
         reached = "" if b["reached"] is None else f" (reached {b['reached']:.3g})"
         clipped = "" if b["clipped"] is None else f", clipped by {b['clipped']} (rule's budget {b['budget']})"
-        out.append(f"budget: {row['plan']} stage {b['stage']} {b['pruner']} {rule} -> {b['kept']} of "
+        image = f" image {b['image']}" if b.get("image") is not None else ""
+        out.append(f"budget: {row['plan']} stage {b['stage']}{image} {b['pruner']} {rule} -> {b['kept']} of "
                    f"{b['entering']} tokens{reached}{clipped}")
     return out
 

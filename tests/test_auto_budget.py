@@ -344,3 +344,15 @@ def test_python_api_takes_auto_plans_per_request():
         other = engine.generate(QUESTION, images=images[:1], plan="fastv:layer=1,keep=auto,mass=0.5", max_new_tokens=1)
     assert default.stats["budgets"][0]["rule"] == "tau" and other.stats["budgets"][0]["rule"] == "mass"
     assert get_pruner("fastv").scored and not get_pruner("divprune").scored
+
+
+def test_the_run_command_names_the_image_of_each_vision_stage_budget():
+    """``tokensieve run`` prints one budget line per image at a vision-tower stage, each naming its image."""
+    from tokensieve.cli import budget_lines
+
+    rec = dict(stage=0, pruner="divprune", rule="tau", value=0.3, reached=0.29, kept=5, entering=16, clipped=None,
+               budget=5)
+    row = {"plan": "p", "budgets": [dict(rec, image=0), dict(rec, image=1, kept=7)]}
+    assert budget_lines(row) == ["budget: p stage 0 image 0 divprune tau=0.3 -> 5 of 16 tokens (reached 0.29)",
+                                 "budget: p stage 0 image 1 divprune tau=0.3 -> 7 of 16 tokens (reached 0.29)"]
+    assert budget_lines({"plan": "p", "budgets": [rec]})[0].startswith("budget: p stage 0 divprune")
