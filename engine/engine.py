@@ -23,8 +23,8 @@ from .adapters import Adapter, adapter_for
 from .batch import Batch, assemble, build_batch, process
 from .errors import InputError, named
 from .fit import check_fit, contiguous_positions, tower_layers, vision_layer
-from .generation import (DecodeOptions, cache_kwargs, decode_one_token, forced_logprob, next_positions, prefill,
-                         sample)
+from .generation import (DecodeOptions, cache_kwargs, decode_one_token, end_of_sequence_ids, forced_logprob,
+                         next_positions, prefill, sample)
 from .plan import Plan
 from .pre_llm import run_pre_llm_stages
 from .request import DEFAULT_VIDEO_FRAMES, VIDEO_MODES, CheckedRequest, Request, check_request
@@ -32,7 +32,8 @@ from .video import VideoPrefetcher
 from .vocabulary import read_trained_words
 from .results import Result, answer_length, answer_text, build_results
 from .signals import reads, tower_records, wants_tower_feats
-from .state import STATE_KWARG, RequestState, StageRun, left_pad_index, renumbered
+from .sequence import left_pad_index, renumbered
+from .state import STATE_KWARG, RequestState, StageRun
 
 
 class Engine:
@@ -416,11 +417,3 @@ class Engine:
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             pos = next_positions(pos)
             logits = decode_one_token(self.model, self.adapter.embed, token, attn, pos, cache, state)
-
-
-def end_of_sequence_ids(generation_eos, tokenizer_eos) -> set[int]:
-    """The ids that end an answer: the generation config's (an int or a list), else the tokenizer's;
-    empty when neither names one (answers then run to max_new_tokens)."""
-    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
-    ids = ids or [tokenizer_eos]
-    return {int(i) for i in ids if i is not None}

@@ -118,3 +118,11 @@ def sample(logits: torch.Tensor, s: DecodeOptions, generator: torch.Generator | 
 def next_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """Positions of the next token: the last position + 1 on every axis ([..., B, L] -> [..., B, 1])."""
     return position_ids[..., -1:] + 1
+
+
+def end_of_sequence_ids(generation_eos, tokenizer_eos) -> set[int]:
+    """The ids that end an answer: the generation config's (an int or a list), else the tokenizer's;
+    empty when neither names one (answers then run to max_new_tokens)."""
+    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    ids = ids or [tokenizer_eos]
+    return {int(i) for i in ids if i is not None}
