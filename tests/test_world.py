@@ -260,3 +260,16 @@ def test_free_layout_videos_drift_anywhere_with_the_lattice_videos_events():
     assert len(kinds) >= 3
     with pytest.raises(ValueError, match="layout must be"):
         world.random_video(random.Random(0), n_frames=8, layout="grid")
+
+
+def test_a_quota_plan_keeps_every_key_of_its_other_stages():
+    """The world's rater settings join a quota stage; the other stages keep what the plan said (``positions=``,
+    a keep=auto rule, a layer), so the plan that runs is the plan that was asked for."""
+    from tokensieve.engine.plan import Plan
+    from tokensieve.eval.shapeworld.report import QUOTA_WORLD, request_plan
+
+    asked = "quota:where=frames,keep=4;divprune:keep=auto,tau=0.3,max=0.5,positions=original;fastv:layer=2,keep=0.5"
+    runs = Plan.parse(request_plan(asked, "is there a red circle?"))
+    want = Plan.parse(asked)
+    assert runs.stages[1:] == want.stages[1:] and runs.positions == "original"
+    assert all(runs.stages[0].options[k] == v for k, v in QUOTA_WORLD.items() if k in runs.stages[0].options)

@@ -96,11 +96,8 @@ def request_plan(plan: str, question: str):
     if "quota" not in plan:
         return plan
     stages = []
-    for s in Plan.parse(plan).stages:
-        stage = {"pruner": s.pruner, "where": s.where, "keep": s.keep, **s.options}
-        if s.layer is not None:
-            stage["layer"] = s.layer
-        if s.pruner == "quota" and "yes" not in s.options:
+    for stage in Plan.parse(plan).stage_dicts():  # every key the plan gave (positions=, budget rules, ...)
+        if stage["pruner"] == "quota" and "yes" not in stage:
             stage = {**QUOTA_WORLD, **stage, **({"objects": named_objects(question)} if named_objects(question) else {})}
         stages.append(stage)
     return stages
